@@ -1,0 +1,136 @@
+"""Inference backends behind one small interface; both allocation-free in the steady state.
+
+A backend owns its input/output buffers (allocated once) and turns a float32 (T, T, C) reflectance
+tile into a uint8 class mask (T, T): 0 clear, 1 cloud, 2 shadow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ModelError, ModelIntegrityError
+
+
+class Backend(Protocol):
+    name: str
+    tile: int
+    n_bands: int
+
+    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
+        """tile_refl: float32 (T, T, C) TOA reflectance (may be modified); mask_out: uint8 (T, T)."""
+
+
+class _Argmax3:
+    """Allocation-free 3-class argmax on score planes (ties resolve to the lower class)."""
+
+    def __init__(self, tile: int):
+        self.a = np.empty((tile, tile), bool)
+        self.b = np.empty((tile, tile), bool)
+
+    def __call__(self, s0, s1, s2, out: np.ndarray) -> None:
+        a, b = self.a, self.b
+        np.greater(s1, s0, out=a)
+        np.greater_equal(s1, s2, out=b)
+        np.logical_and(a, b, out=a)            # cloud
+        np.copyto(out, a, casting="unsafe")    # bool -> 0/1
+        np.greater(s2, s0, out=a)
+        np.greater(s2, s1, out=b)
+        np.logical_and(a, b, out=a)            # shadow (exclusive of cloud)
+        np.copyto(out, 2, where=a)
+
+
+class LiteRTBackend:
+    """ai-edge-litert (falling back to tflite-runtime) on a full-integer INT8 model, NHWC."""
+
+    name = "litert"
+
+    def __init__(self, path: Path, threads: int, tile: int):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - only on hosts without LiteRT
+            try:
+                from tflite_runtime.interpreter import Interpreter
+            except ImportError as e:
+                raise ModelError("no TFLite runtime: pip install ai-edge-litert (or use the .onnx model)") from e
+        try:
+            self.it = Interpreter(model_path=str(path), num_threads=threads)
+            self.it.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise ModelIntegrityError(f"LiteRT refused {path}: {e}") from e
+        i, o = self.it.get_input_details()[0], self.it.get_output_details()[0]
+        _, h, w, c = i["shape"]
+        if h != tile or w != tile:
+            raise ModelError(f"{path.name} takes {h}x{w} tiles but config tile={tile}; set tile: {h}")
+        if i["dtype"] != np.int8 or o["dtype"] != np.int8:
+            raise ModelError(f"{path.name} is not a full-integer INT8 model (input {i['dtype']}, output {o['dtype']})")
+        self.tile, self.n_bands = tile, int(c)
+        self._in_idx, self._out_idx = i["index"], o["index"]
+        self.in_scale, self.in_zero = i["quantization"]
+        self._inv_scale = np.float32(1.0 / self.in_scale)
+        self._scratch = np.empty((tile, tile, c), np.float32)
+        self._argmax = _Argmax3(tile)
+
+    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
+        s = self._scratch
+        np.multiply(tile_refl, self._inv_scale, out=s)
+        np.add(s, np.float32(self.in_zero), out=s)
+        np.rint(s, out=s)
+        np.clip(s, -128, 127, out=s)
+        view = self.it.tensor(self._in_idx)()
+        np.copyto(view[0], s, casting="unsafe")
+        del view  # LiteRT refuses invoke() while numpy views into its buffers are alive
+        self.it.invoke()
+        out = self.it.tensor(self._out_idx)()[0]
+        # int8 scores share one scale/zero point, so argmax on the raw codes equals argmax on logits
+        self._argmax(out[..., 0], out[..., 1], out[..., 2], mask_out)
+        del out
+
+
+class OrtBackend:
+    """onnxruntime with IOBinding into preallocated numpy buffers (NCHW float32 in, logits out)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int, tile: int, n_bands: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.enable_mem_pattern = False
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelIntegrityError(f"onnxruntime refused {path}: {e}") from e
+        inp, out = self.sess.get_inputs()[0], self.sess.get_outputs()[0]
+        if inp.shape[1] != n_bands:
+            raise ModelError(f"{path.name} takes {inp.shape[1]} bands, model card says {n_bands}")
+        self.tile, self.n_bands = tile, n_bands
+        self._in = np.zeros((1, n_bands, tile, tile), np.float32)
+        self._out = np.zeros((1, 3, tile, tile), np.float32)
+        self.io = self.sess.io_binding()
+        self.io.bind_input(inp.name, "cpu", 0, np.float32, list(self._in.shape), self._in.ctypes.data)
+        self.io.bind_output(out.name, "cpu", 0, np.float32, list(self._out.shape), self._out.ctypes.data)
+        self._argmax = _Argmax3(tile)
+
+    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
+        np.copyto(self._in[0], tile_refl.transpose(2, 0, 1))
+        self.sess.run_with_iobinding(self.io)
+        o = self._out[0]
+        self._argmax(o[0], o[1], o[2], mask_out)
+
+
+def open_backend(path: Path, kind: str, threads: int, tile: int, n_bands: int) -> Backend:
+    if kind == "auto":
+        kind = "litert" if path.suffix == ".tflite" else "onnxruntime"
+    if kind == "litert":
+        if path.suffix != ".tflite":
+            raise ModelError(f"backend litert needs a .tflite model, got {path.name}")
+        return LiteRTBackend(path, threads, tile)
+    if path.suffix != ".onnx":
+        raise ModelError(f"backend onnxruntime needs a .onnx model, got {path.name}")
+    return OrtBackend(path, threads, tile, n_bands)

@@ -1,0 +1,136 @@
+"""Gate configuration: a YAML/dict validated once at init; every error names its key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    version: str = "policy-1"
+    downlink_max_cloud: float = 0.30    # cloud fraction at or below which the whole frame goes down
+    discard_min_cloud: float = 0.70     # at or above: discard (Φsat-1's 70 % rule) or reacquire
+    reacquire_priority: int = 2         # targets with priority >= this are re-acquired instead of discarded
+    reacquire_min_cloud: float = 0.50   # between the thresholds, a high-priority target this cloudy is re-acquired
+    hysteresis: float = 0.05            # widen the previous action's band by this much (per target)
+    min_valid_fraction: float = 0.05    # below: too little valid data to judge -> discard/reacquire, degraded
+    tile_clear_max: float = 0.10        # a tile is "clear" for partial downlink at or below this cloud fraction
+    max_targets: int = 1024             # bounded hysteresis memory (targets remembered)
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    enabled: bool = True
+    confidence: float = 0.99            # 1 - delta of the finite-population bound
+    min_tiles: int = 4
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    path: str | None = None
+    fsync: str | int = "every"          # "every" | "never" | N
+    max_bytes: int = 16 << 20
+    keep: int = 5
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    model: str | None = None            # .tflite / .onnx / model card .yaml; None = shipped default
+    backend: str = "auto"               # auto (by suffix) | litert | onnxruntime
+    threads: int = 2
+    tile: int = 256
+    overlap: int = 16
+    memory_budget_mib: float = 32.0     # gate-owned buffers (the runtime's own arena is measured in bench/)
+    max_tiles: int = 4096               # preallocated per-scene statistics; 10980² at tile 256 needs 2116
+    radiometry_scale: float = 1.0       # reflectance = value * scale + offset (DN inputs)
+    radiometry_offset: float = 0.0
+    deadline_s: float = 10.0
+    strict: bool = False
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", f"must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in known:
+            raise ConfigError(prefix + str(k), f"unknown key; known keys: {sorted(known)}")
+        sub = {"policy": PolicyConfig, "early_exit": EarlyExitConfig, "log": LogConfig}.get(k) if cls is GateConfig else None
+        if sub is not None:
+            kwargs[k] = _build(sub, v, prefix + k + ".")
+            continue
+        default = known[k].default
+        if default is not None and not isinstance(default, str) and v is not None:
+            want = type(default)
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if want is int and k == "fsync":
+                pass
+            elif not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+                raise ConfigError(prefix + k, f"expected {want.__name__}, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def validate(cfg: GateConfig) -> GateConfig:
+    def need(ok: bool, key: str, problem: str):
+        if not ok:
+            raise ConfigError(key, problem)
+
+    need(cfg.backend in ("auto", "litert", "onnxruntime"), "backend", "choose auto, litert or onnxruntime")
+    need(1 <= cfg.threads <= 64, "threads", "must be 1..64")
+    need(32 <= cfg.tile <= 4096 and cfg.tile % 16 == 0, "tile", "must be a multiple of 16 in 32..4096")
+    need(0 <= cfg.overlap < cfg.tile // 2 and cfg.overlap % 2 == 0, "overlap", "must be even and < tile/2")
+    need(cfg.memory_budget_mib > 0, "memory_budget_mib", "must be > 0")
+    need(cfg.max_tiles >= 1, "max_tiles", "must be >= 1")
+    need(cfg.radiometry_scale != 0 and cfg.radiometry_scale == cfg.radiometry_scale, "radiometry_scale", "must be non-zero")
+    need(cfg.deadline_s > 0, "deadline_s", "must be > 0 seconds")
+    p = cfg.policy
+    need(0 <= p.downlink_max_cloud < p.discard_min_cloud <= 1, "policy.downlink_max_cloud",
+         "need 0 <= downlink_max_cloud < discard_min_cloud <= 1")
+    need(p.downlink_max_cloud <= p.reacquire_min_cloud <= p.discard_min_cloud, "policy.reacquire_min_cloud",
+         "must lie between downlink_max_cloud and discard_min_cloud")
+    need(0 <= p.hysteresis < (p.discard_min_cloud - p.downlink_max_cloud) / 2, "policy.hysteresis",
+         "must be >= 0 and less than half the gap between the thresholds")
+    need(0 <= p.min_valid_fraction < 1, "policy.min_valid_fraction", "must be in [0, 1)")
+    need(0 <= p.tile_clear_max <= 1, "policy.tile_clear_max", "must be in [0, 1]")
+    need(p.max_targets >= 1, "policy.max_targets", "must be >= 1")
+    e = cfg.early_exit
+    need(0.5 <= e.confidence < 1, "early_exit.confidence", "must be in [0.5, 1)")
+    need(e.min_tiles >= 1, "early_exit.min_tiles", "must be >= 1")
+    lg = cfg.log
+    need(lg.fsync in ("every", "never") or (isinstance(lg.fsync, int) and lg.fsync >= 1), "log.fsync",
+         "use 'every', 'never' or a positive record count")
+    need(lg.max_bytes >= 4096, "log.max_bytes", "must be >= 4096")
+    need(lg.keep >= 1, "log.keep", "must be >= 1")
+    return cfg
+
+
+def config_from_dict(data: dict | None) -> GateConfig:
+    return validate(_build(GateConfig, data or {}, ""))
+
+
+def load_config(path: str | Path) -> GateConfig:
+    import yaml  # init-time only
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from e
+    cfg = config_from_dict(data)
+    if cfg.model and not Path(cfg.model).is_absolute():  # model paths are relative to the config file
+        from dataclasses import replace
+
+        cfg = replace(cfg, model=str((path.parent / cfg.model).resolve()))
+    return cfg

@@ -1,0 +1,432 @@
+"""CloudGate: fixed-memory tile scheduler, cloud fraction, anytime early exit, decisions, decision log.
+
+Steady state (per tile) allocates nothing but short-lived view objects: every buffer is created in
+__init__ from the config. Tiles partition the scene into cores of (tile - overlap)² pixels; each tile
+window adds overlap/2 context on every side (reflect-padded at scene edges) and only its core is
+counted and written, so results do not depend on visiting order and no scene-sized buffer exists.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .bands import canonical_band
+from .backends import Backend, open_backend
+from .config import GateConfig, config_from_dict, load_config
+from .decisionlog import DecisionLog
+from .errors import (AllInvalidSceneError, BandMismatchError, CloudGateError, ConfigError, SceneDtypeError,
+                     SceneShapeError)
+from .model import ModelCard, resolve_model
+
+ACTIONS = ("downlink", "discard", "reacquire", "fault")
+CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
+_KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015) empirical Bernstein-Serfling
+_SUPPORTED_KINDS = "biuf"
+_MADV_DONTNEED = 4
+try:
+    _libc = ctypes.CDLL(None)
+    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):  # pragma: no cover - non-Linux
+    _libc = None
+
+
+@dataclass
+class Decision:
+    action: str
+    cloud_fraction: float
+    valid_fraction: float
+    shadow_fraction: float = 0.0
+    tiles_processed: int = 0
+    tiles_total: int = 0
+    confidence_bound: tuple[float, float] = (0.0, 1.0)
+    clear_tiles: list = field(default_factory=list)   # [(row, col, cloud_fraction)] for partial downlink
+    partial: bool = False
+    early_exit: bool = False
+    latency_s: float = 0.0
+    model_name: str = ""
+    model_sha256: str = ""
+    backend: str = ""
+    policy_version: str = ""
+    degraded: str | None = None
+    fault: str | None = None
+    fault_code: str | None = None
+    scene_id: str = ""
+    target_id: str | None = None
+    priority: int = 0
+    grid: tuple[int, int] = (0, 0)
+    scene_bytes: int = 0
+    downlink_bytes: int = 0
+    log_seq: int | None = None
+
+    def to_record(self) -> dict:
+        d = asdict(self)
+        d.pop("log_seq")
+        d["confidence_bound"] = list(self.confidence_bound)
+        d["grid"] = list(self.grid)
+        d["clear_tiles"] = [list(t) for t in self.clear_tiles]
+        return d
+
+
+def _golden_step(n: int) -> int:
+    """A step coprime with n near n/φ: k -> (k * step) % n visits every tile once, spread evenly."""
+    if n <= 2:
+        return 1
+    g = max(1, int(round(n / 1.6180339887)))
+    for d in range(n):  # bounded: some step in [1, n) is coprime with n
+        for c in (g + d, g - d):
+            if 1 <= c < n and math.gcd(c, n) == 1:
+                return c
+    return 1
+
+
+class CloudGate:
+    """On-board cloud gate. See README 'flight' and docs/sdd.md for the contract."""
+
+    def __init__(self, config: GateConfig | None = None):
+        cfg = config or GateConfig()
+        self.config = cfg
+        self.card, model_path = resolve_model(cfg.model, cfg.backend)
+        self.bands = tuple(self.card.bands)
+        self.backend: Backend = open_backend(model_path, cfg.backend, cfg.threads, cfg.tile, len(self.bands))
+        t, c = cfg.tile, len(self.bands)
+        self._tile = t
+        self._step = t - cfg.overlap
+        self._half = cfg.overlap // 2
+        # --- every buffer of the steady state, allocated once ---
+        self._refl = np.zeros((t, t, c), np.float32)
+        self._fin3 = np.zeros((t, t, c), bool)
+        self._valid = np.zeros((t, t), bool)
+        self._tmp = np.zeros((t, t), bool)
+        self._mask = np.zeros((t, t), np.uint8)
+        n = cfg.max_tiles
+        self._t_cloud = np.zeros(n, np.int64)
+        self._t_valid = np.zeros(n, np.int64)
+        self._t_shadow = np.zeros(n, np.int64)
+        self._t_area = np.zeros(n, np.int64)
+        self._t_done = np.zeros(n, bool)
+        buf_bytes = sum(a.nbytes for a in (self._refl, self._fin3, self._valid, self._tmp, self._mask, self._t_cloud,
+                                           self._t_valid, self._t_shadow, self._t_area, self._t_done))
+        buf_bytes += 2 * t * t * (c + 3) * 4  # backend input/scratch and output buffers
+        if buf_bytes > cfg.memory_budget_mib * 2**20:
+            raise ConfigError("memory_budget_mib", f"gate buffers need {buf_bytes / 2**20:.1f} MiB for tile={t}, "
+                                                   f"max_tiles={n}; raise the budget or lower tile/max_tiles")
+        self.buffer_bytes = buf_bytes
+        self._history: OrderedDict[str, str] = OrderedDict()
+        self.log = (DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep)
+                    if cfg.log.path else None)
+        self.log_failures = 0
+        self.faults = 0
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_model(cls, model: str | Path | None = None, **overrides) -> "CloudGate":
+        """The shipped default student (no argument), or a .tflite/.onnx/card path; overrides are config keys."""
+        data = dict(overrides)
+        data["model"] = str(model) if model is not None else None
+        return cls(config_from_dict(data))
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> "CloudGate":
+        return cls(load_config(path))
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ public API
+    def process(self, scene, band_names, scene_id: str = "", mask_out: np.ndarray | None = None,
+                valid_mask: np.ndarray | None = None, priority: int = 0, target_id: str | None = None,
+                radiometry: tuple[float, float] | None = None, strict: bool | None = None) -> Decision:
+        """Gate one scene. scene: (H, W, C) array or memmap; band_names: C names (canonical or sensor).
+        Returns a Decision (action "fault" with the reason on bad input unless strict)."""
+        t0 = time.monotonic()
+        strict = self.config.strict if strict is None else strict
+        try:
+            d = self._process(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0)
+        except CloudGateError as e:
+            if strict:
+                raise
+            d = self._fault(scene_id, target_id, priority, e.code, str(e), t0)
+        except (MemoryError, RuntimeError, OSError, ValueError, TypeError, IndexError) as e:
+            # an unexpected failure on one frame must not kill the payload loop
+            if strict:
+                raise
+            d = self._fault(scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}", t0)
+        self._record(d)
+        return d
+
+    # ------------------------------------------------------------------ internals
+    def _fault(self, scene_id, target_id, priority, code, reason, t0) -> Decision:
+        self.faults += 1
+        return Decision(action="fault", cloud_fraction=0.0, valid_fraction=0.0, fault=reason, fault_code=code,
+                        scene_id=str(scene_id), target_id=target_id, priority=int(priority) if isinstance(priority, (int, np.integer)) else 0,
+                        latency_s=time.monotonic() - t0, model_name=self.card.name, model_sha256=self.card.sha256_of_loaded,
+                        backend=self.backend.name, policy_version=self.config.policy.version)
+
+    def _record(self, d: Decision) -> None:
+        if self.log is None:
+            return
+        try:
+            d.log_seq = self.log.append(d.to_record())
+        except (OSError, ValueError) as e:  # disk full, ...: keep gating, count it, say so in the decision
+            self.log_failures += 1
+            d.degraded = ((d.degraded + "; ") if d.degraded else "") + f"decision log write failed: {e}"
+
+    def _check(self, scene, band_names, mask_out, valid_mask):
+        if not isinstance(scene, np.ndarray):
+            raise SceneShapeError(f"scene must be a numpy array or memmap (H, W, C), got {type(scene).__name__}")
+        if scene.ndim != 3:
+            raise SceneShapeError(f"scene must be (H, W, C), got shape {scene.shape}; add a band axis with scene[..., None]")
+        h, w, c = scene.shape
+        if h < 1 or w < 1 or c < 1:
+            raise SceneShapeError(f"scene has an empty axis: shape {scene.shape}")
+        if scene.dtype.kind not in _SUPPORTED_KINDS or scene.dtype.itemsize > 8:
+            raise SceneDtypeError(f"scene dtype {scene.dtype} unsupported; use float (reflectance) or integer DN")
+        names = list(band_names) if band_names is not None else []
+        if len(names) != c:
+            raise SceneShapeError(f"band_names has {len(names)} names but the scene has {c} bands (last axis)")
+        canon = []
+        for n in names:
+            try:
+                canon.append(canonical_band(str(n)))
+            except ValueError:
+                canon.append(str(n).lower())
+        missing = [b for b in self.bands if b not in canon]
+        if missing:
+            raise BandMismatchError(missing, canon)
+        if mask_out is not None:
+            if not isinstance(mask_out, np.ndarray) or mask_out.shape != (h, w) or mask_out.dtype != np.uint8:
+                raise SceneShapeError(f"mask_out must be a uint8 array of shape {(h, w)}, got "
+                                      f"{getattr(mask_out, 'dtype', type(mask_out).__name__)} {getattr(mask_out, 'shape', '')}")
+            if not mask_out.flags.writeable:
+                raise SceneShapeError("mask_out must be writeable")
+        if valid_mask is not None:
+            if not isinstance(valid_mask, np.ndarray) or valid_mask.shape != (h, w):
+                raise SceneShapeError(f"valid_mask must have shape {(h, w)}, got {getattr(valid_mask, 'shape', None)}")
+        return h, w, [canon.index(b) for b in self.bands]
+
+    def _bound(self, n: int, N: int, s_x: float, ss_x: float) -> float:
+        """Half-width of the (1 - delta/2) empirical Bernstein-Serfling bound on a mean of [0,1] values."""
+        if n >= N:
+            return 0.0
+        delta = (1.0 - self.config.early_exit.confidence) / 2.0
+        mean = s_x / n
+        var = max(ss_x / n - mean * mean, 0.0)
+        rho = (1.0 - (n - 1) / N) if n <= N / 2 else (1.0 - n / N) * (1.0 + 1.0 / n)
+        lg = math.log(5.0 / delta)
+        return math.sqrt(var) * math.sqrt(2.0 * rho * lg / n) + _KAPPA * lg / n
+
+    def _band(self, f: float, prev: str | None) -> str:
+        """Policy band of a cloud fraction: 'low' (downlink), 'high' (discard/reacquire) or 'mid'."""
+        p = self.config.policy
+        lo = p.downlink_max_cloud + (p.hysteresis if prev == "downlink" else 0.0)
+        hi = p.discard_min_cloud - (p.hysteresis if prev in ("discard", "reacquire") else 0.0)
+        if f <= lo:
+            return "low"
+        if f >= hi:
+            return "high"
+        return "mid"
+
+    def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
+        """Drop already-read rows of a read-only memmap from our resident set (the page cache keeps them),
+        so RSS stays flat whatever the scene size."""
+        if _libc is None or not isinstance(scene, np.memmap) or getattr(scene, "mode", "") not in ("r", "readonly"):
+            return
+        row = scene.strides[0]
+        if row <= 0:
+            return
+        start = scene.ctypes.data + y0 * row
+        page = mmap.PAGESIZE
+        a0 = start - start % page
+        a1 = scene.ctypes.data + y1 * row
+        a1 -= a1 % page
+        if a1 > a0:
+            _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), _MADV_DONTNEED)
+
+    def _load_tile(self, scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask) -> tuple[int, int]:
+        """Fill self._refl / self._valid from the scene window at (wy0, wx0); returns its (rows, cols)."""
+        t = self._tile
+        rh, rw = min(t, h - wy0), min(t, w - wx0)
+        refl, fin3, valid, tmp = self._refl, self._fin3, self._valid, self._tmp
+        for ci, si in enumerate(src_idx):
+            np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=refl[:rh, :rw, ci], dtype=np.float32,
+                        casting="unsafe")
+        sub, fsub, vsub, tsub = refl[:rh, :rw], fin3[:rh, :rw], valid[:rh, :rw], tmp[:rh, :rw]
+        np.isfinite(sub, out=fsub)
+        np.all(fsub, axis=2, out=vsub)                   # every band finite
+        np.equal(sub, 0.0, out=fsub)
+        np.all(fsub, axis=2, out=tsub)                   # all bands exactly zero: no-data fill
+        np.logical_not(tsub, out=tsub)
+        np.logical_and(vsub, tsub, out=vsub)
+        if valid_mask is not None:
+            np.logical_and(vsub, valid_mask[wy0:wy0 + rh, wx0:wx0 + rw], out=vsub)
+        if offset:
+            np.add(sub, offset, out=sub)
+        np.logical_not(vsub, out=tsub)
+        np.copyto(sub, 0.0, where=tsub[..., None])      # NaN/Inf/no-data never reach the model
+        np.clip(sub, -1.0, 4.0, out=sub)                 # saturated or absurd values stay finite
+        if rh < t or rw < t:
+            self._pad(rh, rw)
+        return rh, rw
+
+    def _pad(self, rh: int, rw: int) -> None:
+        """Reflect the valid region into the rest of the tile buffer (edge replication if too thin)."""
+        t, r = self._tile, self._refl
+        for y in range(rh, t):                           # bounded: < tile iterations
+            k = y - rh + 1
+            r[y, :rw] = r[max(rh - 1 - k, 0) if rh > 1 else 0, :rw]
+        for x in range(rw, t):
+            k = x - rw + 1
+            r[:, x] = r[:, max(rw - 1 - k, 0) if rw > 1 else 0]
+        self._valid[rh:, :] = False
+        self._valid[:, rw:] = False
+
+    def _process(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0) -> Decision:
+        cfg = self.config
+        h, w, src_idx = self._check(scene, band_names, mask_out, valid_mask)
+        scale, offset = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
+        if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
+            raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale != 0")
+        scale, offset = np.float32(scale), np.float32(offset)
+        if scene.dtype.kind == "f" and not radiometry and cfg.radiometry_scale == 1.0 and scene.dtype.itemsize < 4:
+            pass  # float16 reflectance is fine as is
+        step, half, t = self._step, self._half, self._tile
+        ny, nx = -(-h // step), -(-w // step)
+        n_tiles = ny * nx
+        if n_tiles > cfg.max_tiles:
+            raise SceneShapeError(f"scene {h}x{w} needs {n_tiles} tiles > max_tiles={cfg.max_tiles}; "
+                                  "raise max_tiles in the gate config")
+        key = str(target_id) if target_id is not None else "__stream__"
+        prev = self._history.get(key)
+        ee = cfg.early_exit.enabled and mask_out is None
+        g = _golden_step(n_tiles)
+        core_full = step * step
+        tc, tv, ts, ta, td = self._t_cloud, self._t_valid, self._t_shadow, self._t_area, self._t_done
+        td[:n_tiles] = False
+        s_c = s_v = ss_c = ss_v = 0.0
+        cloud_px = valid_px = shadow_px = area_px = 0
+        total_area = h * w
+        n = 0
+        bound = (0.0, 1.0)
+        degraded = None
+        early = False
+        deadline = t0 + cfg.deadline_s
+        for k in range(n_tiles):                          # bounded by the tile count
+            idx = (k * g) % n_tiles
+            ty, tx = divmod(idx, nx)
+            cy0, cx0 = ty * step, tx * step
+            cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
+            wy0 = min(max(cy0 - half, 0), max(h - t, 0))
+            wx0 = min(max(cx0 - half, 0), max(w - t, 0))
+            self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask)
+            self.backend.infer(self._refl, self._mask)
+            ry0, ry1, rx0, rx1 = cy0 - wy0, cy1 - wy0, cx0 - wx0, cx1 - wx0
+            m, v, b = self._mask[ry0:ry1, rx0:rx1], self._valid[ry0:ry1, rx0:rx1], self._tmp[ry0:ry1, rx0:rx1]
+            nv = int(np.count_nonzero(v))
+            np.equal(m, CLOUD, out=b)
+            np.logical_and(b, v, out=b)
+            nc = int(np.count_nonzero(b))
+            np.equal(m, SHADOW, out=b)
+            np.logical_and(b, v, out=b)
+            ns = int(np.count_nonzero(b))
+            if mask_out is not None:
+                dst = mask_out[cy0:cy1, cx0:cx1]
+                np.copyto(dst, m)
+                np.logical_not(v, out=b)
+                np.copyto(dst, INVALID, where=b)
+            self._release_pages(scene, wy0, min(wy0 + t, h))
+            tc[idx], tv[idx], ts[idx], ta[idx], td[idx] = nc, nv, ns, (cy1 - cy0) * (cx1 - cx0), True
+            cloud_px += nc; valid_px += nv; shadow_px += ns; area_px += int(ta[idx])
+            xc, xv = nc / core_full, nv / core_full
+            s_c += xc; ss_c += xc * xc; s_v += xv; ss_v += xv * xv
+            n += 1
+            if n < n_tiles and ee and n >= cfg.early_exit.min_tiles:
+                bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v, total_area, core_full)
+                lo_b, hi_b = self._band(bound[0], prev), self._band(bound[1], prev)
+                vlo = self._valid_lower(n, n_tiles, s_v, ss_v, total_area, core_full)
+                if lo_b == hi_b != "mid" and vlo >= cfg.policy.min_valid_fraction:
+                    early = True
+                    break
+            if time.monotonic() > deadline and n < n_tiles:
+                degraded = f"deadline {cfg.deadline_s}s reached after {n}/{n_tiles} tiles"
+                break
+        if valid_px == 0:
+            if n == n_tiles:
+                raise AllInvalidSceneError(f"scene {scene_id!r}: every pixel is no-data, NaN/Inf or masked invalid")
+        full = n == n_tiles
+        cf = cloud_px / valid_px if valid_px else 0.0
+        vf = valid_px / area_px if area_px else 0.0
+        if full:
+            bound = (cf, cf)
+        elif not early:
+            bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v, total_area, core_full)
+        action, partial, clear, why = self._decide(cf, vf, priority, prev, n_tiles, nx, full)
+        if why:
+            degraded = f"{degraded}; {why}" if degraded else why
+        if len(self._history) >= cfg.policy.max_targets and key not in self._history:
+            self._history.popitem(last=False)
+        self._history[key] = action
+        self._history.move_to_end(key)
+        scene_bytes = int(scene.nbytes)
+        if action == "downlink":
+            down = int(round(scene_bytes * (sum(int(ta[r * nx + c]) for r, c, _ in clear) / total_area))) if partial else scene_bytes
+        else:
+            down = 0
+        return Decision(
+            action=action, cloud_fraction=float(cf), valid_fraction=float(vf), shadow_fraction=shadow_px / valid_px if valid_px else 0.0,
+            tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
+            clear_tiles=clear, partial=partial, early_exit=early, latency_s=time.monotonic() - t0,
+            model_name=self.card.name, model_sha256=self.card.sha256_of_loaded, backend=self.backend.name,
+            policy_version=cfg.policy.version, degraded=degraded, scene_id=str(scene_id), target_id=target_id,
+            priority=int(priority), grid=(ny, nx), scene_bytes=scene_bytes, downlink_bytes=down)
+
+    def _fraction_bound(self, n, N, s_c, ss_c, s_v, ss_v, total_area, core_full) -> tuple[float, float]:
+        ec, ev = self._bound(n, N, s_c, ss_c), self._bound(n, N, s_v, ss_v)
+        scale = N * core_full / total_area              # per-tile means -> scene fractions
+        mc, mv = s_c / n, s_v / n
+        c_lo, c_hi = max(mc - ec, 0.0), mc + ec
+        v_lo, v_hi = max(mv - ev, 1e-12), mv + ev
+        lo = min(max(c_lo / v_hi, 0.0), 1.0)
+        hi = min(max(c_hi / v_lo, 0.0), 1.0)
+        del scale  # the ratio of the two means is scale-free
+        return lo, hi
+
+    def _valid_lower(self, n, N, s_v, ss_v, total_area, core_full) -> float:
+        ev = self._bound(n, N, s_v, ss_v)
+        return max(s_v / n - ev, 0.0) * N * core_full / total_area
+
+    def _decide(self, cf, vf, priority, prev, n_tiles, nx, full):
+        p = self.config.policy
+        high_priority = priority >= p.reacquire_priority
+        if vf < p.min_valid_fraction:
+            return ("reacquire" if high_priority else "discard"), False, [], \
+                f"valid fraction {vf:.3f} < min_valid_fraction {p.min_valid_fraction}"
+        band = self._band(cf, prev)
+        if band == "low":
+            return "downlink", False, [], None
+        if band == "high":
+            return ("reacquire" if high_priority else "discard"), False, [], None
+        # between the thresholds: prune cloudy tiles, downlink the clear ones
+        clear = []
+        for idx in range(n_tiles):                        # bounded by the tile count
+            if self._t_done[idx] and self._t_valid[idx] > 0 and self._t_cloud[idx] <= p.tile_clear_max * self._t_valid[idx]:
+                clear.append((idx // nx, idx % nx, round(float(self._t_cloud[idx] / self._t_valid[idx]), 4)))
+        why = None if full else "partial-downlink list covers visited tiles only"
+        if high_priority and cf >= p.reacquire_min_cloud:
+            return "reacquire", bool(clear), clear, why
+        if not clear:
+            return "discard", False, [], why
+        return "downlink", True, clear, why

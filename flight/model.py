@@ -1,0 +1,114 @@
+"""Model cards and model resolution: the gate refuses a model whose sha256 differs from its card."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError, ModelIntegrityError, ModelMissingError
+
+MODELS_DIR = Path(os.environ.get("CLOUDGATE_MODELS", Path(__file__).resolve().parents[1] / "models"))
+
+
+@dataclass
+class ModelCard:
+    name: str
+    bands: tuple[str, ...]
+    classes: tuple[str, ...]
+    tile: int
+    artifacts: dict
+    path: Path
+    raw: dict
+    sha256_of_loaded: str = ""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(path: Path) -> ModelCard:
+    import yaml  # init-time only
+
+    if not path.exists():
+        raise ModelMissingError(f"model card {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ModelCard(name=raw["name"], bands=tuple(raw["bands"]), classes=tuple(raw["output"]["classes"]),
+                         tile=int(raw["tile"]), artifacts=raw["artifacts"], path=path, raw=raw)
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ModelIntegrityError(f"model card {path} is unreadable or incomplete ({e}); regenerate it with "
+                                  "python -m ground export") from e
+
+
+def _runtime_available(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def default_card(models_dir: Path = MODELS_DIR) -> Path:
+    if not models_dir.is_dir():
+        raise ModelMissingError(f"no models directory at {models_dir}; set CLOUDGATE_MODELS or pass a model path")
+    import yaml
+
+    for p in sorted(models_dir.glob("*.yaml")):
+        try:
+            if (yaml.safe_load(p.read_text()) or {}).get("default"):
+                return p
+        except yaml.YAMLError:
+            continue
+    raise ModelMissingError(f"no model card marked 'default: true' in {models_dir}")
+
+
+def _card_for_artifact(model: Path) -> Path:
+    for p in sorted(model.parent.glob("*.yaml")):
+        try:
+            card = load_card(p)
+        except ModelError:
+            continue
+        if any(a.get("file") == model.name for a in card.artifacts.values()):
+            return p
+    raise ModelMissingError(f"no model card beside {model} lists it; the gate only runs carded models "
+                            "(python -m ground export writes the card)")
+
+
+def resolve_model(model: str | None, backend: str) -> tuple[ModelCard, Path]:
+    """-> (card, verified artifact path). Picks the INT8 artifact matching the backend."""
+    if model is None:
+        card_path = default_card()
+        artifact = None
+    else:
+        p = Path(model)
+        if not p.exists():
+            raise ModelMissingError(f"model {p} not found")
+        if p.suffix in (".yaml", ".yml"):
+            card_path, artifact = p, None
+        elif p.suffix in (".tflite", ".onnx"):
+            card_path, artifact = _card_for_artifact(p), p
+        else:
+            raise ModelError(f"model {p}: use a .tflite, .onnx or model card .yaml")
+    card = load_card(card_path)
+    if artifact is None:
+        want = backend
+        if want == "auto":
+            want = "litert" if (_runtime_available("ai_edge_litert") or _runtime_available("tflite_runtime")) else "onnxruntime"
+        key = "tflite_int8" if want == "litert" else "onnx_int8"
+        if key not in card.artifacts:
+            raise ModelMissingError(f"model card {card_path} has no {key} artifact")
+        artifact = card_path.parent / card.artifacts[key]["file"]
+    entry = next((a for a in card.artifacts.values() if a.get("file") == artifact.name), None)
+    if entry is None:
+        raise ModelIntegrityError(f"{artifact.name} is not listed in model card {card_path}")
+    if not artifact.exists():
+        raise ModelMissingError(f"model file {artifact} (listed in {card_path.name}) not found")
+    digest = _sha256(artifact)
+    if digest != entry["sha256"]:
+        raise ModelIntegrityError(f"{artifact} sha256 {digest[:16]}… does not match its model card "
+                                  f"({entry['sha256'][:16]}…): corrupt or altered model, refusing to load")
+    card.sha256_of_loaded = digest
+    return card, artifact

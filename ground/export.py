@@ -1,0 +1,194 @@
+"""Export a trained student: fp32 ONNX (reference), INT8 QDQ ONNX (onnxruntime.quantization, U8S8,
+per-channel, static calibration on real + synthetic tiles), full-integer INT8 TFLite (Keras twin with
+BN folded + TFLiteConverter), parity checks, and the model card."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .distill import REPO, load_config, load_student
+from .sceneio import real_scene_paths, load_npz
+from .synth import SYNTH_BANDS, make_set
+
+TILE = 256
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def calibration_tiles(bands, n_synthetic: int = 48, seed: int = 7) -> np.ndarray:
+    """Real unlabelled tiles (all that exist) + held-out synthetic tiles; never noise. NHWC float32."""
+    from .distill import _real_tiles
+
+    paths = [p for p in real_scene_paths() if not load_npz(p).labelled]
+    real = _real_tiles(paths, TILE, TILE)
+    syn, _, _ = make_set(n_synthetic, seed=seed, size=TILE)
+    allx = np.concatenate([real, syn]) if len(real) else syn
+    idx = [SYNTH_BANDS.index(b) for b in bands]
+    return np.ascontiguousarray(allx[..., idx])
+
+
+def export_onnx_fp32(model, spec, path: Path) -> None:
+    import torch
+
+    x = torch.zeros(1, len(spec.bands), TILE, TILE)
+    torch.onnx.export(model.eval(), x, str(path), dynamo=False, opset_version=17,
+                      input_names=["reflectance"], output_names=["logits"],
+                      dynamic_axes={"reflectance": {2: "height", 3: "width"}, "logits": {2: "height", 3: "width"}})
+
+
+def quantize_onnx(fp32: Path, int8: Path, calib: np.ndarray) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, tiles):
+            self.it = iter(tiles)
+
+        def get_next(self):
+            t = next(self.it, None)
+            return None if t is None else {"reflectance": np.ascontiguousarray(t.transpose(2, 0, 1)[None])}
+
+    pre = int8.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # dynamic H/W defeats symbolic inference
+    try:
+        quantize_static(str(pre), str(int8), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def export_tflite(model, spec, path: Path, calib: np.ndarray) -> float:
+    """Full-integer INT8 TFLite from the Keras twin; returns the torch-vs-Keras fp32 max logit diff."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import torch
+
+    from .student import build_keras
+
+    keras_model = build_keras(spec, model, TILE)
+    probe = calib[:4]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(probe.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+    got = np.concatenate([keras_model(probe[i:i + 1], training=False).numpy() for i in range(len(probe))])
+    parity = float(np.abs(ref - got).max())
+    if parity >= 1e-4:
+        raise RuntimeError(f"torch vs Keras parity failed: max logit diff {parity:.2e} >= 1e-4")
+
+    def representative():
+        for t in calib:
+            yield [t[None].astype(np.float32)]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    path.write_bytes(conv.convert())
+    return parity
+
+
+def _tflite_fn(path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=2)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    (si, zi), (so, zo) = i["quantization"], o["quantization"]
+
+    def fn(x):
+        q = np.clip(np.rint(x / si) + zi, -128, 127).astype(np.int8)
+        it.set_tensor(i["index"], q)
+        it.invoke()
+        return (it.get_tensor(o["index"])[0].astype(np.float32) - zo) * so
+
+    return fn, {"input_scale": float(si), "input_zero_point": int(zi), "output_scale": float(so),
+                "output_zero_point": int(zo)}
+
+
+def _onnx_fn(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda x: s.run(None, {"reflectance": x.transpose(0, 3, 1, 2)})[0][0].transpose(1, 2, 0)
+
+
+def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: bool = False) -> dict:
+    from .evaluate import evaluate_models
+
+    cfg = load_config(config_path)
+    spec, model = load_student(student_pt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = spec.name
+    fp32, int8, tfl = out_dir / f"{name}.fp32.onnx", out_dir / f"{name}.int8.onnx", out_dir / f"{name}.int8.tflite"
+    calib = calibration_tiles(spec.bands)
+    export_onnx_fp32(model, spec, fp32)
+    quantize_onnx(fp32, int8, calib)
+    parity = export_tflite(model, spec, tfl, calib)
+    _, tq = _tflite_fn(tfl)
+    artifacts = {k: {"file": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
+                 for k, p in (("onnx_fp32", fp32), ("onnx_int8", int8), ("tflite_int8", tfl))}
+    contenders = {"kd_fp32": _onnx_fn(fp32), "kd_int8_onnx": _onnx_fn(int8), "kd_int8_tflite": _tflite_fn(tfl)[0]}
+    if baseline:
+        bspec, bmodel = load_student(baseline)
+        bpath = Path(baseline).with_suffix(".onnx")
+        export_onnx_fp32(bmodel, bspec, bpath)
+        contenders["baseline_fp32"] = _onnx_fn(bpath)
+    metrics = evaluate_models(contenders, spec.bands)
+    teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
+                 "license": "Apache-2.0"} for t in cfg["teachers"]]
+    from .student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS
+
+    card = {
+        "card_version": 1,
+        "name": name,
+        "default": bool(default),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "bands": list(spec.bands),
+        "units": "TOA reflectance (Level-1C), float, nominal 0..1; DN must be rescaled (reflectance = DN*scale + offset)",
+        "input_scaling": {"onnx": "float32 reflectance, NCHW (1, 4, H, W); INT8 QDQ quantization inside the graph",
+                          "tflite": {"layout": "NHWC", "dtype": "int8", "scale": tq["input_scale"],
+                                     "zero_point": tq["input_zero_point"],
+                                     "rule": "q = clip(round(reflectance / scale) + zero_point, -128, 127)"}},
+        "output": {"classes": list(spec.classes), "codes": {"clear": 0, "cloud": 1, "shadow": 2},
+                   "tflite": {"dtype": "int8", "scale": tq["output_scale"], "zero_point": tq["output_zero_point"]},
+                   "onnx": "float32 logits (1, 3, H, W)"},
+        "tile": TILE,
+        "stem_stride": spec.stem_stride,
+        "spec": spec.to_dict(),
+        "parameters": spec.parameters(),
+        "macs_per_pixel": round(spec.macs_per_pixel(), 1),
+        "teacher_ratio": {"parameters": round(TEACHER_PARAMS / spec.parameters(), 1),
+                          "macs_per_pixel": round(TEACHER_MACS_PER_PIXEL / spec.macs_per_pixel(), 1)},
+        "quantization": {"onnx": "onnxruntime.quantization.quantize_static QDQ, per-channel, activations uint8, "
+                                 "weights int8 (U8S8), MinMax calibration",
+                         "tflite": "TFLiteConverter full-integer (TFLITE_BUILTINS_INT8), representative dataset",
+                         "calibration": f"{len(calib)} tiles: all unlabelled real tiles + synthetic seed 7",
+                         "torch_vs_keras_max_logit_diff": parity},
+        "artifacts": artifacts,
+        "teachers": teachers,
+        "command": "python -m ground make-models --config " + str(Path(config_path).resolve().relative_to(REPO))
+        if Path(config_path).resolve().is_relative_to(REPO) else " ".join(shlex.quote(a) for a in sys.argv),
+        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+        "metrics": metrics,
+    }
+    card_path = out_dir / f"{name}.yaml"
+    card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
+    return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()}}

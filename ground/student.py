@@ -1,0 +1,162 @@
+"""Students as data: one StudentSpec builds the torch model, the Keras twin and the cost numbers.
+
+Architecture (why): clouds are large, smooth objects, so the student works at 1/stem_stride of the
+input resolution (a stride-4 patchify stem == space-to-depth + 1x1 conv) and a small U-Net there;
+the logits are bilinearly upsampled to input resolution inside the model so every runtime emits a
+full-resolution mask. This keeps MACs/pixel at ~1 % of the ukis-csmask teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEACHER_MACS_PER_PIXEL = 4.65e9 / 256**2  # ukis-csmask EfficientNet-b4 U-Net, 4.65 GMAC per 256² tile
+TEACHER_PARAMS = 19_540_000
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    name: str = "cloudgate-s4"
+    bands: tuple[str, ...] = ("blue", "green", "red", "nir")
+    classes: tuple[str, ...] = ("clear", "cloud", "shadow")
+    stem_stride: int = 4
+    widths: tuple[int, ...] = (12, 20, 32)
+    feature_channels: int = 64  # teacher feature width the SSLKD adapters project onto
+
+    @staticmethod
+    def from_dict(d: dict) -> "StudentSpec":
+        known = set(StudentSpec.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"student spec: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for k in ("bands", "classes", "widths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        spec = StudentSpec(**d)
+        if len(spec.widths) < 2:
+            raise ValueError("student spec: widths needs at least 2 levels")
+        return spec
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("bands", "classes", "widths"):
+            d[k] = list(d[k])
+        return d
+
+    def conv_layers(self) -> list[tuple[int, int, int, int]]:
+        """(kernel, c_in, c_out, downsample factor of the output grid) for every conv, in order."""
+        s, w = self.stem_stride, self.widths
+        layers = [(s, len(self.bands), w[0], s), (3, w[0], w[0], s)]
+        for i in range(1, len(w)):
+            f = s * 2**i
+            layers += [(3, w[i - 1], w[i], f), (3, w[i], w[i], f)]
+        for i in range(len(w) - 2, -1, -1):
+            layers.append((3, w[i + 1] + w[i], w[i], s * 2**i))
+        layers.append((1, w[0], len(self.classes), s))
+        return layers
+
+    def macs_per_pixel(self) -> float:
+        return sum(k * k * ci * co / f**2 for k, ci, co, f in self.conv_layers())
+
+    def parameters(self) -> int:
+        # conv weights + (folded) bias per output channel
+        return sum(k * k * ci * co + co for k, ci, co, _ in self.conv_layers())
+
+
+class _ConvBNReLU(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, k: int = 3, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k // 2 if stride == 1 else 0), bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class StudentUNet(nn.Module):
+    """Tiny U-Net at 1/stem_stride resolution. forward() returns full-resolution logits;
+    forward_with_features() also returns the 1/stem_stride decoder feature used by SSLKD."""
+
+    def __init__(self, spec: StudentSpec):
+        super().__init__()
+        self.spec = spec
+        w, s = spec.widths, spec.stem_stride
+        self.stem = nn.Sequential(_ConvBNReLU(len(spec.bands), w[0], k=s, stride=s), _ConvBNReLU(w[0], w[0]))
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2), _ConvBNReLU(w[i - 1], w[i]), _ConvBNReLU(w[i], w[i]))
+            for i in range(1, len(w))
+        )
+        self.up = nn.ModuleList(_ConvBNReLU(w[i + 1] + w[i], w[i]) for i in range(len(w) - 2, -1, -1))
+        self.head = nn.Conv2d(w[0], len(spec.classes), 1)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(skips[-1]))
+        y = skips.pop()
+        for block in self.up:
+            y = block(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skips.pop()], dim=1))
+        logits_low = self.head(y)
+        logits = F.interpolate(logits_low, scale_factor=float(self.spec.stem_stride), mode="bilinear",
+                               align_corners=False)
+        return logits, y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+
+def build_student(spec: StudentSpec) -> StudentUNet:
+    return StudentUNet(spec)
+
+
+def folded_convs(model: StudentUNet) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Conv weights with BatchNorm folded in, in StudentSpec.conv_layers() order: (weight OIHW, bias)."""
+    model = model.eval()
+    seqs = [model.stem[0], model.stem[1]]
+    for d in model.down:
+        seqs += [d[1], d[2]]
+    seqs += list(model.up)
+    out = []
+    with torch.no_grad():
+        for seq in seqs:
+            conv, bn = seq[0], seq[1]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            out.append((conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale))
+        out.append((model.head.weight.clone(), model.head.bias.clone()))
+    return out
+
+
+def build_keras(spec: StudentSpec, model: StudentUNet, tile: int):
+    """Keras (NHWC) twin of a trained student with BN folded, for the TFLite INT8 converter."""
+    import tensorflow as tf  # export-only dependency
+
+    convs = folded_convs(model)
+    it = iter(convs)
+
+    def conv(x, k, stride=1, relu=True):
+        w, b = next(it)
+        layer = tf.keras.layers.Conv2D(w.shape[0], k, strides=stride, padding="valid" if stride > 1 or k == 1 else "same",
+                                       activation="relu" if relu else None)
+        y = layer(x)
+        layer.set_weights([w.permute(2, 3, 1, 0).numpy(), b.numpy()])
+        return y
+
+    w, s = spec.widths, spec.stem_stride
+    inp = tf.keras.Input((tile, tile, len(spec.bands)), batch_size=1, name="reflectance")
+    x = conv(inp, s, stride=s)
+    skips = [conv(x, 3)]
+    for _ in range(1, len(w)):
+        y = tf.keras.layers.MaxPooling2D(2)(skips[-1])
+        y = conv(y, 3)
+        skips.append(conv(y, 3))
+    y = skips.pop()
+    for _ in range(len(w) - 1):
+        y = tf.keras.layers.UpSampling2D(2, interpolation="nearest")(y)
+        y = tf.keras.layers.Concatenate(axis=-1)([y, skips.pop()])
+        y = conv(y, 3)
+    y = conv(y, 1, relu=False)
+    out = tf.keras.layers.UpSampling2D(s, interpolation="bilinear", name="logits")(y)
+    return tf.keras.Model(inp, out, name=spec.name.replace("-", "_"))
