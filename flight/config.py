@@ -23,8 +23,14 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class EarlyExitConfig:
     enabled: bool = True
-    confidence: float = 0.99            # 1 - delta of the finite-population bound
-    min_tiles: int = 4
+    # "normal": Cochran's finite-population normal bound with a floor on the tile-level standard
+    #           deviation (guards the all-identical-so-far case); tight, validated empirically.
+    # "bernstein": Bardenet & Maillard's empirical Bernstein-Serfling bound; distribution-free but
+    #           needs ~100+ tiles before it can certify anything.
+    method: str = "normal"
+    confidence: float = 0.99            # two-sided confidence of the bound
+    sd_floor: float = 0.1               # "normal" only: minimum tile-level standard deviation assumed
+    min_tiles: int = 8
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ def validate(cfg: GateConfig) -> GateConfig:
     e = cfg.early_exit
     need(0.5 <= e.confidence < 1, "early_exit.confidence", "must be in [0.5, 1)")
     need(e.min_tiles >= 1, "early_exit.min_tiles", "must be >= 1")
+    need(e.method in ("normal", "bernstein"), "early_exit.method", "choose normal or bernstein")
+    need(0 <= e.sd_floor <= 0.5, "early_exit.sd_floor", "must be in [0, 0.5]")
     lg = cfg.log
     need(lg.fsync in ("every", "never") or (isinstance(lg.fsync, int) and lg.fsync >= 1), "log.fsync",
          "use 'every', 'never' or a positive record count")

@@ -119,6 +119,9 @@ class CloudGate:
                                                    f"max_tiles={n}; raise the budget or lower tile/max_tiles")
         self.buffer_bytes = buf_bytes
         self._history: OrderedDict[str, str] = OrderedDict()
+        from statistics import NormalDist
+
+        self._z = NormalDist().inv_cdf(1.0 - (1.0 - cfg.early_exit.confidence) / 4.0)  # two bounds share delta
         self.log = (DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep)
                     if cfg.log.path else None)
         self.log_failures = 0
@@ -219,12 +222,16 @@ class CloudGate:
         return h, w, [canon.index(b) for b in self.bands]
 
     def _bound(self, n: int, N: int, s_x: float, ss_x: float) -> float:
-        """Half-width of the (1 - delta/2) empirical Bernstein-Serfling bound on a mean of [0,1] values."""
+        """Half-width of a (1 - delta/2) finite-population bound on the mean of n of N values in [0,1]."""
         if n >= N:
             return 0.0
-        delta = (1.0 - self.config.early_exit.confidence) / 2.0
+        ee = self.config.early_exit
+        delta = (1.0 - ee.confidence) / 2.0
         mean = s_x / n
         var = max(ss_x / n - mean * mean, 0.0)
+        if ee.method == "normal":
+            sd = max(math.sqrt(var * n / max(n - 1, 1)), ee.sd_floor)
+            return self._z * sd / math.sqrt(n) * math.sqrt(1.0 - n / N)
         rho = (1.0 - (n - 1) / N) if n <= N / 2 else (1.0 - n / N) * (1.0 + 1.0 / n)
         lg = math.log(5.0 / delta)
         return math.sqrt(var) * math.sqrt(2.0 * rho * lg / n) + _KAPPA * lg / n
@@ -301,8 +308,6 @@ class CloudGate:
         if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
             raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale != 0")
         scale, offset = np.float32(scale), np.float32(offset)
-        if scene.dtype.kind == "f" and not radiometry and cfg.radiometry_scale == 1.0 and scene.dtype.itemsize < 4:
-            pass  # float16 reflectance is fine as is
         step, half, t = self._step, self._half, self._tile
         ny, nx = -(-h // step), -(-w // step)
         n_tiles = ny * nx
@@ -354,7 +359,7 @@ class CloudGate:
             s_c += xc; ss_c += xc * xc; s_v += xv; ss_v += xv * xv
             n += 1
             if n < n_tiles and ee and n >= cfg.early_exit.min_tiles:
-                bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v, total_area, core_full)
+                bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v)
                 lo_b, hi_b = self._band(bound[0], prev), self._band(bound[1], prev)
                 vlo = self._valid_lower(n, n_tiles, s_v, ss_v, total_area, core_full)
                 if lo_b == hi_b != "mid" and vlo >= cfg.policy.min_valid_fraction:
@@ -372,7 +377,7 @@ class CloudGate:
         if full:
             bound = (cf, cf)
         elif not early:
-            bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v, total_area, core_full)
+            bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v)
         action, partial, clear, why = self._decide(cf, vf, priority, prev, n_tiles, nx, full)
         if why:
             degraded = f"{degraded}; {why}" if degraded else why
@@ -393,16 +398,13 @@ class CloudGate:
             policy_version=cfg.policy.version, degraded=degraded, scene_id=str(scene_id), target_id=target_id,
             priority=int(priority), grid=(ny, nx), scene_bytes=scene_bytes, downlink_bytes=down)
 
-    def _fraction_bound(self, n, N, s_c, ss_c, s_v, ss_v, total_area, core_full) -> tuple[float, float]:
+    def _fraction_bound(self, n, N, s_c, ss_c, s_v, ss_v) -> tuple[float, float]:
         ec, ev = self._bound(n, N, s_c, ss_c), self._bound(n, N, s_v, ss_v)
-        scale = N * core_full / total_area              # per-tile means -> scene fractions
+        # cloud fraction = mean cloud per tile / mean valid per tile (both in core-area units)
         mc, mv = s_c / n, s_v / n
-        c_lo, c_hi = max(mc - ec, 0.0), mc + ec
-        v_lo, v_hi = max(mv - ev, 1e-12), mv + ev
-        lo = min(max(c_lo / v_hi, 0.0), 1.0)
-        hi = min(max(c_hi / v_lo, 0.0), 1.0)
-        del scale  # the ratio of the two means is scale-free
-        return lo, hi
+        v_lo, v_hi = max(mv - ev, 1e-12), min(mv + ev, 1.0)
+        c_lo, c_hi = max(mc - ec, 0.0), min(mc + ec, v_hi)
+        return min(c_lo / v_hi, 1.0), min(c_hi / v_lo, 1.0)
 
     def _valid_lower(self, n, N, s_v, ss_v, total_area, core_full) -> float:
         ev = self._bound(n, N, s_v, ss_v)

@@ -1,0 +1,120 @@
+"""flight.CloudGate public contract: shapes, codes, faults, strict errors, import isolation."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flight import (AllInvalidSceneError, BandMismatchError, CloudGate, ConfigError, SceneDtypeError,
+                    SceneShapeError, config_from_dict)
+from flight.bands import canonical_band
+
+BANDS = ("blue", "green", "red", "nir")
+
+
+def test_import_flight_pulls_neither_torch_nor_ground():
+    code = "import sys, flight; from flight import CloudGate; print(sorted(m for m in ('torch','ground','tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("name,sensor,want", [
+    ("B08_nir", None, "nir"), ("B02", None, "blue"), ("B5_swir16", None, "swir16"), ("SWIR1", None, "swir16"),
+    ("B5", "landsat8", "nir"), ("B5", "landsat5", "swir16"), ("B8A", None, "nir08"), ("NIR", None, "nir"),
+])
+def test_canonical_band_names(name, sensor, want):
+    assert canonical_band(name, sensor) == want
+
+
+def test_unknown_band_name_says_what_to_do():
+    with pytest.raises(ValueError, match="canonical"):
+        canonical_band("B5")
+
+
+def test_mask_codes_and_fraction(gate_litert):
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(0, 0.3, (300, 410, 4)).astype(np.float32)
+    scene[:40, :50] = 0.0                 # no-data corner
+    scene[100, 100, 2] = np.nan
+    mask = np.empty((300, 410), np.uint8)
+    d = gate_litert.process(scene, BANDS, scene_id="t", mask_out=mask)
+    assert d.action in ("downlink", "discard", "reacquire")
+    assert set(np.unique(mask)) <= {0, 1, 2, 255}
+    assert (mask[:40, :50] == 255).all() and mask[100, 100] == 255
+    valid = mask != 255
+    assert d.valid_fraction == pytest.approx(valid.mean())
+    assert d.cloud_fraction == pytest.approx((mask == 1).sum() / valid.sum())
+    assert d.tiles_processed == d.tiles_total
+
+
+def test_band_reordering_by_name(gate_litert):
+    rng = np.random.default_rng(1)
+    scene = rng.uniform(0, 0.5, (256, 256, 4)).astype(np.float32)
+    m1, m2 = np.empty((256, 256), np.uint8), np.empty((256, 256), np.uint8)
+    gate_litert.process(scene, BANDS, mask_out=m1)
+    extra = np.concatenate([scene[..., ::-1], rng.uniform(0, 1, (256, 256, 2)).astype(np.float32)], axis=2)
+    gate_litert.process(extra, ("B08", "B04", "B03", "B02", "swir16", "swir22"), mask_out=m2)
+    assert (m1 == m2).all()
+
+
+def test_dn_radiometry_equals_reflectance(gate_litert):
+    rng = np.random.default_rng(2)
+    dn = rng.integers(5000, 40000, (256, 300, 4)).astype(np.uint16)
+    refl = (dn.astype(np.float32) * np.float32(2e-5) + np.float32(-0.1))
+    m1, m2 = np.empty((256, 300), np.uint8), np.empty((256, 300), np.uint8)
+    gate_litert.process(dn, BANDS, mask_out=m1, radiometry=(2e-5, -0.1))
+    gate_litert.process(refl, BANDS, mask_out=m2)
+    assert (m1 == m2).all()
+
+
+@pytest.mark.parametrize("scene,names,err", [
+    (np.zeros((10, 10), np.float32), BANDS, SceneShapeError),
+    (np.zeros((10, 10, 3), np.float32), BANDS, SceneShapeError),
+    (np.zeros((10, 10, 3), np.float32), ("blue", "green", "red"), BandMismatchError),
+    (np.zeros((10, 10, 4), np.complex64), BANDS, SceneDtypeError),
+    (np.zeros((10, 10, 4), np.float32), BANDS, AllInvalidSceneError),
+    (np.full((10, 10, 4), np.nan, np.float32), BANDS, AllInvalidSceneError),
+    ([[1, 2]], BANDS, SceneShapeError),
+])
+def test_bad_input_faults_or_raises(gate_litert, scene, names, err):
+    d = gate_litert.process(scene, names, scene_id="bad")
+    assert d.action == "fault" and d.fault and d.fault_code == err.code
+    with pytest.raises(err):
+        gate_litert.process(scene, names, strict=True)
+
+
+def test_missing_band_fault_names_it(gate_litert):
+    d = gate_litert.process(np.ones((50, 50, 3), np.float32), ("blue", "green", "red"))
+    assert d.action == "fault" and "nir" in d.fault
+
+
+def test_bad_mask_out_is_a_typed_error(gate_litert):
+    with pytest.raises(SceneShapeError, match="mask_out"):
+        gate_litert.process(np.ones((50, 50, 4), np.float32), BANDS, mask_out=np.empty((50, 51), np.uint8), strict=True)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"tile": 100}, "tile"), ({"overlap": 7}, "overlap"), ({"threads": "two"}, "threads"), ({"bogus": 1}, "bogus"),
+    ({"policy": {"downlink_max_cloud": 0.8}}, "policy.downlink_max_cloud"), ({"policy": {"nope": 1}}, "policy.nope"),
+    ({"early_exit": {"confidence": 1.5}}, "early_exit.confidence"), ({"log": {"fsync": "sometimes"}}, "log.fsync"),
+    ({"backend": "cuda"}, "backend"), ({"memory_budget_mib": 0.5}, "memory_budget_mib"),
+])
+def test_bad_config_names_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        if key == "memory_budget_mib":
+            CloudGate(config_from_dict(data))
+        else:
+            config_from_dict(data)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_config_file_errors(tmp_path):
+    p = tmp_path / "gate.yaml"
+    p.write_text("tile: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        CloudGate.from_config(p)
+    p.write_text("policy:\n  hysteresis: 0.5\n")
+    with pytest.raises(ConfigError, match="policy.hysteresis"):
+        CloudGate.from_config(p)
