@@ -46,7 +46,7 @@ class LiteRTBackend:
 
     name = "litert"
 
-    def __init__(self, path: Path, threads: int, tile: int):
+    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - only on hosts without LiteRT
@@ -55,7 +55,7 @@ class LiteRTBackend:
             except ImportError as e:
                 raise ModelError("no TFLite runtime: pip install ai-edge-litert (or use the .onnx model)") from e
         try:
-            self.it = Interpreter(model_path=str(path), num_threads=threads)
+            self.it = Interpreter(model_content=model_bytes, num_threads=threads)
             self.it.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelIntegrityError(f"LiteRT refused {path}: {e}") from e
@@ -93,7 +93,7 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int, tile: int, n_bands: int):
+    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int, n_bands: int):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -103,7 +103,7 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         try:
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelIntegrityError(f"onnxruntime refused {path}: {e}") from e
         inp, out = self.sess.get_inputs()[0], self.sess.get_outputs()[0]
@@ -124,13 +124,13 @@ class OrtBackend:
         self._argmax(o[0], o[1], o[2], mask_out)
 
 
-def open_backend(path: Path, kind: str, threads: int, tile: int, n_bands: int) -> Backend:
+def open_backend(path: Path, model_bytes: bytes, kind: str, threads: int, tile: int, n_bands: int) -> Backend:
     if kind == "auto":
         kind = "litert" if path.suffix == ".tflite" else "onnxruntime"
     if kind == "litert":
         if path.suffix != ".tflite":
             raise ModelError(f"backend litert needs a .tflite model, got {path.name}")
-        return LiteRTBackend(path, threads, tile)
+        return LiteRTBackend(path, model_bytes, threads, tile)
     if path.suffix != ".onnx":
         raise ModelError(f"backend onnxruntime needs a .onnx model, got {path.name}")
-    return OrtBackend(path, threads, tile, n_bands)
+    return OrtBackend(path, model_bytes, threads, tile, n_bands)

@@ -54,6 +54,7 @@ class GateConfig:
     radiometry_offset: float = 0.0
     deadline_s: float = 10.0
     strict: bool = False
+    scrub_every: int = 1                # re-hash the loaded model image every N scenes (0 = never)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -99,6 +100,7 @@ def validate(cfg: GateConfig) -> GateConfig:
     need(cfg.max_tiles >= 1, "max_tiles", "must be >= 1")
     need(cfg.radiometry_scale != 0 and cfg.radiometry_scale == cfg.radiometry_scale, "radiometry_scale", "must be non-zero")
     need(cfg.deadline_s > 0, "deadline_s", "must be > 0 seconds")
+    need(cfg.scrub_every >= 0, "scrub_every", "must be >= 0 (0 disables the model scrub)")
     p = cfg.policy
     need(0 <= p.downlink_max_cloud < p.discard_min_cloud <= 1, "policy.downlink_max_cloud",
          "need 0 <= downlink_max_cloud < discard_min_cloud <= 1")

@@ -8,6 +8,7 @@ counted and written, so results do not depend on visiting order and no scene-siz
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import mmap
 import time
@@ -23,7 +24,7 @@ from .config import GateConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, BandMismatchError, CloudGateError, ConfigError, SceneDtypeError,
                      SceneShapeError)
-from .model import ModelCard, resolve_model
+from .model import ModelCard, read_verified, resolve_model
 
 ACTIONS = ("downlink", "discard", "reacquire", "fault")
 CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
@@ -50,6 +51,8 @@ class Decision:
     partial: bool = False
     early_exit: bool = False
     latency_s: float = 0.0
+    infer_s: float = 0.0                                # of which inside the runtime (for HIL latency models)
+    tile_pixels: int = 0
     model_name: str = ""
     model_sha256: str = ""
     backend: str = ""
@@ -92,9 +95,12 @@ class CloudGate:
     def __init__(self, config: GateConfig | None = None):
         cfg = config or GateConfig()
         self.config = cfg
-        self.card, model_path = resolve_model(cfg.model, cfg.backend)
+        self.card, self._model_path, self._model_bytes = resolve_model(cfg.model, cfg.backend)
         self.bands = tuple(self.card.bands)
-        self.backend: Backend = open_backend(model_path, cfg.backend, cfg.threads, cfg.tile, len(self.bands))
+        self.backend: Backend = open_backend(self._model_path, self._model_bytes, cfg.backend, cfg.threads, cfg.tile,
+                                             len(self.bands))
+        self._model_ok = True
+        self._scenes = 0
         t, c = cfg.tile, len(self.bands)
         self._tile = t
         self._step = t - cfg.overlap
@@ -149,6 +155,21 @@ class CloudGate:
     def __exit__(self, *exc):
         self.close()
 
+    def scrub(self) -> str | None:
+        """Memory scrub of the loaded model image: re-hash it against the card; on a mismatch (an upset
+        in RAM) reload from the verified file. Returns a note when something was repaired; raises
+        ModelIntegrityError when the file is corrupt too (the gate then refuses to run)."""
+        expected = self.card.sha256_of_loaded
+        if self._model_ok and hashlib.sha256(self._model_bytes).hexdigest() == expected:
+            return None
+        self._model_ok = False
+        entry = next(a for a in self.card.artifacts.values() if a.get("file") == self._model_path.name)
+        data = read_verified(self._model_path, entry["sha256"], self.card.path)
+        self.backend = open_backend(self._model_path, data, self.config.backend, self.config.threads,
+                                    self.config.tile, len(self.bands))
+        self._model_bytes, self._model_ok = data, True
+        return "model image failed its scrub (sha256); reloaded from the verified file"
+
     # ------------------------------------------------------------------ public API
     def process(self, scene, band_names, scene_id: str = "", mask_out: np.ndarray | None = None,
                 valid_mask: np.ndarray | None = None, priority: int = 0, target_id: str | None = None,
@@ -157,7 +178,11 @@ class CloudGate:
         Returns a Decision (action "fault" with the reason on bad input unless strict)."""
         t0 = time.monotonic()
         strict = self.config.strict if strict is None else strict
+        self._scenes += 1
+        note = None
         try:
+            if self.config.scrub_every and (self._scenes % self.config.scrub_every == 0 or not self._model_ok):
+                note = self.scrub()
             d = self._process(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0)
         except CloudGateError as e:
             if strict:
@@ -168,6 +193,8 @@ class CloudGate:
             if strict:
                 raise
             d = self._fault(scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}", t0)
+        if note:
+            d.degraded = f"{d.degraded}; {note}" if d.degraded else note
         self._record(d)
         return d
 
@@ -325,6 +352,7 @@ class CloudGate:
         cloud_px = valid_px = shadow_px = area_px = 0
         total_area = h * w
         n = 0
+        infer_s = 0.0
         bound = (0.0, 1.0)
         degraded = None
         early = False
@@ -337,7 +365,9 @@ class CloudGate:
             wy0 = min(max(cy0 - half, 0), max(h - t, 0))
             wx0 = min(max(cx0 - half, 0), max(w - t, 0))
             self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask)
+            ti = time.perf_counter()
             self.backend.infer(self._refl, self._mask)
+            infer_s += time.perf_counter() - ti
             ry0, ry1, rx0, rx1 = cy0 - wy0, cy1 - wy0, cx0 - wx0, cx1 - wx0
             m, v, b = self._mask[ry0:ry1, rx0:rx1], self._valid[ry0:ry1, rx0:rx1], self._tmp[ry0:ry1, rx0:rx1]
             nv = int(np.count_nonzero(v))
@@ -396,7 +426,8 @@ class CloudGate:
             clear_tiles=clear, partial=partial, early_exit=early, latency_s=time.monotonic() - t0,
             model_name=self.card.name, model_sha256=self.card.sha256_of_loaded, backend=self.backend.name,
             policy_version=cfg.policy.version, degraded=degraded, scene_id=str(scene_id), target_id=target_id,
-            priority=int(priority), grid=(ny, nx), scene_bytes=scene_bytes, downlink_bytes=down)
+            priority=int(priority), grid=(ny, nx), scene_bytes=scene_bytes, downlink_bytes=down, infer_s=infer_s,
+            tile_pixels=t * t)
 
     def _fraction_bound(self, n, N, s_c, ss_c, s_v, ss_v) -> tuple[float, float]:
         ec, ev = self._bound(n, N, s_c, ss_c), self._bound(n, N, s_v, ss_v)

@@ -23,14 +23,6 @@ class ModelCard:
     sha256_of_loaded: str = ""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_card(path: Path) -> ModelCard:
     import yaml  # init-time only
 
@@ -77,8 +69,20 @@ def _card_for_artifact(model: Path) -> Path:
                             "(python -m ground export writes the card)")
 
 
-def resolve_model(model: str | None, backend: str) -> tuple[ModelCard, Path]:
-    """-> (card, verified artifact path). Picks the INT8 artifact matching the backend."""
+def read_verified(artifact: Path, expected_sha256: str, card_path: Path) -> bytes:
+    """The artifact's bytes, read once, after checking them against the card's sha256."""
+    if not artifact.exists():
+        raise ModelMissingError(f"model file {artifact} (listed in {card_path.name}) not found")
+    data = artifact.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected_sha256:
+        raise ModelIntegrityError(f"{artifact} sha256 {digest[:16]}… does not match its model card "
+                                  f"({expected_sha256[:16]}…): corrupt or altered model, refusing to load")
+    return data
+
+
+def resolve_model(model: str | None, backend: str) -> tuple[ModelCard, Path, bytes]:
+    """-> (card, artifact path, verified artifact bytes). Picks the INT8 artifact matching the backend."""
     if model is None:
         card_path = default_card()
         artifact = None
@@ -104,11 +108,6 @@ def resolve_model(model: str | None, backend: str) -> tuple[ModelCard, Path]:
     entry = next((a for a in card.artifacts.values() if a.get("file") == artifact.name), None)
     if entry is None:
         raise ModelIntegrityError(f"{artifact.name} is not listed in model card {card_path}")
-    if not artifact.exists():
-        raise ModelMissingError(f"model file {artifact} (listed in {card_path.name}) not found")
-    digest = _sha256(artifact)
-    if digest != entry["sha256"]:
-        raise ModelIntegrityError(f"{artifact} sha256 {digest[:16]}… does not match its model card "
-                                  f"({entry['sha256'][:16]}…): corrupt or altered model, refusing to load")
-    card.sha256_of_loaded = digest
-    return card, artifact
+    data = read_verified(artifact, entry["sha256"], card_path)
+    card.sha256_of_loaded = entry["sha256"]
+    return card, artifact, data

@@ -1,0 +1,1 @@
+"""CloudGate benchmark: accuracy, speed and memory side by side with the peers, in one run."""

@@ -1,0 +1,1 @@
+"""CloudGate HIL harness: replay scene streams through flight.CloudGate on emulated edge boards."""

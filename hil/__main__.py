@@ -1,0 +1,67 @@
+"""python -m hil run --board BOARD --stream STREAM --out DIR [--faults SPEC] [--frames N] [--realtime]
+   python -m hil boards
+   python -m hil arm-setup | arm-check"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hil")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="replay a stream on an emulated board; exit 1 on a violated requirement")
+    r.add_argument("--board", required=True, help="board name (hil/boards) or profile path; 'all' for every board")
+    r.add_argument("--stream", required=True, help="stream manifest .yaml or directory of .npz")
+    r.add_argument("--out", required=True)
+    r.add_argument("--faults", default=None, help="fault rates, e.g. 'all:0.1' or 'nan_burst:0.2,hard_kill:0.01'")
+    r.add_argument("--frames", type=int, default=None, help="frames to replay (cycles the stream)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--realtime", action="store_true", help="pace frames at the board's frame period")
+    r.add_argument("--backend", default="litert", choices=["litert", "onnxruntime"])
+    sub.add_parser("boards", help="list board profiles")
+    a_set = sub.add_parser("arm-setup", help="build the aarch64 QEMU root (cached outside the repo)")
+    a_set.add_argument("--root", default=None)
+    a_chk = sub.add_parser("arm-check", help="run the gate on real scenes under qemu-aarch64 and compare with x86")
+    a_chk.add_argument("--root", default=None)
+    a_chk.add_argument("--scenes", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.cmd == "boards":
+        from .boards import all_boards, load_board
+
+        for b in all_boards():
+            x = load_board(b)
+            print(f"{x.name:18s} budget {x.gate_budget_mib:5.0f} MiB  {x.effective_gmacs:7.1f} GMAC/s eff.  "
+                  f"deadline {x.deadline_s}s  {x.active_w} W")
+        return 0
+    if a.cmd in ("arm-setup", "arm-check"):
+        from . import arm
+
+        return arm.setup(a.root) if a.cmd == "arm-setup" else arm.check(a.root, a.scenes)
+    from .boards import ProfileError, all_boards
+    from .runner import run_board
+    from .streams import StreamError
+
+    boards = all_boards() if a.board == "all" else [a.board]
+    ok = True
+    for b in boards:
+        out = Path(a.out) / b if len(boards) > 1 else Path(a.out)
+        try:
+            rep = run_board(b, a.stream, out, a.faults, a.seed, a.frames, a.realtime, a.backend)
+        except (ProfileError, StreamError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{rep['board']}: {'PASS' if rep['passed'] else 'FAIL'}  frames {rep['frames_processed']}  actions {rep['actions']}  "
+              f"faults {rep['faults_injected']}  host p95 {1e3 * (rep['host_measured_latency_s']['p95'] or 0):.1f} ms  "
+              f"emulated p95 {1e3 * (rep['emulated_board_latency_s']['p95'] or 0):.1f} ms  -> {out}/report.md")
+        for q in rep["requirements"]:
+            if not q["passed"]:
+                print(f"  FAILED: {q['requirement']}: {q['detail']}")
+        ok &= rep["passed"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Real aarch64 run of the flight gate under user-mode QEMU (-cpu cortex-a57, Jetson Nano's CPU).
+
+setup(): mmdebstrap an arm64 Debian bookworm root with python3 (extract only, no root needed), pip
+         install aarch64 wheels of the flight dependencies into it, and give it a fake ARM
+         /proc/cpuinfo and /sys CPU list matching the QEMU CPU model (onnxruntime and XNNPACK read
+         them; the host's x86 files crash or silently disable XNNPACK).
+check(): run the same scenes through flight on x86 and under qemu-aarch64; decisions and INT8 masks
+         must be bit-identical. Emulation is 100-700x slower: correctness only, never timing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = Path(os.environ.get("CLOUDGATE_ARM_ROOT", Path.home() / ".cache" / "cloudgate" / "arm64-root"))
+QEMU_CPU = "cortex-a57"
+WHEELS = ["numpy", "pyyaml", "onnxruntime", "ai-edge-litert"]
+PLATFORMS = ["manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+
+
+def _pinned_wheels() -> list[str]:
+    """Same versions as the host interpreter, so x86 and aarch64 run the same runtime code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for w in WHEELS:
+        try:
+            out.append(f"{w}=={version(w)}")
+        except PackageNotFoundError:
+            out.append(w)
+    return out
+CHECK_SCENES = [  # small real scenes first: emulation is slow
+    "unlabeled_eolearn_s2_refscenes/eolearn_refscene_0.npz",
+    "unlabeled_eolearn_s2_refscenes/eolearn_refscene_2.npz",
+    "cloud38_sample/cloud38_LC08_002053_20160520_patch192.npz",
+    "ukis_csmask_tests/ukis_sentinel2.npz",
+]
+_CPUINFO_A57 = """processor\t: {i}
+BogoMIPS\t: 38.40
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x1
+CPU part\t: 0xd07
+CPU revision\t: 1
+
+"""
+
+
+def missing_tools() -> list[str]:
+    return [t for t in ("qemu-aarch64-static", "mmdebstrap") if shutil.which(t) is None]
+
+
+def root_ready(root: Path) -> bool:
+    return (root / "usr/bin/python3.11").exists() and (root / "opt/site/onnxruntime").exists() and (root / ".cloudgate-ready").exists()
+
+
+def setup(root: str | Path | None = None, cores: int = 4) -> int:
+    root = Path(root) if root else DEFAULT_ROOT
+    miss = missing_tools()
+    if miss:
+        print(f"arm-setup: missing {miss}; install with: apt-get install -y qemu-user-static mmdebstrap", file=sys.stderr)
+        return 2
+    if root_ready(root):
+        print(f"arm-setup: {root} is ready")
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "usr/bin/python3.11").exists():
+        subprocess.run(["mmdebstrap", "--variant=extract", "--architectures=arm64",
+                        "--include=python3,libstdc++6,libgcc-s1,libgomp1", "bookworm", str(root)], check=True)
+    plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *plat,
+                    "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+                    "--target", str(root / "opt/site"), "--upgrade", *_pinned_wheels()], check=True)
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc/cpuinfo").write_text("".join(_CPUINFO_A57.format(i=i) for i in range(cores)))
+    cpu = root / "sys/devices/system/cpu"
+    cpu.mkdir(parents=True, exist_ok=True)
+    for f in ("possible", "present", "online"):
+        (cpu / f).write_text(f"0-{cores - 1}\n")
+    for i in range(cores):
+        (cpu / f"cpu{i}").mkdir(exist_ok=True)
+        (cpu / f"cpu{i}/online").write_text("1\n")
+    (root / ".cloudgate-ready").write_text("ok\n")
+    print(f"arm-setup: ready at {root}")
+    return 0
+
+
+def _emulated_cmd(root: Path, args: list[str]) -> tuple[list[str], dict]:
+    env = {"PYTHONPATH": f"{root / 'opt/site'}:{REPO}", "PATH": "/usr/bin:/bin", "HOME": "/tmp",
+           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    if "CLOUDGATE_MODELS" in os.environ:
+        env["CLOUDGATE_MODELS"] = os.environ["CLOUDGATE_MODELS"]
+    return ["qemu-aarch64-static", "-cpu", QEMU_CPU, "-L", str(root), str(root / "usr/bin/python3.11"), *args], env
+
+
+def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = None, timeout: float = 3600) -> dict:
+    """Run hil.arm_probe natively (root None) or under QEMU; returns its JSON summary."""
+    args = ["-m", "hil.arm_probe", "--out", str(out), "--backend", backend, *map(str, scenes)]
+    if root is None:
+        cmd, env = [sys.executable, *args], dict(os.environ, PYTHONPATH=str(REPO))
+    else:
+        cmd, env = _emulated_cmd(root, args)
+    subprocess.run(cmd, cwd=str(REPO), env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    return json.loads((out.with_suffix(".json")).read_text())
+
+
+def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict) -> list[str]:
+    problems = []
+    for sid, da in a_json.items():
+        db = b_json.get(sid)
+        if db is None:
+            problems.append(f"{sid}: missing in aarch64 run")
+            continue
+        for k in ("action", "cloud_fraction", "valid_fraction", "tiles_processed"):
+            if da[k] != db[k]:
+                problems.append(f"{sid}: {k} x86={da[k]} aarch64={db[k]}")
+    with np.load(a_npz) as za, np.load(b_npz) as zb:
+        for k in za.files:
+            if k not in zb.files or not np.array_equal(za[k], zb[k]):
+                diff = int((za[k] != zb[k]).sum()) if k in zb.files else -1
+                problems.append(f"{k}: INT8 masks differ in {diff} pixels")
+    return problems
+
+
+def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert", "onnxruntime")) -> int:
+    root = Path(root) if root else DEFAULT_ROOT
+    if not root_ready(root):
+        print(f"arm-check: no aarch64 root at {root}; run: python -m hil arm-setup", file=sys.stderr)
+        return 2
+    from .streams import REPO as _R
+
+    real = _R.parent / "shared" / "data" / "real"
+    scenes = [real / s for s in CHECK_SCENES[:n_scenes] if (real / s).exists()]
+    if not scenes:
+        print("arm-check: ../shared/data/real is absent", file=sys.stderr)
+        return 2
+    ok = True
+    with tempfile.TemporaryDirectory() as td:
+        for backend in backends:
+            x86, arm = Path(td) / f"x86_{backend}.npz", Path(td) / f"arm_{backend}.npz"
+            jx = run_probe(scenes, x86, backend)
+            ja = run_probe(scenes, arm, backend, root=root)
+            problems = compare(x86, arm, jx, ja)
+            status = "bit-identical" if not problems else "DIFFERENT"
+            print(f"arm-check [{backend}] {len(scenes)} real scenes, qemu -cpu {QEMU_CPU}: {status}")
+            for sid, d in jx.items():
+                print(f"  {sid:40s} x86 {d['action']:9s} cf={d['cloud_fraction']:.4f} | aarch64 "
+                      f"{ja.get(sid, {}).get('action', '?'):9s} cf={ja.get(sid, {}).get('cloud_fraction', float('nan')):.4f} "
+                      f"machine={ja.get(sid, {}).get('machine', '?')}")
+            for p in problems:
+                print("  " + p)
+            ok &= not problems
+    return 0 if ok else 1

@@ -1,0 +1,176 @@
+"""The gate process of a HIL run (started by hil.runner; one per board run, restarted after a kill).
+
+Writes one JSON line per frame to OUT/frames.jsonl and the gate's decision log to OUT/decisions.jsonl.
+Limits enforced by the OS: CPU affinity and thread caps, RLIMIT_AS on address-space growth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                     # resets VmHWM (peak RSS) for this process
+        return True
+    except OSError:
+        return False
+
+
+class _WallClockShim:
+    """Stands in for the `time` module inside flight.decisionlog to emulate wall-clock jumps."""
+
+    def __init__(self, real, offset_s: float):
+        self._real, self.offset = real, offset_s
+
+    def time(self):
+        return self._real.time() + self.offset
+
+    def gmtime(self, secs=None):
+        return self._real.gmtime(self.time() if secs is None else secs)
+
+    def strftime(self, fmt, t=None):
+        return self._real.strftime(fmt, t) if t is not None else self._real.strftime(fmt, self.gmtime())
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", required=True, help="job.json written by hil.runner")
+    ap.add_argument("--start", type=int, default=0)
+    a = ap.parse_args(argv)
+    job = json.loads(Path(a.job).read_text())
+    out = Path(job["out"])
+    threads = int(job["threads"])
+    cpus = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    os.sched_setaffinity(0, cpus)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+    import flight.decisionlog as dlog
+    from flight import CloudGate, ModelIntegrityError
+    from flight.model import default_card, load_card, MODELS_DIR
+
+    from .faults import apply_frame_faults, flip_bit_in_bytes, flip_bits
+    from .streams import StreamItem, load_item
+
+    gate = CloudGate.from_model(job.get("model"), backend=job["backend"], threads=threads,
+                                deadline_s=job["deadline_s"], log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
+    real_time = dlog.time
+    baseline_vms = _status_kib("VmSize")
+    limit = (baseline_vms * 1024 + int(job["budget_mib"] * 2**20) + int(job["frame_headroom_mib"] * 2**20))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    items = [StreamItem(**it) for it in job["items"]]
+    plan = job["plan"]
+    rng = np.random.default_rng([job["seed"], a.start])
+    model_copy_dir = Path(tempfile.mkdtemp(prefix="hil-model-"))
+    card = load_card(Path(job["model"]) if job.get("model") and job["model"].endswith(".yaml") else default_card())
+    frames = open(out / "frames.jsonl", "a", buffering=1)
+    period = job["period_s"]
+    t_start = time.monotonic()
+    try:
+        for i in range(a.start, len(plan)):
+            item = items[i % len(items)]
+            faults = plan[i]
+            rec = {"frame": i, "item": item.index, "source": item.source, "expected": item.expected_action,
+                   "priority": item.priority, "faults": faults, "pid": os.getpid()}
+            if "hard_kill" in faults:
+                frames.write(json.dumps({"frame": i, "marker": "hard_kill_armed"}) + "\n")
+                time.sleep(0.05)             # the harness SIGKILLs us here or inside process()
+            if job["realtime"]:
+                time.sleep(max(0.0, t_start + (i - a.start) * period - time.monotonic()))
+            if "dropped_frame" in faults:
+                rec.update(dropped=True)
+                frames.write(json.dumps(rec) + "\n")
+                continue
+            scene = load_item(item)
+            if any(f in faults for f in ("seu_frame", "truncated_frame", "short_frame", "nan_burst", "stuck_band",
+                                         "dead_band", "saturation")):
+                scene = apply_frame_faults(scene, faults, rng)
+            if "seu_model_file" in faults:
+                shutil.copy(card.path, model_copy_dir / card.path.name)
+                for art in card.artifacts.values():
+                    shutil.copy(card.path.parent / art["file"], model_copy_dir / art["file"])
+                victim = model_copy_dir / card.artifacts["tflite_int8" if job["backend"] == "litert" else "onnx_int8"]["file"]
+                data = np.fromfile(victim, np.uint8)
+                flip_bits(data, 1, rng)
+                data.tofile(victim)
+                try:
+                    CloudGate.from_model(victim)
+                    rec["model_file_refused"] = False
+                except ModelIntegrityError:
+                    rec["model_file_refused"] = True
+            if "seu_weights" in faults:
+                rec["weights_flipped_at"] = flip_bit_in_bytes(gate._model_bytes, rng)
+            dlog.time = _WallClockShim(real_time, float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6]))) \
+                if "clock_jump" in faults else real_time
+            ballast = None
+            if "memory_pressure" in faults:
+                try:
+                    ballast = np.ones(int(job["budget_mib"] * 0.9 * 2**20), np.uint8)
+                except MemoryError:
+                    rec["ballast_failed"] = True
+            original_infer = None
+            if "deadline_overrun" in faults:
+                original_infer = gate.backend.infer
+                stall = job["deadline_s"] / 2
+
+                def slow(t, m, _f=original_infer, _s=stall):
+                    time.sleep(_s)
+                    _f(t, m)
+
+                gate.backend.infer = slow
+            rss_before = _status_kib("VmRSS")
+            _reset_peak_rss()
+            try:
+                d = gate.process(scene["bands"], scene["band_names"], scene_id=scene["scene_id"],
+                                 valid_mask=scene.get("valid_mask"), radiometry=scene.get("radiometry"),
+                                 priority=item.priority, target_id=item.source)
+                rec.update(action=d.action, cloud_fraction=d.cloud_fraction, valid_fraction=d.valid_fraction,
+                           latency_s=d.latency_s, infer_s=d.infer_s, tiles=d.tiles_processed, tiles_total=d.tiles_total,
+                           tile_pixels=d.tile_pixels, seq=d.log_seq, fault_code=d.fault_code, fault=d.fault,
+                           degraded=d.degraded, early_exit=d.early_exit, scene_id=d.scene_id)
+            except BaseException as e:      # the payload loop must survive; count it as a crash
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                rec.update(action="crash", crash=f"{type(e).__name__}: {e}")
+            finally:
+                if original_infer is not None:
+                    gate.backend.infer = original_infer
+                dlog.time = real_time
+            peak = _status_kib("VmHWM")
+            rec["gate_peak_growth_mib"] = max(peak - rss_before, 0) / 1024
+            rec["rss_mib"] = _status_kib("VmRSS") / 1024
+            rec["vms_growth_mib"] = (_status_kib("VmSize") - baseline_vms) / 1024
+            del ballast
+            rec["macs"] = float(rec.get("tiles", 0) or 0) * float(rec.get("tile_pixels", 0) or 0) * float(job["macs_per_pixel"])
+            frames.write(json.dumps(rec) + "\n")
+    finally:
+        gate.close()
+        frames.close()
+        shutil.rmtree(model_copy_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""HIL report: report.json, report.md and PNG plots; requirement checks decide the exit status.
+
+Host-measured times are what this x86 machine measured. Emulated board times come from the board
+model (hil.boards.Board.emulated_latency_s) and are labelled as such everywhere."""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from flight import read_log
+
+from .boards import Board
+from .faults import FAULT_CLASSES
+
+
+def _pct(v, q):
+    if not v:
+        return None
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def build_report(board: Board, stream: str, out: Path, n_frames: int, events: dict, rates: dict, seed: int,
+                 wall_s: float, backend: str) -> dict:
+    frames = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines() if line.strip()
+              and _ok(line)]
+    frames = [f for f in frames if "marker" not in f]
+    by_frame = {f["frame"]: f for f in frames}
+    processed = [f for f in frames if "action" in f]
+    for f in processed:
+        f["emulated_latency_s"] = board.emulated_latency_s(f.get("macs", 0.0), f.get("latency_s", 0.0), f.get("infer_s", 0.0))
+        f["energy_j"] = board.energy_j(f["emulated_latency_s"])
+    log = read_log(out / "decisions.jsonl")
+    log_seqs = {r["seq"] for r in log.records}
+    reported = {f["seq"] for f in processed if f.get("seq") is not None}
+    lost = sorted(reported - log_seqs)
+    crashes = [f for f in processed if f["action"] == "crash"]
+    labelled = [f for f in processed if f.get("expected") and not f.get("faults")]
+    wrong = [f for f in labelled if f["action"] != f["expected"]]
+    gated = [f for f in processed if f["action"] != "crash" and not f.get("faults")]
+    misses = [f for f in gated if f["emulated_latency_s"] > board.deadline_s]
+    host_misses = [f for f in gated if f.get("latency_s", 0) > board.deadline_s]
+    mem_peak = max([f.get("gate_peak_growth_mib", 0.0) for f in gated], default=0.0)
+    fault_stats = {}
+    for c in FAULT_CLASSES:
+        hit = [by_frame[i] for i in range(n_frames) if i in by_frame and c in by_frame[i].get("faults", [])
+               and (c == "dropped_frame" or not by_frame[i].get("dropped"))]   # a dropped frame got no other fault
+        outcome = Counter((f.get("fault_code") or f.get("action") or ("dropped" if f.get("dropped") else "?")) for f in hit)
+        fault_stats[c] = {"injected": len(hit), "outcomes": dict(outcome)}
+    planned_kills = sum(1 for i in range(n_frames) if "hard_kill" in _planned(out, i))
+    fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
+                                "outcomes": {"killed_and_restarted": events["hard_kills"]}}
+    refused = [f.get("model_file_refused") for f in frames if "seu_model_file" in f.get("faults", [])]
+    scrubbed = [bool(f.get("degraded") and "scrub" in f["degraded"]) for f in processed if "seu_weights" in f.get("faults", [])]
+    n_faults = sum(s["injected"] for s in fault_stats.values())
+    torn_allowed = events["hard_kills"] + events["watchdog_kills"] + events["child_crashes"]
+    reqs = [
+        ("no payload-loop crash", len(crashes) == 0 and events["child_crashes"] == 0, f"{len(crashes)} crashes, {events['child_crashes']} child deaths"),
+        ("no lost complete log record", not lost, f"{len(lost)} lost"),
+        ("decision log readable", len(log.problems) <= torn_allowed,
+         f"{len(log.problems)} skipped line(s) (<= {torn_allowed} torn by kills allowed)"),
+        ("every corrupted model refused", all(refused) if refused else True, f"{sum(map(bool, refused))}/{len(refused)} refused"),
+        ("weight upsets caught by scrub", all(scrubbed) if scrubbed else True, f"{sum(scrubbed)}/{len(scrubbed)} caught"),
+        ("labelled scenes: expected action", not wrong, f"{len(labelled) - len(wrong)}/{len(labelled)} correct"),
+        ("emulated deadline misses within allowance", len(misses) <= board.deadline_miss_allowance * max(len(gated), 1),
+         f"{len(misses)}/{len(gated)} over {board.deadline_s}s (allowance {board.deadline_miss_allowance:.0%})"),
+        ("gate memory within budget", mem_peak <= board.gate_budget_mib, f"peak growth {mem_peak:.1f} MiB / {board.gate_budget_mib} MiB"),
+    ]
+    lat = [f["latency_s"] for f in gated]
+    emu = [f["emulated_latency_s"] for f in gated]
+    report = {
+        "board": board.name, "stream": stream, "backend": backend, "frames_planned": n_frames, "seed": seed,
+        "frames_processed": len(processed), "wall_s": round(wall_s, 2),
+        "actions": dict(Counter(f["action"] for f in processed)),
+        "host_measured_latency_s": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "max": max(lat, default=None)},
+        "emulated_board_latency_s": {"p50": _pct(emu, 50), "p95": _pct(emu, 95), "max": max(emu, default=None),
+                                     "model": "MACs / (peak_gmacs x derate) + host non-inference time x host_overhead_factor"},
+        "host_deadline_misses": len(host_misses),
+        "energy_j_per_scene_mean": (sum(f["energy_j"] for f in gated) / len(gated)) if gated else None,
+        "gate_memory_peak_growth_mib": mem_peak, "gate_budget_mib": board.gate_budget_mib,
+        "faults_injected": n_faults, "fault_rates": {k: v for k, v in rates.items() if v},
+        "fault_classes": fault_stats, "events": events,
+        "log": {"records": len(log.records), "skipped_lines": len(log.problems), "lost_records": lost},
+        "wrong_actions": [{"frame": f["frame"], "source": f["source"], "expected": f["expected"], "got": f["action"],
+                           "cloud_fraction": f.get("cloud_fraction")} for f in wrong],
+        "requirements": [{"requirement": r, "passed": bool(ok), "detail": d} for r, ok, d in reqs],
+        "passed": all(ok for _, ok, _ in reqs),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(_markdown(report, processed))
+    _plots(board, processed, out)
+    return report
+
+
+def _planned(out: Path, i: int) -> list[str]:
+    plan = _planned.cache.get(out)
+    if plan is None:
+        plan = _planned.cache[out] = json.loads((out / "job.json").read_text())["plan"]
+    return plan[i] if i < len(plan) else []
+
+
+_planned.cache = {}
+
+
+def _ok(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def _fmt(v, unit="s", scale=1.0):
+    return "—" if v is None else f"{v * scale:.1f} m{unit}" if unit == "s" else f"{v:.2f}"
+
+
+def _markdown(r: dict, processed: list[dict]) -> str:
+    L = [f"# HIL report: {r['board']} / {r['stream']} ({'PASS' if r['passed'] else 'FAIL'})", "",
+         f"Backend {r['backend']}, {r['frames_processed']}/{r['frames_planned']} frames gated, seed {r['seed']}, "
+         f"wall {r['wall_s']} s. Host times are measured on this x86 machine; board times are **emulated** "
+         f"({r['emulated_board_latency_s']['model']}), not measured on hardware.", "",
+         "| requirement | result | detail |", "|---|---|---|"]
+    L += [f"| {q['requirement']} | {'pass' if q['passed'] else '**FAIL**'} | {q['detail']} |" for q in r["requirements"]]
+    h, e = r["host_measured_latency_s"], r["emulated_board_latency_s"]
+    L += ["", "| latency | p50 | p95 | max |", "|---|---|---|---|",
+          f"| host-measured | {_fmt(h['p50'], scale=1e3)} | {_fmt(h['p95'], scale=1e3)} | {_fmt(h['max'], scale=1e3)} |",
+          f"| emulated board | {_fmt(e['p50'], scale=1e3)} | {_fmt(e['p95'], scale=1e3)} | {_fmt(e['max'], scale=1e3)} |", "",
+          f"Actions: {r['actions']}. Mean energy per scene (emulated): "
+          f"{r['energy_j_per_scene_mean'] if r['energy_j_per_scene_mean'] is None else round(r['energy_j_per_scene_mean'], 3)} J. "
+          f"Gate memory peak growth {r['gate_memory_peak_growth_mib']:.1f} / {r['gate_budget_mib']} MiB.", ""]
+    if r["faults_injected"]:
+        L += [f"Faults injected: {r['faults_injected']}; events {r['events']}.", "", "| fault class | injected | what the gate did |", "|---|---|---|"]
+        L += [f"| {c} | {s['injected']} | {s['outcomes']} |" for c, s in r["fault_classes"].items() if s["injected"]]
+    L += ["", "| frame | source | expected | action | cloud | valid | tiles | host ms | emulated ms | faults |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in processed[:200]:
+        L.append(f"| {f['frame']} | {Path(f['source']).name} | {f.get('expected') or ''} | {f['action']} | "
+                 f"{f.get('cloud_fraction', 0):.3f} | {f.get('valid_fraction', 0):.3f} | {f.get('tiles', 0)}/{f.get('tiles_total', 0)} | "
+                 f"{f.get('latency_s', 0) * 1e3:.1f} | {f['emulated_latency_s'] * 1e3:.1f} | {','.join(f.get('faults', []))} |")
+    return "\n".join(L) + "\n"
+
+
+def _plots(board: Board, frames: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [f["frame"] for f in frames]
+    fig, ax = plt.subplots(5, 1, figsize=(10, 13))
+    ax[0].plot(x, [f.get("latency_s", 0) for f in frames], ".", label="host-measured")
+    ax[0].plot(x, [f["emulated_latency_s"] for f in frames], "x", label=f"emulated {board.name}")
+    ax[0].axhline(board.deadline_s, color="r", label="deadline"); ax[0].set_yscale("log"); ax[0].set_ylabel("latency s"); ax[0].legend(fontsize=7)
+    ax[1].plot(x, [f.get("gate_peak_growth_mib", 0) for f in frames], ".", label="gate peak growth")
+    ax[1].axhline(board.gate_budget_mib, color="r", label="budget"); ax[1].set_ylabel("MiB"); ax[1].legend(fontsize=7)
+    colors = {"downlink": "tab:green", "discard": "tab:gray", "reacquire": "tab:orange", "fault": "tab:red", "crash": "k"}
+    ax[2].scatter(x, [f.get("cloud_fraction", 0) for f in frames], c=[colors.get(f["action"], "b") for f in frames], s=10)
+    ax[2].set_ylabel("cloud fraction (colour = action)")
+    acts = ["downlink", "discard", "reacquire", "fault", "crash"]
+    lab = [f for f in frames if f.get("expected")]
+    ax[3].scatter([f["frame"] for f in lab], [acts.index(f["expected"]) for f in lab], marker="o", facecolors="none", edgecolors="b", label="expected")
+    ax[3].scatter([f["frame"] for f in lab], [acts.index(f["action"]) if f["action"] in acts else 4 for f in lab], marker="x", c="r", label="got")
+    ax[3].set_yticks(range(len(acts))); ax[3].set_yticklabels(acts); ax[3].legend(fontsize=7)
+    ax[4].bar(x, [f["energy_j"] for f in frames]); ax[4].set_ylabel("energy J (emulated)"); ax[4].set_xlabel("frame")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=70)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""Parent side of a HIL run: plans faults, runs the gate in a child process under the board's limits,
+watches it (deadline watchdog, hard kills, restarts), then scores the run against its requirements."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .boards import Board, load_board
+from .faults import parse_rates, plan
+from .streams import REPO, load_stream, missing_real_scenes
+
+
+def _read_frames(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass                          # a line torn by a kill; the frame counts as killed
+    return out
+
+
+def run_board(board: Board | str, stream: str, out: Path, faults: str | None = None, seed: int = 0,
+              frames: int | None = None, realtime: bool = False, backend: str = "litert", model: str | None = None,
+              progress: bool = True, watchdog_factor: float = 20.0) -> dict:
+    board = load_board(board) if isinstance(board, str) else board
+    name, items = load_stream(stream)
+    missing = missing_real_scenes(items)
+    if missing:
+        raise FileNotFoundError(f"stream {name}: real scene(s) not found: {missing[:3]} (is ../shared/data/real present?)")
+    n = frames or len(items)
+    rates = parse_rates(faults)
+    schedule = plan(n, rates, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("frames.jsonl", "decisions.jsonl"):
+        (out / f).unlink(missing_ok=True)
+    for f in out.glob("decisions.jsonl.*"):
+        f.unlink()
+    from flight.model import default_card, load_card
+
+    card = load_card(Path(model) if model and model.endswith(".yaml") else default_card())
+    max_frame_mib = 0.0
+    for it in items:
+        if it.path:
+            max_frame_mib = max(max_frame_mib, Path(it.path).stat().st_size / 2**20)
+        else:
+            max_frame_mib = max(max_frame_mib, int(it.generate.get("size", 512)) ** 2 * 16 / 2**20)
+    job = {"out": str(out), "threads": min(board.threads, os.cpu_count() or 1), "backend": backend, "model": model,
+           "deadline_s": board.deadline_s, "budget_mib": board.gate_budget_mib,
+           "frame_headroom_mib": 64 + 6 * max_frame_mib,  # frame buffers belong to the payload, not the gate
+           "items": [asdict(it) for it in items], "plan": schedule, "seed": seed, "period_s": board.period_s,
+           "realtime": realtime, "macs_per_pixel": float(card.raw["macs_per_pixel"])}
+    (out / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0}
+    start = 0
+    watchdog_s = max(board.deadline_s * watchdog_factor, 60.0)
+    t_run = time.monotonic()
+    while start < n:
+        proc = subprocess.Popen([sys.executable, "-m", "hil.child", "--job", str(out / "job.json"), "--start", str(start)],
+                                cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=open(out / "child.stderr", "a"))
+        seen = len(_read_frames(out / "frames.jsonl"))
+        last_progress = time.monotonic()
+        killed_at = None
+        while proc.poll() is None:
+            time.sleep(0.02)
+            recs = _read_frames(out / "frames.jsonl")
+            if len(recs) != seen:
+                seen = len(recs)
+                last_progress = time.monotonic()
+                if progress:
+                    done = sum(1 for r in recs if "marker" not in r)
+                    if sys.stderr.isatty() or done % max(1, n // 10) == 0:
+                        print(f"\r[{board.name}] {name}: frame {done}/{n}", end="" if sys.stderr.isatty() else "\n",
+                              file=sys.stderr, flush=True)
+                armed = [r for r in recs if r.get("marker") == "hard_kill_armed" and r.get("pid") is None]
+                if armed and armed[-1]["frame"] >= start and not any(
+                        r.get("frame") == armed[-1]["frame"] and "marker" not in r for r in recs):
+                    time.sleep(0.06)          # land the kill inside process() or the log write
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    killed_at = armed[-1]["frame"]
+                    events["hard_kills"] += 1
+                    break
+            if time.monotonic() - last_progress > watchdog_s:
+                proc.kill()
+                proc.wait()
+                events["watchdog_kills"] += 1
+                recs = _read_frames(out / "frames.jsonl")
+                killed_at = max([r["frame"] for r in recs], default=start - 1) + 1
+                break
+        recs = [r for r in _read_frames(out / "frames.jsonl") if "marker" not in r]
+        last = max([r["frame"] for r in recs], default=start - 1)
+        if killed_at is not None:
+            start = max(killed_at, last) + 1
+            events["restarts"] += 1
+        elif proc.returncode != 0:
+            events["child_crashes"] += 1
+            events["restarts"] += 1
+            start = last + 2                  # skip the frame that killed it
+        else:
+            start = n
+    if progress:
+        print(file=sys.stderr)
+    from .report import build_report
+
+    return build_report(board, name, out, n, events, rates, seed, time.monotonic() - t_run, backend)
