@@ -178,7 +178,8 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     teachers = [t["name"] for t in cfg["teachers"]]
     model = KDModel(spec, teachers)
     opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr.get("weight_decay", 1e-4))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tr["lr"], total_steps=tr["steps"], pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tr["lr"], total_steps=tr["steps"],
+                                                pct_start=min(0.3, max(0.1, 2.5 / tr["steps"])))
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
     step = 0
@@ -255,6 +256,13 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             signal.signal(signal.SIGTERM, old)
     bar.close()
     save()
+    if world > 1:  # DDP invariant: every rank ends with the same weights
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        if rank == 0:
+            diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+            (run_dir / "ddp_consistency.json").write_text(json.dumps({"world_size": world, "max_abs_param_diff": diff}))
     final = run_dir / "student.pt"
     if rank == 0:
         torch.save({"spec": spec.to_dict(), "state_dict": model.student.state_dict(), "steps": step,

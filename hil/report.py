@@ -51,7 +51,7 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     planned_kills = sum(1 for i in range(n_frames) if "hard_kill" in _planned(out, i))
     fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
                                 "outcomes": {"killed_and_restarted": events["hard_kills"]}}
-    refused = [f.get("model_file_refused") for f in frames if "seu_model_file" in f.get("faults", [])]
+    refused = [f["model_file_refused"] for f in frames if "model_file_refused" in f]
     scrubbed = [bool(f.get("degraded") and "scrub" in f["degraded"]) for f in processed if "seu_weights" in f.get("faults", [])]
     n_faults = sum(s["injected"] for s in fault_stats.values())
     torn_allowed = events["hard_kills"] + events["watchdog_kills"] + events["child_crashes"]

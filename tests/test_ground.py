@@ -1,0 +1,220 @@
+"""Ground: student spec and cost, Keras twin parity, KD loss terms, synthetic data, configs,
+resumable training and DDP (2 processes end with identical weights)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="ground tests need the [ground] extra (torch==2.13.0)")
+
+from ground import losses as L  # noqa: E402
+from ground.student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS, StudentSpec, build_student  # noqa: E402
+from ground.synth import CLOUD_ALPHA, make_scene, make_set  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CFG = ROOT / "ground/configs/kd_multi_teacher.yaml"
+
+
+def test_default_student_budget():
+    spec = StudentSpec.from_dict(yaml.safe_load(DEFAULT_CFG.read_text())["student"])
+    model = build_student(spec)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert spec.parameters() <= 65_000 and n <= 65_000 + 2 * sum(spec.widths)   # BN adds gamma/beta
+    assert TEACHER_PARAMS / spec.parameters() >= 300
+    assert spec.macs_per_pixel() <= 0.01 * TEACHER_MACS_PER_PIXEL
+    for h, w in ((256, 256), (128, 192)):
+        assert model(torch.zeros(1, 4, h, w)).shape == (1, 3, h, w)
+
+
+def test_spec_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        StudentSpec.from_dict({"widthz": [8, 16]})
+
+
+def test_keras_twin_parity():
+    pytest.importorskip("tensorflow", reason="TFLite export path needs tensorflow-cpu")
+    from ground.student import build_keras
+
+    spec = StudentSpec()
+    torch.manual_seed(0)
+    model = build_student(spec)
+    with torch.no_grad():                               # non-trivial BN statistics to fold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    keras = build_keras(spec, model, 64)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+    got = keras(x, training=False).numpy()
+    assert np.abs(ref - got).max() < 1e-4
+
+
+def _batch(labels, t1, t2):
+    b, _, h, w = t1.shape
+    return {"labels": labels, "t_probs": {"a": t1, "b": t2},
+            "t_feats": {"a": torch.ones(b, 64, h // 8, w // 8), "b": torch.ones(b, 64, h // 8, w // 8)}}
+
+
+def _probs(cls, conf, shape=(2, 3, 16, 16)):
+    p = torch.full(shape, (1 - conf) / 2)
+    p[:, cls] = conf
+    return p
+
+
+def test_kl_soft_is_zero_at_the_teacher_and_positive_elsewhere():
+    t = _probs(1, 0.9)
+    b = _batch(torch.full((2, 16, 16), 255), t, t)
+    assert float(L.kl_soft({"logits": torch.log(t)}, b, {"teacher": "a"})) == pytest.approx(0, abs=1e-5)
+    assert float(L.kl_soft({"logits": torch.zeros_like(t)}, b, {"teacher": "a"})) > 0.1
+
+
+def test_confidence_weighting_trusts_the_confident_teacher():
+    confident, unsure = _probs(1, 0.98), _probs(0, 0.34)
+    b = _batch(torch.full((2, 16, 16), 255), confident, unsure)
+    target, w = L.confidence_weighted_target(b, ["a", "b"])
+    assert float(w[0].mean()) > 0.9 and float(target[:, 1].mean()) > 0.85
+    b2 = _batch(torch.full((2, 16, 16), 255), unsure, confident)      # order must not matter
+    assert torch.allclose(L.confidence_weighted_target(b2, ["a", "b"])[0], target, atol=1e-6)
+
+
+def test_dkd_rejects_teachers_that_contradict_labels():
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[1] = 255                                     # sample 1 unlabelled
+    wrong = _probs(1, 0.95)                             # says cloud where the label says clear
+    b = _batch(labels, wrong, wrong)
+    logits = torch.zeros(2, 3, 16, 16, requires_grad=True)
+    loss = L.dkd({"logits": logits}, b, {"teachers": ["a", "b"], "min_label_agreement": 0.7})
+    assert b["_stats"]["dkd_kept"] == 0.5               # sample 0 rejected, sample 1 kept
+    loss.backward()
+    assert float(logits.grad[0].abs().sum()) == 0 and float(logits.grad[1].abs().sum()) > 0
+
+
+def test_dkd_foreground_background_decoupling():
+    # one cloudy pixel among 256: decoupled averaging gives it as much weight as the background
+    labels = torch.zeros(1, 16, 16, dtype=torch.long); labels[0, 0, 0] = 1
+    t = _probs(0, 0.9, (1, 3, 16, 16)); t[0, :, 0, 0] = torch.tensor([0.05, 0.9, 0.05])
+    logits = torch.log(t.clone()); logits[0, :, 0, 0] = torch.tensor([0.0, -5.0, -5.0])   # misses the cloud
+    b = _batch(labels, t, t)
+    loss = L.dkd({"logits": logits}, b, {"teachers": ["a", "b"], "fg_weight": 1.0, "bg_weight": 0.5, "outlier_mad": None})
+    plain = L._kl_map(logits, t, 1.0).mean()
+    assert float(loss) > 50 * float(plain)
+
+
+def test_pseudo_labels_need_agreement_and_confidence():
+    a, b_ = _probs(1, 0.95), _probs(1, 0.95)
+    b_[:, :, :8] = _probs(2, 0.95)[:, :, :8]            # teachers disagree on the top half
+    b = _batch(torch.full((2, 16, 16), 255), a, b_)
+    logits = torch.zeros(2, 3, 16, 16)
+    L.sslkd_pseudo({"logits": logits}, b, {"teachers": ["a", "b"], "threshold": 0.8})
+    assert b["_stats"]["pseudo_px"] == pytest.approx(0.5)
+
+
+def test_feature_alignment_is_zero_when_aligned():
+    b = _batch(torch.zeros(1, 16, 16, dtype=torch.long), _probs(0, 0.9, (1, 3, 16, 16)), _probs(0, 0.9, (1, 3, 16, 16)))
+    out = {"adapted": {"a": torch.ones(1, 64, 2, 2) * 3, "b": -torch.ones(1, 64, 2, 2)}}
+    assert float(L.sslkd_feature(out, b, {"teachers": ["a"]})) == pytest.approx(0, abs=1e-6)
+    assert float(L.sslkd_feature(out, b, {"teachers": ["b"]})) == pytest.approx(2.0)
+
+
+def test_loss_term_validation():
+    with pytest.raises(ValueError, match="losses\\[0\\].type"):
+        L.validate_terms([{"type": "magic"}], ["a"])
+    with pytest.raises(ValueError, match="teacher 'z'"):
+        L.validate_terms([{"type": "kl_soft", "teacher": "z"}], ["a"])
+
+
+def test_synthetic_scenes_are_deterministic_and_exact():
+    X1, Y1, k1 = make_set(6, seed=3)
+    X2, Y2, k2 = make_set(6, seed=3)
+    assert np.array_equal(X1, X2) and np.array_equal(Y1, Y2) and k1 == k2
+    over = make_scene(5, kind="overcast")
+    clear = make_scene(5, kind="clear")
+    assert (over.mask == 1).mean() > 0.8
+    assert (clear.mask == 1).mean() < 0.2              # only occasional cirrus
+    assert over.reflectance.shape == (256, 256, 6) and set(np.unique(over.mask)) <= {0, 1, 2}
+
+
+def test_experiment_config_errors_name_the_key(tmp_path):
+    from ground.distill import ConfigError, load_config
+
+    cfg = yaml.safe_load(DEFAULT_CFG.read_text())
+    del cfg["train"]["lr"]
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(p)
+    cfg = yaml.safe_load(DEFAULT_CFG.read_text())
+    cfg["losses"][1]["teachers"] = ["t1_vnir", "ghost"]
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="ghost"):
+        load_config(p)
+
+
+def _tiny_config(tmp_path, steps, name="tiny"):
+    cfg = yaml.safe_load(DEFAULT_CFG.read_text())
+    cfg["experiment"] = name
+    empty = tmp_path / "no_real"
+    empty.mkdir(exist_ok=True)
+    cfg["data"].update(synthetic_tiles=6, real_root=str(empty))
+    cfg["train"].update(steps=steps, batch=2, ckpt_every=2)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _env(tmp_path):
+    return dict(os.environ, CLOUDGATE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _weights(pt):
+    return torch.load(pt, weights_only=False)["state_dict"]
+
+
+def test_distill_resumes_after_kill_with_identical_result(tmp_path):
+    env = _env(tmp_path)
+    full = _tiny_config(tmp_path, 10, "full")
+    subprocess.run([sys.executable, "-m", "ground", "distill", "--config", str(full), "--out", str(tmp_path / "r1")],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    cfg = _tiny_config(tmp_path, 10, "full")
+    proc = subprocess.Popen([sys.executable, "-m", "ground", "distill", "--config", str(cfg), "--out", str(tmp_path / "r2")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "r2/full/kd/checkpoint.pt"
+    t0 = time.time()
+    while not ckpt.exists() and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "r2/full/kd/student.pt").exists()
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step < 10
+    out = subprocess.run([sys.executable, "-m", "ground", "distill", "--config", str(cfg), "--out", str(tmp_path / "r2")],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert "resuming from step" in out.stdout + out.stderr
+    for run in ("kd", "baseline"):
+        a, b = _weights(tmp_path / f"r1/full/{run}/student.pt"), _weights(tmp_path / f"r2/full/{run}/student.pt")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), run
+
+
+def test_ddp_two_processes_identical_weights(tmp_path):
+    env = _env(tmp_path)
+    cfg = _tiny_config(tmp_path, 4, "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        "-m", "ground", "distill", "--config", str(cfg), "--out", str(tmp_path / "runs")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for run in ("kd", "baseline"):
+        rep = json.loads((tmp_path / f"runs/ddp/{run}/ddp_consistency.json").read_text())
+        assert rep["world_size"] == 2 and rep["max_abs_param_diff"] == 0.0
+        assert (tmp_path / f"runs/ddp/{run}/student.pt").exists()

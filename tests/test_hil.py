@@ -1,0 +1,167 @@
+"""HIL: profile loading/validation, stream manifests, every fault class, report generation, cross-arch."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hil.boards import BOARDS_DIR, ProfileError, all_boards, load_board
+from hil.faults import FAULT_CLASSES, apply_frame_faults, flip_bit_in_bytes, parse_rates, plan
+from hil.streams import StreamError, generate_scene, load_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_all_four_boards_load():
+    assert set(all_boards()) >= {"jetson-nano", "jetson-orin-nano", "myriad-x", "myriad2"}
+    for b in all_boards():
+        board = load_board(b)
+        assert board.effective_gmacs > 0 and board.deadline_s <= board.period_s
+        assert board.raw["int8"]["source"] and board.raw["power"]["source"]
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda d: d["int8"].pop("derate"), "int8.derate"),
+    (lambda d: d["int8"].__setitem__("derate", 2.0), "int8.derate"),
+    (lambda d: d["memory"].__setitem__("gate_budget_mib", "lots"), "memory.gate_budget_mib"),
+    (lambda d: d["power"].__setitem__("mode", "turbo"), "power.mode"),
+    (lambda d: d["frame"].__setitem__("deadline_s", 99.0), "frame.deadline_s"),
+    (lambda d: d.__setitem__("threads", 64), "threads"),
+    (lambda d: d["int8"].pop("source"), "int8.source"),
+])
+def test_bad_profile_names_the_key(tmp_path, mutate, key):
+    raw = yaml.safe_load((BOARDS_DIR / "jetson-nano.yaml").read_text())
+    mutate(raw)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError) as e:
+        load_board(p)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_latency_and_energy_model():
+    b = load_board("jetson-nano")
+    lat = b.emulated_latency_s(macs=b.effective_gmacs * 1e9 * 0.1, host_latency_s=0.03, host_infer_s=0.01)
+    assert lat == pytest.approx(0.1 + 0.02 * b.host_overhead_factor)
+    assert b.energy_j(0.5) == pytest.approx(b.active_w * 0.5 + b.idle_w * (b.period_s - 0.5))
+
+
+def test_stream_manifest_validation(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("scenes:\n  - {generate: {kind: clear, seed: 1, size: 256}, expected_action: maybe}\n")
+    with pytest.raises(StreamError, match="expected_action"):
+        load_stream(p)
+    p.write_text("scenes:\n  - {path: a.npz, generate: {kind: clear}}\n")
+    with pytest.raises(StreamError, match="exactly one"):
+        load_stream(p)
+    name, items = load_stream(ROOT / "hil/streams/synthetic.yaml")
+    assert len(items) >= 8 and any(it.generate.get("swath_edge") for it in items)
+
+
+def test_generated_swath_edge_has_nodata():
+    s = generate_scene("clear", 1, 300, swath_edge=True)
+    assert s["bands"].shape == (300, 300, 4) and (~s["valid_mask"]).any() and (s["bands"][~s["valid_mask"]] == 0).all()
+
+
+def test_fault_rates_and_plan_are_seeded():
+    r = parse_rates("all:0.2,hard_kill:0")
+    assert r["hard_kill"] == 0 and r["nan_burst"] == 0.2
+    assert plan(50, r, 3) == plan(50, r, 3) and plan(50, r, 3) != plan(50, r, 4)
+    with pytest.raises(ValueError, match="unknown fault class"):
+        parse_rates("cosmic:0.1")
+
+
+FRAME_FAULTS = ["seu_frame", "truncated_frame", "short_frame", "nan_burst", "stuck_band", "dead_band", "saturation"]
+
+
+@pytest.mark.parametrize("fault", FRAME_FAULTS)
+def test_each_frame_fault_changes_the_frame_and_the_gate_survives(gate_litert, fault):
+    scene = generate_scene("partly", 5, 256)
+    rng = np.random.default_rng(0)
+    faulty = apply_frame_faults(scene, [fault], rng)
+    assert faulty["bands"].shape != scene["bands"].shape or not np.array_equal(faulty["bands"], scene["bands"], equal_nan=True)
+    assert np.array_equal(scene["bands"], generate_scene("partly", 5, 256)["bands"])   # original untouched
+    d = gate_litert.process(faulty["bands"], faulty["band_names"], scene_id=fault, valid_mask=faulty["valid_mask"])
+    assert d.action in ("downlink", "discard", "reacquire", "fault")
+    if fault == "short_frame":
+        assert d.action == "fault"
+
+
+def test_weight_upset_in_ram_is_caught_by_scrub():
+    from flight import CloudGate
+
+    gate = CloudGate.from_model()
+    scene = generate_scene("clear", 2, 256)
+    flip_bit_in_bytes(gate._model_bytes, np.random.default_rng(1))
+    d = gate.process(scene["bands"], scene["band_names"])
+    assert d.action != "fault" and "scrub" in d.degraded
+    d2 = gate.process(scene["bands"], scene["band_names"])
+    assert not d2.degraded
+
+
+def test_weight_upset_with_corrupt_file_refuses_to_run(tmp_path):
+    from flight import CloudGate
+    from flight.model import MODELS_DIR, default_card, load_card
+
+    card = load_card(default_card())
+    shutil.copy(card.path, tmp_path / card.path.name)
+    for a in card.artifacts.values():
+        shutil.copy(MODELS_DIR / a["file"], tmp_path / a["file"])
+    gate = CloudGate.from_model(tmp_path / card.path.name, backend="litert")
+    f = tmp_path / card.artifacts["tflite_int8"]["file"]
+    data = bytearray(f.read_bytes()); data[500] ^= 1; f.write_bytes(bytes(data))
+    flip_bit_in_bytes(gate._model_bytes, np.random.default_rng(2))
+    scene = generate_scene("clear", 2, 256)
+    for _ in range(2):                                   # keeps refusing; never runs the bad model
+        d = gate.process(scene["bands"], scene["band_names"])
+        assert d.action == "fault" and d.fault_code == "model_corrupt"
+
+
+def test_fault_campaign_every_class_and_report(tmp_path):
+    """A short campaign through the real child-process runner: every class injected, nothing lost."""
+    from hil.runner import run_board
+
+    rep = run_board("myriad-x", str(ROOT / "hil/streams/campaign.yaml"), tmp_path, faults="all:0.25,hard_kill:0.05",
+                    seed=11, frames=60, progress=False)
+    for c in FAULT_CLASSES:
+        assert rep["fault_classes"][c]["injected"] >= 1, c
+    assert rep["events"]["hard_kills"] >= 1 and rep["events"]["child_crashes"] == 0
+    assert rep["log"]["lost_records"] == []
+    req = {r["requirement"]: r["passed"] for r in rep["requirements"]}
+    assert req["no payload-loop crash"] and req["no lost complete log record"] and req["decision log readable"]
+    assert req["every corrupted model refused"] and req["weight upsets caught by scrub"]
+    for f in ("report.json", "report.md", "report.png"):
+        assert (tmp_path / f).stat().st_size > 500
+    assert json.loads((tmp_path / "report.json").read_text())["board"] == "myriad-x"
+    assert "emulated" in (tmp_path / "report.md").read_text()
+
+
+def test_real_stream_passes_on_nano(real_dir, tmp_path):
+    from hil.runner import run_board
+
+    rep = run_board("jetson-nano", str(ROOT / "hil/streams/real.yaml"), tmp_path, progress=False)
+    assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
+
+
+def test_cli_exit_codes(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hil", "run", "--board", "nope", "--stream", "x", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "known boards" in r.stderr
+
+
+def test_cross_arch_bit_identical(real_dir):
+    from hil import arm
+
+    missing = arm.missing_tools()
+    if missing:
+        pytest.skip(f"cross-arch check needs {missing} (apt-get install qemu-user-static mmdebstrap)")
+    if not arm.root_ready(arm.DEFAULT_ROOT):
+        assert arm.setup() == 0
+    assert arm.check(n_scenes=3) == 0
