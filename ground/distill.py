@@ -82,6 +82,20 @@ def _real_tiles(paths, tile: int, stride: int) -> np.ndarray:
     return np.stack(tiles).astype(np.float32) if tiles else np.zeros((0, tile, tile, 6), np.float32)
 
 
+def _radiometric_variants(tiles: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k extra copies of each real tile with a scene gain (0.8-1.2, sun elevation / calibration) and
+    per-band gains (+-5 %, sensor differences); the teachers label every variant, so the student
+    sees real texture under varied radiometry with matching targets."""
+    if k <= 0 or len(tiles) == 0:
+        return tiles
+    rng = np.random.default_rng([seed, 4242])
+    out = [tiles]
+    for _ in range(k):
+        g = rng.uniform(0.8, 1.2, (len(tiles), 1, 1, 1)) * rng.uniform(0.95, 1.05, (len(tiles), 1, 1, tiles.shape[-1]))
+        out.append((tiles * g).astype(np.float32))
+    return np.concatenate(out)
+
+
 def _clear_backgrounds(paths) -> list[np.ndarray]:
     out = []
     for p in paths:
@@ -103,9 +117,10 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
                                    backgrounds=_clear_backgrounds(paths), real_background_share=d.get("real_background_share", 0.25))
     unl = [p for p in unl if all(b in load_npz(p).band_names for b in SYNTH_BANDS)]
     X_real = _real_tiles(unl, tile, d.get("real_stride", tile // 2))
+    X_real = _radiometric_variants(X_real, d.get("real_augment", 0), d.get("seed", 0))
     X = np.concatenate([X_syn, X_real])
     Y = np.concatenate([Y_syn, np.full((len(X_real), tile, tile), L.IGNORE, np.uint8)])
-    log(f"transfer set: {len(X_syn)} synthetic labelled + {len(X_real)} real unlabelled tiles "
+    log(f"transfer set: {len(X_syn)} synthetic labelled + {len(X_real)} real unlabelled tiles (with radiometric variants) "
         f"({', '.join(p.stem for p in unl)})")
     key = hashlib.sha256(X.tobytes()[:: 997]).hexdigest()[:16] + f"_{len(X)}"
     teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
@@ -162,6 +177,12 @@ def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
             "t_feats": {t: torch.from_numpy(np.stack(v)) for t, v in tfs.items()}}
 
 
+def _fingerprint(cfg: dict, terms: list[dict]) -> str:
+    """What determines a run's weights: everything in the config but its path, plus the loss terms."""
+    body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline")}
+    return hashlib.sha256(json.dumps([body, terms], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -182,9 +203,17 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
                                                 pct_start=min(0.3, max(0.1, 2.5 / tr["steps"])))
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
+    final = run_dir / "student.pt"
+    fingerprint = _fingerprint(cfg, terms)
+    if final.exists() and torch.load(final, weights_only=False).get("fingerprint") == fingerprint:
+        log(f"[{label}] {final} is up to date with this config; reusing it")
+        return final
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{ckpt} was written by a different experiment config; delete {run_dir} "
+                              "or pass another --out to start fresh")
         model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         step = state["step"]
         log(f"[{label}] resuming from step {step} ({ckpt})")
@@ -201,7 +230,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         if rank == 0:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "spec": spec.to_dict()}, tmp)
+                        "step": step, "spec": spec.to_dict(), "fingerprint": fingerprint}, tmp)
             tmp.replace(ckpt)
 
     interrupted = {"flag": False}
@@ -263,10 +292,9 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         if rank == 0:
             diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
             (run_dir / "ddp_consistency.json").write_text(json.dumps({"world_size": world, "max_abs_param_diff": diff}))
-    final = run_dir / "student.pt"
     if rank == 0:
         torch.save({"spec": spec.to_dict(), "state_dict": model.student.state_dict(), "steps": step,
-                    "loss_terms": terms, "seconds": time.time() - t0}, final)
+                    "loss_terms": terms, "seconds": time.time() - t0, "fingerprint": fingerprint}, final)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
     return final
 

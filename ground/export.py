@@ -146,11 +146,12 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     artifacts = {k: {"file": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
                  for k, p in (("onnx_fp32", fp32), ("onnx_int8", int8), ("tflite_int8", tfl))}
     contenders = {"kd_fp32": _onnx_fn(fp32), "kd_int8_onnx": _onnx_fn(int8), "kd_int8_tflite": _tflite_fn(tfl)[0]}
-    if baseline:
+    if baseline:  # shipped for bench/ and evaluation only; flight never loads it
         bspec, bmodel = load_student(baseline)
-        bpath = Path(baseline).with_suffix(".onnx")
+        bpath = out_dir / f"{name}.baseline-nokd.fp32.onnx"
         export_onnx_fp32(bmodel, bspec, bpath)
-        contenders["baseline_fp32"] = _onnx_fn(bpath)
+        artifacts["baseline_onnx_fp32"] = {"file": bpath.name, "sha256": sha256(bpath), "bytes": bpath.stat().st_size}
+        contenders["baseline_nokd_fp32"] = _onnx_fn(bpath)
     metrics = evaluate_models(contenders, spec.bands)
     teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
                  "license": "Apache-2.0"} for t in cfg["teachers"]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SYNTH_BANDS = ("blue", "green", "red", "nir", "swir16", "swir22")
-CLOUD_ALPHA = 0.3
+CLOUD_ALPHA = 0.25
 SHADOW_ALPHA = 0.35
 
 # Surface reflectance end members (blue, green, red, nir, swir16, swir22); typical library values.
@@ -37,13 +37,14 @@ RAYLEIGH_PATH = np.array([0.06, 0.035, 0.02, 0.008, 0.002, 0.001], np.float32)  
 THICK_CLOUD_SHAPE = np.array([1.0, 1.0, 1.0, 0.98, 0.72, 0.48], np.float32)
 CIRRUS_SHAPE = np.array([1.0, 1.0, 1.0, 1.0, 0.45, 0.28], np.float32)
 
-SCENE_KINDS = ("clear", "partly", "overcast", "snow", "haze", "urban", "water", "cirrus", "broken")
+SCENE_KINDS = ("clear", "partly", "overcast", "snow", "haze", "urban", "water", "cirrus", "broken", "popcorn")
 
 
 def fractal_noise(rng: np.random.Generator, h: int, w: int, beta: float = 3.0, anisotropy: float = 1.0,
-                  angle: float = 0.0) -> np.ndarray:
+                  angle: float = 0.0, f_min: float = 0.0) -> np.ndarray:
     """1/f^beta noise, standardised to zero mean and unit variance. anisotropy > 1 stretches features
-    along `angle` (streaky cirrus)."""
+    along `angle` (streaky cirrus); f_min (cycles/pixel) removes features larger than ~1/f_min pixels
+    (fields of small cumulus)."""
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
     c, s = np.cos(angle), np.sin(angle)
@@ -52,6 +53,8 @@ def fractal_noise(rng: np.random.Generator, h: int, w: int, beta: float = 3.0, a
     f[0, 0] = 1.0
     spec = (rng.standard_normal((h, w // 2 + 1)) + 1j * rng.standard_normal((h, w // 2 + 1))) * f ** (-beta / 2)
     spec[0, 0] = 0
+    if f_min > 0:
+        spec = spec * (1.0 / (1.0 + (f_min / f) ** 4))   # smooth high-pass
     n = np.fft.irfft2(spec, s=(h, w))
     return ((n - n.mean()) / (n.std() + 1e-9)).astype(np.float32)
 
@@ -68,6 +71,29 @@ def _cover_alpha(noise: np.ndarray, cover: float, sharpness: float) -> np.ndarra
     # shift so that the cover boundary sits at alpha == CLOUD_ALPHA
     tau = np.where(noise >= thr, tau - np.log(1 - CLOUD_ALPHA), tau)
     return (1 - np.exp(-tau)).astype(np.float32)
+
+
+def cumulus_field(rng: np.random.Generator, h: int, w: int, cover: float, r_min: float, r_max: float) -> np.ndarray:
+    """Optical thickness of a field of discrete cumulus cells (popcorn clouds): domes of random radius
+    with noisy edges, placed until ~`cover` of the scene is cloudy. Returns tau >= 0."""
+    tau = np.zeros((h, w), np.float32)
+    rough = np.clip(1 + 0.35 * fractal_noise(rng, h, w, beta=2.0), 0.5, None)   # >= 0.5 keeps domes in their window
+    target = cover * h * w
+    for _ in range(4000):                      # bounded; stops once the cover is reached
+        if np.count_nonzero(tau > 0.3) >= target:
+            break
+        r = rng.uniform(r_min, r_max)
+        cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
+        r_win = r * 1.42
+        y0, y1 = int(max(cy - r_win, 0)), int(min(cy + r_win + 1, h))
+        x0, x1 = int(max(cx - r_win, 0)), int(min(cx + r_win + 1, w))
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (r * r)
+        dome = np.clip(1 - d2 * rough[y0:y1, x0:x1], 0, None) * rng.uniform(2, 8)
+        np.maximum(tau[y0:y1, x0:x1], dome, out=tau[y0:y1, x0:x1])
+    return tau
 
 
 def landcover(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
@@ -120,10 +146,18 @@ def make_scene(seed: int, size: int = 256, kind: str | None = None, background: 
         toa = surf + RAYLEIGH_PATH
     cover = {"clear": 0.0, "snow": rng.uniform(0, 0.4), "haze": rng.uniform(0, 0.15), "urban": rng.uniform(0, 0.5),
              "water": rng.uniform(0, 0.5), "partly": rng.uniform(0.1, 0.6), "overcast": rng.uniform(0.85, 1.0),
-             "cirrus": 0.0, "broken": rng.uniform(0.3, 0.8)}[kind]
-    beta = rng.uniform(2.2, 3.6) if kind != "broken" else rng.uniform(1.6, 2.2)
-    alpha = _cover_alpha(fractal_noise(rng, h, w, beta=beta), cover, sharpness=rng.uniform(0.8, 4.0))
-    cloud_refl = rng.uniform(0.45, 0.85) * (1 + 0.12 * fractal_noise(rng, h, w, beta=2.5))
+             "cirrus": 0.0, "broken": rng.uniform(0.3, 0.8), "popcorn": rng.uniform(0.08, 0.45)}[kind]
+    beta = rng.uniform(3.0, 4.0)
+    # cloud-field scale: fields of small cumulus (popcorn) are common and hard; broken fields medium
+    f_min = {"popcorn": rng.uniform(1 / 40, 1 / 12), "broken": rng.uniform(1 / 80, 1 / 30)}.get(
+        kind, rng.choice([0.0, 0.0, 1 / 64, 1 / 32]))
+    if kind in ("popcorn", "broken") or (kind == "partly" and rng.random() < 0.4):
+        r_lo = rng.uniform(2, 6) if kind == "popcorn" else rng.uniform(5, 15)
+        alpha = (1 - np.exp(-cumulus_field(rng, h, w, cover, r_lo, r_lo * rng.uniform(1.5, 4)))).astype(np.float32)
+    else:
+        alpha = _cover_alpha(fractal_noise(rng, h, w, beta=beta, f_min=f_min), cover, sharpness=rng.uniform(2.0, 8.0))
+    # cloud-top TOA reflectance: small cumulus ~0.4, thick stratocumulus up to ~0.85
+    cloud_refl = rng.uniform(0.4, 0.85) * (1 + 0.12 * fractal_noise(rng, h, w, beta=2.5))
     cloud_spec = cloud_refl[..., None] * THICK_CLOUD_SHAPE
     if kind == "cirrus" or rng.random() < 0.15:
         c_cover = rng.uniform(0.2, 0.9) if kind == "cirrus" else rng.uniform(0.05, 0.4)

@@ -9,6 +9,18 @@ import sys
 from pathlib import Path
 
 
+def _print_decisions(out: Path, limit: int = 60) -> None:
+    frames = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines() if x.strip()]
+    frames = [f for f in frames if "action" in f]
+    print(f"{'frame':>5} {'scene':42s} {'action':9s} {'expected':9s} {'cloud':>6} {'tiles':>7} {'host ms':>8} faults")
+    for f in frames[:limit]:
+        print(f"{f['frame']:5d} {f.get('scene_id') or Path(f['source']).stem:42.42s} {f['action']:9s} "
+              f"{f.get('expected') or '':9s} {f.get('cloud_fraction', 0):6.3f} {f.get('tiles', 0):>3}/{f.get('tiles_total', 0):<3} "
+              f"{1e3 * f.get('latency_s', 0):8.1f} {','.join(f.get('faults', [])) or (f.get('fault') or '')[:60]}")
+    if len(frames) > limit:
+        print(f"... {len(frames) - limit} more in {out}/report.md")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hil")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -21,6 +33,7 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--realtime", action="store_true", help="pace frames at the board's frame period")
     r.add_argument("--backend", default="litert", choices=["litert", "onnxruntime"])
+    r.add_argument("--quiet", action="store_true", help="only the summary, not one line per decision")
     sub.add_parser("boards", help="list board profiles")
     a_set = sub.add_parser("arm-setup", help="build the aarch64 QEMU root (cached outside the repo)")
     a_set.add_argument("--root", default=None)
@@ -53,6 +66,8 @@ def main(argv=None) -> int:
         except (ProfileError, StreamError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if not a.quiet:
+            _print_decisions(out)
         print(f"{rep['board']}: {'PASS' if rep['passed'] else 'FAIL'}  frames {rep['frames_processed']}  actions {rep['actions']}  "
               f"faults {rep['faults_injected']}  host p95 {1e3 * (rep['host_measured_latency_s']['p95'] or 0):.1f} ms  "
               f"emulated p95 {1e3 * (rep['emulated_board_latency_s']['p95'] or 0):.1f} ms  -> {out}/report.md")

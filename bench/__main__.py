@@ -1,0 +1,471 @@
+"""python -m bench [--quick] [--out bench/results]
+
+One run measures CloudGate and its peers on the same real scenes and this machine: accuracy per real
+scene (and, separately, on a synthetic held-out set), speed at 1 and 2 threads, peak RSS, model size,
+parameters and MACs, each as a ratio to the ukis-csmask teacher measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "data" / "real"
+S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
+BANDS4 = ("blue", "green", "red", "nir")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ contenders
+def _onnx_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def student_fn(path: Path, threads: int):
+    """NHWC float32 (1,T,T,4) -> (T,T,3) scores, for fp32/INT8 ONNX and INT8 TFLite."""
+    if path.suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(model_path=str(path), num_threads=threads)
+        it.allocate_tensors()
+        i, o = it.get_input_details()[0], it.get_output_details()[0]
+        si, zi = i["quantization"]
+
+        def fn(x):
+            it.set_tensor(i["index"], np.clip(np.rint(x / si) + zi, -128, 127).astype(np.int8))
+            it.invoke()
+            return it.get_tensor(o["index"])[0]
+
+        return fn
+    s = _onnx_session(path, threads)
+    return lambda x: s.run(None, {"reflectance": x.transpose(0, 3, 1, 2)})[0][0].transpose(1, 2, 0)
+
+
+def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
+    """ukis-csmask as its users run it: the CSmask wrapper (own tiling, 20 % overlap, blending)."""
+    from ukis_csmask.mask import CSmask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CSmask(np.ascontiguousarray(refl, np.float32), band_order=list(bands),
+                      intra_op_num_threads=threads, inter_op_num_threads=1).csm[..., 0]
+
+
+def s2cloudless_mask(refl13: np.ndarray) -> np.ndarray:
+    """s2cloudless 1.7.3 with its documented settings (threshold 0.4, average_over 4, dilation 2) on
+    Sentinel-2 L1C reflectance. CC BY-SA 4.0: evaluation only, never a training signal."""
+    from s2cloudless import S2PixelCloudDetector
+
+    det = S2PixelCloudDetector(threshold=0.4, average_over=4, dilation_size=2, all_bands=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return det.get_cloud_masks(refl13[None].astype(np.float32))[0].astype(np.uint8)
+
+
+def policy_action(cf: float) -> str:
+    """The default flight policy on a cloud fraction (priority 0, no history)."""
+    from flight.config import PolicyConfig
+
+    p = PolicyConfig()
+    return "downlink" if cf <= p.downlink_max_cloud else ("discard" if cf >= p.discard_min_cloud else "partial")
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+def accuracy(card, models: dict, quick: bool) -> tuple[dict, dict]:
+    from bench.threshold import threshold_mask
+    from flight import CloudGate
+    from flight.scenefile import read_npz_scene
+    from ground.metrics import cloud_metrics, predict_tiled
+    from ground.sceneio import load_npz
+
+    fns = {k: student_fn(p, 2) for k, p in models.items()}
+    gate = CloudGate.from_model(backend="litert")
+    per_scene, masks = {}, {}
+    for p in sorted(REAL.glob("*/*.npz")):
+        sc = load_npz(p)
+        row = {"labelled": sc.labelled, "tag": sc.tag, "shape": list(sc.bands.shape)}
+        if not all(b in sc.band_names for b in BANDS4):
+            fs = read_npz_scene(p)
+            d = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
+                             radiometry=fs["radiometry"])
+            row["cloudgate_end_to_end"] = {"action": d.action, "fault": d.fault}
+            per_scene[sc.scene_id] = row
+            continue
+        log(f"accuracy: {sc.scene_id}")
+        refl4 = sc.reflectance(BANDS4)
+        preds = {"threshold": threshold_mask(sc.reflectance(tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names)),
+                                             tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names))}
+        six = tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names)
+        preds["teacher_ukis"] = teacher_mask(sc.reflectance(six), six)
+        if all(b in sc.band_names for b in S2C_BANDS) and "Sentinel-2" in sc.sensor:
+            preds["s2cloudless"] = s2cloudless_mask(sc.reflectance(S2C_BANDS))
+        for k, fn in fns.items():
+            preds[k] = predict_tiled(fn, refl4)
+        fs = read_npz_scene(p)
+        gm = np.empty(refl4.shape[:2], np.uint8)
+        d = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
+                         radiometry=fs["radiometry"], mask_out=gm)
+        de = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
+                          radiometry=fs["radiometry"])
+        preds["cloudgate"] = gm
+        for k, m in preds.items():
+            if sc.labelled:
+                r = {kk: round(v, 4) for kk, v in cloud_metrics(m, sc.mask).items()}
+            else:
+                r = {"cloud_fraction": round(float((m == 1).mean()), 4),
+                     "agreement_with_teacher": round(float(((m == 1) == (preds["teacher_ukis"] == 1)).mean()), 4)}
+            r["action"] = policy_action(r["cloud_fraction"])
+            row[k] = r
+        row["cloudgate"].update(action=de.action, tiles=f"{de.tiles_processed}/{de.tiles_total}", early_exit=de.early_exit,
+                                full_pass_action=d.action)
+        per_scene[sc.scene_id] = row
+        masks[sc.scene_id] = (refl4, sc.mask if sc.labelled else None, preds)
+    return per_scene, masks
+
+
+def synthetic_accuracy(models: dict, quick: bool) -> dict:
+    from bench.threshold import threshold_mask
+    from ground.synth import make_set
+    from ground.teachers import load_teacher
+
+    n = 16 if quick else 48
+    X, Y, _ = make_set(n, seed=99)
+    out = {"set": f"ground.synth.make_set(n={n}, seed=99), 256² tiles, exact labels"}
+
+    def pooled(preds):
+        inter = sum(int(((p == 1) & (y == 1)).sum()) for p, y in zip(preds, Y))
+        union = sum(int(((p == 1) | (y == 1)).sum()) for p, y in zip(preds, Y))
+        cfe = float(np.mean([abs((p == 1).mean() - (y == 1).mean()) for p, y in zip(preds, Y)]))
+        return {"cloud_iou_pooled": round(inter / max(union, 1), 4), "mean_abs_cloud_fraction_error": round(cfe, 4)}
+
+    t = load_teacher("4b")
+    out["teacher_ukis_4b"] = pooled([t.run(X[i:i + 1, ..., :4])[0].argmax(0) for i in range(n)])
+    out["threshold"] = pooled([threshold_mask(X[i], ("blue", "green", "red", "nir", "swir16", "swir22")) for i in range(n)])
+    for k, p in models.items():
+        fn = student_fn(p, 2)
+        out[k] = pooled([np.argmax(fn(np.ascontiguousarray(X[i:i + 1, ..., :4])), -1) for i in range(n)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ cost
+_COST_CHILD = r"""
+import sys, time, json, resource, warnings, statistics
+import numpy as np
+sys.path.insert(0, {repo!r})
+kind, threads, reps = {kind!r}, {threads}, {reps}
+z = np.load({scene!r})
+img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
+from bench.__main__ import student_fn, teacher_mask
+from ground.metrics import predict_tiled
+if kind == "teacher_ukis":
+    run = lambda: teacher_mask(img, ("blue", "green", "red", "nir"), threads)
+elif kind == "cloudgate":
+    from flight import CloudGate
+    g = CloudGate.from_model(backend="litert", threads=threads, early_exit={{"enabled": False}})
+    m = np.empty(img.shape[:2], np.uint8)
+    run = lambda: g.process(img, ("blue", "green", "red", "nir"), mask_out=m)
+elif kind == "threshold":
+    from bench.threshold import threshold_mask
+    run = lambda: threshold_mask(img, ("blue", "green", "red", "nir"))
+else:
+    fn = student_fn(__import__("pathlib").Path(kind), threads)
+    run = lambda: predict_tiled(fn, img)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run()
+times = []
+for _ in range(reps):
+    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+print(json.dumps({{"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def cost(models: dict, quick: bool) -> dict:
+    scene = REAL / "ukis_csmask_tests/ukis_sentinel2.npz"
+    tmp = Path(tempfile.mkdtemp()) / "scene.npz"
+    with np.load(scene) as z:
+        np.savez(tmp, bands=z["bands"])
+    kinds = {"teacher_ukis": "teacher_ukis", "threshold": "threshold", "cloudgate (LiteRT INT8, end to end)": "cloudgate",
+             **{k: str(p) for k, p in models.items()}}
+    out = {}
+    for name, kind in kinds.items():
+        out[name] = {}
+        for threads in (1, 2):
+            reps = 1 if (quick or name == "teacher_ukis") else 5
+            code = _COST_CHILD.format(repo=str(REPO), kind=kind, threads=threads, reps=reps, scene=str(tmp))
+            log(f"cost: {name} @ {threads} thread(s)")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=1800)
+            if r.returncode:
+                out[name][f"{threads}t"] = {"error": r.stderr[-500:]}
+                continue
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            out[name][f"{threads}t"] = {"mpx_per_s": round(1 / m["s_per_mpx"], 3), "ms_per_512sq": round(m["s_per_mpx"] * 0.262144 * 1e3, 2),
+                                        "peak_rss_mib": round(m["peak_rss_mib"], 1)}
+    return out
+
+
+_MEMMAP_CHILD = r"""
+import sys, json, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+from flight import CloudGate
+def status(f):
+    for line in open("/proc/self/status"):
+        if line.startswith(f + ":"):
+            return int(line.split()[1]) / 1024
+g = CloudGate.from_model(backend="litert", threads=2, max_tiles=4096, early_exit={{"enabled": {early}}})
+warm = np.full((256, 256, 4), 1000, np.uint16)
+g.process(warm, ("blue", "green", "red", "nir"), radiometry=(1e-4, 0.0))
+scene = np.load({path!r}, mmap_mode="r")
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+t = time.perf_counter()
+d = g.process(scene, ("blue", "green", "red", "nir"), radiometry=(1e-4, 0.0))
+el = time.perf_counter() - t
+print(json.dumps({{"baseline_rss_mib": base, "peak_rss_mib": status("VmHWM"), "seconds": el, "action": d.action,
+                  "tiles": [d.tiles_processed, d.tiles_total], "cloud_fraction": d.cloud_fraction}}))
+"""
+
+
+def memmap_rss(size: int) -> dict:
+    """Peak RSS of the gate on a size x size x 4 uint16 memmap (S2 tile: 10980²), decision only."""
+    from ground.sceneio import load_npz
+
+    tmpdir = Path(tempfile.mkdtemp(dir=os.environ.get("CLOUDGATE_BENCH_TMP")))
+    path = tmpdir / "big.npy"
+    log(f"memmap: writing a {size}x{size}x4 uint16 scene ({size * size * 8 / 2**30:.2f} GiB)")
+    src = load_npz(REAL / "ukis_csmask_tests/ukis_sentinel2.npz").reflectance(BANDS4)
+    tile = (np.clip(src, 0, 6.5) * 10000).astype(np.uint16)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(size, size, 4))
+    for y in range(0, size, 512):
+        row = np.tile(tile, (1, -(-size // 512), 1))[:, :size]
+        mm[y:y + 512] = row[: min(512, size - y)]
+    mm.flush()
+    del mm
+    out = {}
+    try:
+        for early in (False, True):
+            r = subprocess.run([sys.executable, "-c", _MEMMAP_CHILD.format(repo=str(REPO), path=str(path), early=early)],
+                               capture_output=True, text=True, timeout=3600)
+            if r.returncode:
+                out["early_exit" if early else "full_pass"] = {"error": r.stderr[-800:]}
+                continue
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            m["growth_mib"] = round(m["peak_rss_mib"] - m["baseline_rss_mib"], 1)
+            m["mpx_per_s"] = round(size * size / 1e6 / m["seconds"], 2)
+            out["early_exit" if early else "full_pass"] = m
+    finally:
+        path.unlink(missing_ok=True)
+    out["scene"] = f"{size}x{size}x4 uint16 memmap ({size * size * 8 / 2**30:.2f} GiB), tiled from the real ukis S2 tile"
+    return out
+
+
+def early_exit_savings(quick: bool) -> dict:
+    from flight import CloudGate
+    from hil.streams import generate_scene
+
+    early = CloudGate.from_model(backend="litert")
+    full = CloudGate.from_model(backend="litert", early_exit={"enabled": False})
+    rows = []
+    kinds = ["clear", "overcast", "partly", "snow", "haze", "broken"]
+    for i, kind in enumerate(kinds * (1 if quick else 2)):
+        s = generate_scene(kind, 300 + i, 1920)
+        de = early.process(s["bands"], s["band_names"], scene_id=s["scene_id"])
+        df = full.process(s["bands"], s["band_names"], scene_id=s["scene_id"])
+        rows.append({"scene": s["scene_id"], "label_cf": round(float((s["label"] == 1).mean()), 4), "full_cf": round(df.cloud_fraction, 4),
+                     "action_full": df.action, "action_early": de.action, "tiles_early": de.tiles_processed, "tiles_total": de.tiles_total})
+    clear_over = [r for r in rows if r["scene"].split("-")[1] in ("clear", "overcast")]
+    return {"scenes": rows, "all_actions_match": all(r["action_full"] == r["action_early"] for r in rows),
+            "tile_reduction_clear_overcast": round(sum(r["tiles_total"] for r in clear_over) / max(1, sum(r["tiles_early"] for r in clear_over)), 2),
+            "note": "synthetic 1920² scenes (64 tiles each), ground.synth kinds; early exit = normal finite-population bound, 99 %"}
+
+
+def cpu_int8_peak() -> dict:
+    cores = os.cpu_count() or 1
+    mhz = 0.0
+    flags = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz") and not mhz:
+                mhz = float(line.split(":")[1])
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    vnni512 = "avx512_vnni" in flags
+    macs_per_cycle = 64 if vnni512 else (32 if "avx_vnni" in flags or "avx2" in flags else 16)
+    peak = cores * mhz * 1e6 * macs_per_cycle
+    return {"cores": cores, "mhz": mhz, "int8_macs_per_cycle_per_core": macs_per_cycle, "peak_gmacs": round(peak / 1e9, 1),
+            "estimate": "cores x nominal MHz x INT8 MACs/cycle/core (one 512-bit VPDPBUSD = 64 u8*s8 MACs per cycle with "
+                        "AVX-512 VNNI; 32 with AVX2/AVX-VNNI); an upper bound the runtime cannot reach on small layers"}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def write_outputs(res: dict, masks: dict, out: Path, stamp: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{stamp}.md").write_text(markdown(res))
+    # Pareto: mean cloud IoU over labelled real scenes vs throughput at 2 threads
+    labelled = [r for r in res["accuracy_real"].values() if r.get("labelled")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in res["cost"].items():
+        key = {"cloudgate (LiteRT INT8, end to end)": "cloudgate"}.get(name, name)
+        ious = [r[key]["cloud_iou"] for r in labelled if key in r and "cloud_iou" in r[key]]
+        mpx = c.get("2t", {}).get("mpx_per_s")
+        if ious and mpx:
+            ax.scatter(mpx, np.mean(ious), s=40)
+            ax.annotate(name, (mpx, np.mean(ious)), fontsize=7)
+    ax.set_xscale("log"); ax.set_xlabel("Mpx/s, 2 threads (this CPU, same run)"); ax.set_ylabel("mean cloud IoU, labelled real scenes")
+    ax.set_title("Accuracy vs throughput (real scenes)"); fig.tight_layout(); fig.savefig(out / f"{stamp}_pareto.png", dpi=90); plt.close(fig)
+    if masks:
+        names = list(next(iter(masks.values()))[2].keys())
+        fig, axs = plt.subplots(len(masks), 2 + len(names), figsize=(1.9 * (2 + len(names)), 1.9 * len(masks)), squeeze=False)
+        for r, (sid, (img, label, preds)) in enumerate(masks.items()):
+            axs[r, 0].imshow(np.clip(img[..., [2, 1, 0]] * 3, 0, 1)); axs[r, 0].set_title(sid[:16], fontsize=6)
+            if label is not None:
+                axs[r, 1].imshow(label, vmin=0, vmax=2, interpolation="nearest")
+            axs[r, 1].set_title("label" if label is not None else "(no label)", fontsize=6)
+            for c, n in enumerate(names):
+                if n in preds:
+                    axs[r, 2 + c].imshow(preds[n], vmin=0, vmax=2, interpolation="nearest")
+                axs[r, 2 + c].set_title(n, fontsize=6)
+            for a in axs[r]:
+                a.axis("off")
+        fig.tight_layout(); fig.savefig(out / f"{stamp}_masks.png", dpi=80); plt.close(fig)
+
+
+def markdown(res: dict) -> str:
+    L = [f"# CloudGate benchmark {res['stamp']}", "", f"Command: `{res['command']}` on {res['machine']}. "
+         "All numbers from this one run; speed claims are ratios to the teacher measured in the same run.", ""]
+    t = res["cost"].get("teacher_ukis", {})
+    L += ["## Cost (1024×1024 real scene, median)", "",
+          "| contender | Mpx/s 1t | Mpx/s 2t | ms/512² 2t | × teacher 2t | peak RSS MiB | model bytes | params | MACs/px |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in res["cost"].items():
+        s = res["static"].get(name, {})
+        ratio = (c.get("2t", {}).get("mpx_per_s", 0) / t["2t"]["mpx_per_s"]) if t.get("2t", {}).get("mpx_per_s") else None
+        L.append(f"| {name} | {c.get('1t', {}).get('mpx_per_s', '—')} | {c.get('2t', {}).get('mpx_per_s', '—')} | "
+                 f"{c.get('2t', {}).get('ms_per_512sq', '—')} | {'—' if ratio is None else f'{ratio:.0f}×'} | {c.get('2t', {}).get('peak_rss_mib', '—')} | "
+                 f"{s.get('bytes', '—')} | {s.get('parameters', '—')} | {s.get('macs_per_pixel', '—')} |")
+    if "mac_rate_fraction_of_peak" in res:
+        L += ["", f"Student achieved MAC rate (LiteRT INT8, 2 threads): {res['mac_rate_gmacs']:.2f} GMAC/s = "
+              f"{100 * res['mac_rate_fraction_of_peak']:.2f} % of the CPU INT8 peak estimate ({res['cpu']['peak_gmacs']} GMAC/s: {res['cpu']['estimate']})."]
+    L += ["", "## Accuracy on real scenes (per scene; labelled: IoU/F1/BA/CF err; unlabelled: CF and agreement with teacher)", "",
+          "| scene | contender | cloud IoU | F1 | bal. acc | CF | CF err | agree w/ teacher | action |", "|---|---|---|---|---|---|---|---|---|"]
+    for sid, row in res["accuracy_real"].items():
+        for k, m in row.items():
+            if not isinstance(m, dict):
+                continue
+            if "cloud_iou" in m:
+                L.append(f"| {sid} | {k} | {m['cloud_iou']:.3f} | {m['f1']:.3f} | {m['balanced_accuracy']:.3f} | {m['cloud_fraction']:.3f} | "
+                         f"{m['cloud_fraction_error']:+.3f} | | {m.get('action', '')} |")
+            elif "cloud_fraction" in m:
+                L.append(f"| {sid} ({row.get('tag') or 'unlabelled'}) | {k} | | | | {m['cloud_fraction']:.3f} | | "
+                         f"{m.get('agreement_with_teacher', '')} | {m.get('action', '')} |")
+            else:
+                L.append(f"| {sid} | {k} | | | | | | | {m.get('action')} ({m.get('fault')}) |")
+    s = res["accuracy_synthetic"]
+    L += ["", f"## Synthetic held-out set ({s['set']}) — never mixed with the real numbers", "",
+          "| contender | pooled cloud IoU | mean abs CF error |", "|---|---|---|"]
+    L += [f"| {k} | {v['cloud_iou_pooled']:.3f} | {v['mean_abs_cloud_fraction_error']:.3f} |" for k, v in s.items() if isinstance(v, dict)]
+    m = res.get("memmap", {})
+    if m:
+        L += ["", f"## Memory: {m.get('scene')}", "", "| mode | baseline RSS MiB | peak RSS MiB | growth MiB | tiles | s | Mpx/s | action |", "|---|---|---|---|---|---|---|---|"]
+        for mode in ("full_pass", "early_exit"):
+            v = m.get(mode, {})
+            if "error" in v or not v:
+                L.append(f"| {mode} | error | | | | | | |")
+                continue
+            L.append(f"| {mode} | {v['baseline_rss_mib']:.0f} | {v['peak_rss_mib']:.0f} | {v['growth_mib']} | {v['tiles'][0]}/{v['tiles'][1]} | "
+                     f"{v['seconds']:.1f} | {v['mpx_per_s']} | {v['action']} |")
+    e = res.get("early_exit", {})
+    if e:
+        L += ["", f"## Early exit ({e['note']})", "", f"All actions match the full pass: **{e['all_actions_match']}**; "
+              f"tiles processed on clear/overcast scenes: **{e['tile_reduction_clear_overcast']}× fewer**.", "",
+              "| scene | label CF | full-pass CF | full action | early action | tiles |", "|---|---|---|---|---|---|"]
+        L += [f"| {r['scene']} | {r['label_cf']} | {r['full_cf']} | {r['action_full']} | {r['action_early']} | {r['tiles_early']}/{r['tiles_total']} |"
+              for r in e["scenes"]]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, small memmap, fewer scenes")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--memmap-size", type=int, default=None, help="default 10980 (2048 with --quick)")
+    a = ap.parse_args(argv)
+    if not REAL.is_dir():
+        print("bench needs ../shared/data/real (the real scenes); not found", file=sys.stderr)
+        return 2
+    from flight.model import MODELS_DIR, default_card, load_card
+
+    card = load_card(default_card())
+    art = card.artifacts
+    models = {"kd_fp32_onnx": MODELS_DIR / art["onnx_fp32"]["file"], "kd_int8_onnx": MODELS_DIR / art["onnx_int8"]["file"],
+              "kd_int8_tflite": MODELS_DIR / art["tflite_int8"]["file"]}
+    if "baseline_onnx_fp32" in art:
+        models = {"baseline_nokd_fp32_onnx": MODELS_DIR / art["baseline_onnx_fp32"]["file"], **models}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat() + ("-quick" if a.quick else "")
+    t0 = time.time()
+    res = {"stamp": stamp, "command": "python -m bench" + (" --quick" if a.quick else ""),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+           "model": card.name, "model_sha256": {k: v["sha256"] for k, v in art.items()}}
+    res["accuracy_real"], masks = accuracy(card, models, a.quick)
+    res["accuracy_synthetic"] = synthetic_accuracy(models, a.quick)
+    res["cost"] = cost(models, a.quick)
+    import ukis_csmask
+
+    teacher_bytes = (Path(ukis_csmask.__file__).parent / "model_4b_l1c.onnx").stat().st_size
+    res["static"] = {"teacher_ukis": {"bytes": teacher_bytes, "parameters": 19_540_000, "macs_per_pixel": round(4.65e9 / 65536)},
+                     "threshold": {"bytes": 0, "parameters": 0, "macs_per_pixel": 0}}
+    for k, p in models.items():
+        res["static"][k] = {"bytes": p.stat().st_size, "parameters": card.raw["parameters"], "macs_per_pixel": card.raw["macs_per_pixel"]}
+    res["static"]["cloudgate (LiteRT INT8, end to end)"] = res["static"]["kd_int8_tflite"]
+    res["cpu"] = cpu_int8_peak()
+    mpx = res["cost"].get("kd_int8_tflite", {}).get("2t", {}).get("mpx_per_s")
+    if mpx:
+        res["mac_rate_gmacs"] = mpx * 1e6 * card.raw["macs_per_pixel"] / 1e9
+        res["mac_rate_fraction_of_peak"] = res["mac_rate_gmacs"] / res["cpu"]["peak_gmacs"]
+    t = res["cost"].get("teacher_ukis", {}).get("2t", {}).get("mpx_per_s")
+    if t:
+        res["ratios_vs_teacher_2t"] = {k: round(v.get("2t", {}).get("mpx_per_s", 0) / t, 1) for k, v in res["cost"].items()}
+    res["memmap"] = memmap_rss(a.memmap_size or (2048 if a.quick else 10980))
+    res["early_exit"] = early_exit_savings(a.quick)
+    res["wall_s"] = round(time.time() - t0, 1)
+    write_outputs(res, masks, out, stamp)
+    print(markdown(res))
+    log(f"wrote {out}/{stamp}.json, .md, _pareto.png, _masks.png in {res['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The shipped artifacts: sha256 match their card, the card is complete, TFLite agrees with ONNX."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import yaml
+
+from flight.model import MODELS_DIR, default_card
+
+CARD = default_card()
+
+
+def test_artifacts_match_card_sha256():
+    card = yaml.safe_load(CARD.read_text())
+    assert {"onnx_fp32", "onnx_int8", "tflite_int8"} <= set(card["artifacts"])
+    for key, a in card["artifacts"].items():
+        data = (MODELS_DIR / a["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == a["sha256"], key
+        assert len(data) == a["bytes"]
+
+
+def test_card_is_complete():
+    card = yaml.safe_load(CARD.read_text())
+    for k in ("name", "bands", "units", "input_scaling", "output", "tile", "parameters", "macs_per_pixel", "teachers",
+              "command", "config", "metrics", "quantization"):
+        assert k in card, k
+    assert card["bands"] == ["blue", "green", "red", "nir"]
+    assert card["command"].startswith("python -m ground make-models")
+    assert card["parameters"] <= 65_000 and card["teacher_ratio"]["parameters"] >= 300
+    assert card["teacher_ratio"]["macs_per_pixel"] >= 100
+    assert set(card["metrics"]) >= {"real", "synthetic"}            # never mixed
+    assert card["quantization"]["torch_vs_keras_max_logit_diff"] < 1e-4
+
+
+def test_tflite_agrees_with_onnx_on_real_scenes(real_dir, gate_litert, gate_ort):
+    from flight.scenefile import read_npz_scene
+
+    same = total = 0
+    for p in sorted(real_dir.glob("*/*.npz")):
+        sc = read_npz_scene(p)
+        if "nir" not in sc["band_names"]:
+            continue
+        m1, m2 = (np.empty(sc["bands"].shape[:2], np.uint8) for _ in range(2))
+        for g, m in ((gate_litert, m1), (gate_ort, m2)):
+            g.process(sc["bands"], sc["band_names"], mask_out=m, valid_mask=sc["valid_mask"], radiometry=sc["radiometry"])
+        same += int((m1 == m2).sum())
+        total += m1.size
+    assert same / total >= 0.995, same / total
