@@ -18,8 +18,8 @@ class Backend(Protocol):
     tile: int
     n_bands: int
 
-    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
-        """tile_refl: float32 (T, T, C) TOA reflectance (may be modified); mask_out: uint8 (T, T)."""
+    def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
+        """planes: float32 (C, T, T) TOA reflectance, band-planar (may be modified); mask_out: uint8 (T, T)."""
 
 
 class _Argmax3:
@@ -69,17 +69,17 @@ class LiteRTBackend:
         self._in_idx, self._out_idx = i["index"], o["index"]
         self.in_scale, self.in_zero = i["quantization"]
         self._inv_scale = np.float32(1.0 / self.in_scale)
-        self._scratch = np.empty((tile, tile, c), np.float32)
+        self._scratch = np.empty((c, tile, tile), np.float32)
         self._argmax = _Argmax3(tile)
 
-    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
+    def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
         s = self._scratch
-        np.multiply(tile_refl, self._inv_scale, out=s)
+        np.multiply(planes, self._inv_scale, out=s)
         np.add(s, np.float32(self.in_zero), out=s)
         np.rint(s, out=s)
         np.clip(s, -128, 127, out=s)
         view = self.it.tensor(self._in_idx)()
-        np.copyto(view[0], s, casting="unsafe")
+        np.copyto(view[0], s.transpose(1, 2, 0), casting="unsafe")   # planar -> NHWC int8
         del view  # LiteRT refuses invoke() while numpy views into its buffers are alive
         self.it.invoke()
         out = self.it.tensor(self._out_idx)()[0]
@@ -117,8 +117,8 @@ class OrtBackend:
         self.io.bind_output(out.name, "cpu", 0, np.float32, list(self._out.shape), self._out.ctypes.data)
         self._argmax = _Argmax3(tile)
 
-    def infer(self, tile_refl: np.ndarray, mask_out: np.ndarray) -> None:
-        np.copyto(self._in[0], tile_refl.transpose(2, 0, 1))
+    def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
+        np.copyto(self._in[0], planes)
         self.sess.run_with_iobinding(self.io)
         o = self._out[0]
         self._argmax(o[0], o[1], o[2], mask_out)

@@ -106,9 +106,10 @@ class CloudGate:
         self._step = t - cfg.overlap
         self._half = cfg.overlap // 2
         # --- every buffer of the steady state, allocated once ---
-        self._refl = np.zeros((t, t, c), np.float32)
-        self._fin3 = np.zeros((t, t, c), bool)
+        # band-planar (C, T, T): every per-band pass runs over contiguous memory, and it is NCHW already
+        self._planes = np.zeros((c, t, t), np.float32)
         self._valid = np.zeros((t, t), bool)
+        self._nonzero = np.zeros((t, t), bool)
         self._tmp = np.zeros((t, t), bool)
         self._mask = np.zeros((t, t), np.uint8)
         n = cfg.max_tiles
@@ -117,7 +118,7 @@ class CloudGate:
         self._t_shadow = np.zeros(n, np.int64)
         self._t_area = np.zeros(n, np.int64)
         self._t_done = np.zeros(n, bool)
-        buf_bytes = sum(a.nbytes for a in (self._refl, self._fin3, self._valid, self._tmp, self._mask, self._t_cloud,
+        buf_bytes = sum(a.nbytes for a in (self._planes, self._nonzero, self._valid, self._tmp, self._mask, self._t_cloud,
                                            self._t_valid, self._t_shadow, self._t_area, self._t_done))
         buf_bytes += 2 * t * t * (c + 3) * 4  # backend input/scratch and output buffers
         if buf_bytes > cfg.memory_budget_mib * 2**20:
@@ -291,40 +292,44 @@ class CloudGate:
             _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), _MADV_DONTNEED)
 
     def _load_tile(self, scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask) -> tuple[int, int]:
-        """Fill self._refl / self._valid from the scene window at (wy0, wx0); returns its (rows, cols)."""
+        """Fill self._planes / self._valid from the scene window at (wy0, wx0); returns its (rows, cols)."""
         t = self._tile
         rh, rw = min(t, h - wy0), min(t, w - wx0)
-        refl, fin3, valid, tmp = self._refl, self._fin3, self._valid, self._tmp
-        for ci, si in enumerate(src_idx):
-            np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=refl[:rh, :rw, ci], dtype=np.float32,
-                        casting="unsafe")
-        sub, fsub, vsub, tsub = refl[:rh, :rw], fin3[:rh, :rw], valid[:rh, :rw], tmp[:rh, :rw]
-        np.isfinite(sub, out=fsub)
-        np.all(fsub, axis=2, out=vsub)                   # every band finite
-        np.equal(sub, 0.0, out=fsub)
-        np.all(fsub, axis=2, out=tsub)                   # all bands exactly zero: no-data fill
-        np.logical_not(tsub, out=tsub)
-        np.logical_and(vsub, tsub, out=vsub)
+        planes = self._planes
+        vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
+        vsub.fill(True)
+        nz.fill(False)
+        for ci, si in enumerate(src_idx):                # bounded by the model's band count
+            p = planes[ci, :rh, :rw]
+            np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=p, dtype=np.float32, casting="unsafe")
+            np.isfinite(p, out=tsub)
+            np.logical_and(vsub, tsub, out=vsub)        # every band finite
+            np.not_equal(p, 0.0, out=tsub)
+            np.logical_or(nz, tsub, out=nz)             # all bands exactly zero = no-data fill
+        np.logical_and(vsub, nz, out=vsub)
         if valid_mask is not None:
             np.logical_and(vsub, valid_mask[wy0:wy0 + rh, wx0:wx0 + rw], out=vsub)
+        sub = planes[:, :rh, :rw]
         if offset:
             np.add(sub, offset, out=sub)
-        np.logical_not(vsub, out=tsub)
-        np.copyto(sub, 0.0, where=tsub[..., None])      # NaN/Inf/no-data never reach the model
-        np.clip(sub, -1.0, 4.0, out=sub)                 # saturated or absurd values stay finite
+        if not vsub.all():                               # NaN/Inf/no-data never reach the model
+            np.logical_not(vsub, out=tsub)
+            for ci in range(len(src_idx)):
+                np.copyto(planes[ci, :rh, :rw], 0.0, where=tsub)
+        np.clip(sub, -1.0, 4.0, out=sub)                 # saturated or absurd values stay in range
         if rh < t or rw < t:
             self._pad(rh, rw)
         return rh, rw
 
     def _pad(self, rh: int, rw: int) -> None:
         """Reflect the valid region into the rest of the tile buffer (edge replication if too thin)."""
-        t, r = self._tile, self._refl
+        t, r = self._tile, self._planes
         for y in range(rh, t):                           # bounded: < tile iterations
             k = y - rh + 1
-            r[y, :rw] = r[max(rh - 1 - k, 0) if rh > 1 else 0, :rw]
+            r[:, y, :rw] = r[:, max(rh - 1 - k, 0) if rh > 1 else 0, :rw]
         for x in range(rw, t):
             k = x - rw + 1
-            r[:, x] = r[:, max(rw - 1 - k, 0) if rw > 1 else 0]
+            r[:, :, x] = r[:, :, max(rw - 1 - k, 0) if rw > 1 else 0]
         self._valid[rh:, :] = False
         self._valid[:, rw:] = False
 
@@ -366,7 +371,7 @@ class CloudGate:
             wx0 = min(max(cx0 - half, 0), max(w - t, 0))
             self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask)
             ti = time.perf_counter()
-            self.backend.infer(self._refl, self._mask)
+            self.backend.infer(self._planes, self._mask)
             infer_s += time.perf_counter() - ti
             ry0, ry1, rx0, rx1 = cy0 - wy0, cy1 - wy0, cx0 - wx0, cx1 - wx0
             m, v, b = self._mask[ry0:ry1, rx0:rx1], self._valid[ry0:ry1, rx0:rx1], self._tmp[ry0:ry1, rx0:rx1]
