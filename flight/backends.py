@@ -17,9 +17,13 @@ class Backend(Protocol):
     name: str
     tile: int
     n_bands: int
+    input_affine: tuple[float, float]   # model input = reflectance * a + b (the gate applies it while loading)
+    input_range: tuple[float, float]    # and clips to this range
+    planes: np.ndarray                  # float32 (C, T, T): the gate loads tiles straight into it
 
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
-        """planes: float32 (C, T, T) TOA reflectance, band-planar (may be modified); mask_out: uint8 (T, T)."""
+        """planes: float32 (C, T, T) in model-input units (input_affine applied, clipped), band-planar
+        (may be modified); mask_out: uint8 (T, T)."""
 
 
 class _Argmax3:
@@ -67,19 +71,17 @@ class LiteRTBackend:
             raise ModelError(f"{path.name} is not a full-integer INT8 model (input {i['dtype']}, output {o['dtype']})")
         self.tile, self.n_bands = tile, int(c)
         self._in_idx, self._out_idx = i["index"], o["index"]
-        self.in_scale, self.in_zero = i["quantization"]
-        self._inv_scale = np.float32(1.0 / self.in_scale)
-        self._scratch = np.empty((c, tile, tile), np.float32)
+        in_scale, in_zero = i["quantization"]
+        # int8 quantization folded into the gate's load: q = round(reflectance / scale + zero_point)
+        self.input_affine = (1.0 / in_scale, float(in_zero))
+        self.input_range = (-128.0, 127.0)
+        self.planes = np.zeros((c, tile, tile), np.float32)
         self._argmax = _Argmax3(tile)
 
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
-        s = self._scratch
-        np.multiply(planes, self._inv_scale, out=s)
-        np.add(s, np.float32(self.in_zero), out=s)
-        np.rint(s, out=s)
-        np.clip(s, -128, 127, out=s)
+        np.rint(planes, out=planes)
         view = self.it.tensor(self._in_idx)()
-        np.copyto(view[0], s.transpose(1, 2, 0), casting="unsafe")   # planar -> NHWC int8
+        np.copyto(view[0], planes.transpose(1, 2, 0), casting="unsafe")   # planar -> NHWC int8 (in range)
         del view  # LiteRT refuses invoke() while numpy views into its buffers are alive
         self.it.invoke()
         out = self.it.tensor(self._out_idx)()[0]
@@ -110,7 +112,10 @@ class OrtBackend:
         if inp.shape[1] != n_bands:
             raise ModelError(f"{path.name} takes {inp.shape[1]} bands, model card says {n_bands}")
         self.tile, self.n_bands = tile, n_bands
+        self.input_affine = (1.0, 0.0)                  # float reflectance in; QDQ quantizes inside
+        self.input_range = (-1.0, 4.0)
         self._in = np.zeros((1, n_bands, tile, tile), np.float32)
+        self.planes = self._in[0]                        # the bound input itself: no copy per tile
         self._out = np.zeros((1, 3, tile, tile), np.float32)
         self.io = self.sess.io_binding()
         self.io.bind_input(inp.name, "cpu", 0, np.float32, list(self._in.shape), self._in.ctypes.data)
@@ -118,7 +123,7 @@ class OrtBackend:
         self._argmax = _Argmax3(tile)
 
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
-        np.copyto(self._in[0], planes)
+        assert planes is self.planes, "tiles must be loaded into backend.planes"
         self.sess.run_with_iobinding(self.io)
         o = self._out[0]
         self._argmax(o[0], o[1], o[2], mask_out)

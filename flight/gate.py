@@ -106,8 +106,9 @@ class CloudGate:
         self._step = t - cfg.overlap
         self._half = cfg.overlap // 2
         # --- every buffer of the steady state, allocated once ---
-        # band-planar (C, T, T): every per-band pass runs over contiguous memory, and it is NCHW already
-        self._planes = np.zeros((c, t, t), np.float32)
+        # band-planar (C, T, T), owned by the backend (ORT binds it as its input: no copy per tile);
+        # every per-band pass runs over contiguous memory
+        self._planes = self.backend.planes
         self._valid = np.zeros((t, t), bool)
         self._nonzero = np.zeros((t, t), bool)
         self._tmp = np.zeros((t, t), bool)
@@ -120,7 +121,7 @@ class CloudGate:
         self._t_done = np.zeros(n, bool)
         buf_bytes = sum(a.nbytes for a in (self._planes, self._nonzero, self._valid, self._tmp, self._mask, self._t_cloud,
                                            self._t_valid, self._t_shadow, self._t_area, self._t_done))
-        buf_bytes += 2 * t * t * (c + 3) * 4  # backend input/scratch and output buffers
+        buf_bytes += t * t * 3 * 4  # backend output buffer
         if buf_bytes > cfg.memory_budget_mib * 2**20:
             raise ConfigError("memory_budget_mib", f"gate buffers need {buf_bytes / 2**20:.1f} MiB for tile={t}, "
                                                    f"max_tiles={n}; raise the budget or lower tile/max_tiles")
@@ -168,6 +169,7 @@ class CloudGate:
         data = read_verified(self._model_path, entry["sha256"], self.card.path)
         self.backend = open_backend(self._model_path, data, self.config.backend, self.config.threads,
                                     self.config.tile, len(self.bands))
+        self._planes = self.backend.planes               # the new backend owns a new input buffer
         self._model_bytes, self._model_ok = data, True
         return "model image failed its scrub (sha256); reloaded from the verified file"
 
@@ -291,19 +293,22 @@ class CloudGate:
         if a1 > a0:
             _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), _MADV_DONTNEED)
 
-    def _load_tile(self, scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask) -> tuple[int, int]:
-        """Fill self._planes / self._valid from the scene window at (wy0, wx0); returns its (rows, cols)."""
+    def _load_tile(self, scene, wy0, wx0, h, w, src_idx, scale, offset, fill, valid_mask) -> tuple[int, int]:
+        """Fill self._planes (in the backend's input units) and self._valid from the scene window at
+        (wy0, wx0); returns its (rows, cols)."""
         t = self._tile
         rh, rw = min(t, h - wy0), min(t, w - wx0)
         planes = self._planes
         vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
         vsub.fill(True)
         nz.fill(False)
+        floating = scene.dtype.kind == "f"               # integer DN are always finite
         for ci, si in enumerate(src_idx):                # bounded by the model's band count
             p = planes[ci, :rh, :rw]
             np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=p, dtype=np.float32, casting="unsafe")
-            np.isfinite(p, out=tsub)
-            np.logical_and(vsub, tsub, out=vsub)        # every band finite
+            if floating:
+                np.isfinite(p, out=tsub)
+                np.logical_and(vsub, tsub, out=vsub)    # every band finite
             np.not_equal(p, 0.0, out=tsub)
             np.logical_or(nz, tsub, out=nz)             # all bands exactly zero = no-data fill
         np.logical_and(vsub, nz, out=vsub)
@@ -315,8 +320,9 @@ class CloudGate:
         if not vsub.all():                               # NaN/Inf/no-data never reach the model
             np.logical_not(vsub, out=tsub)
             for ci in range(len(src_idx)):
-                np.copyto(planes[ci, :rh, :rw], 0.0, where=tsub)
-        np.clip(sub, -1.0, 4.0, out=sub)                 # saturated or absurd values stay in range
+                np.copyto(planes[ci, :rh, :rw], fill, where=tsub)
+        lo, hi = self.backend.input_range
+        np.clip(sub, lo, hi, out=sub)                    # saturated or absurd values stay in range
         if rh < t or rw < t:
             self._pad(rh, rw)
         return rh, rw
@@ -339,7 +345,11 @@ class CloudGate:
         scale, offset = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
         if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
             raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale != 0")
-        scale, offset = np.float32(scale), np.float32(offset)
+        # fold radiometry and the model's input quantization into one affine map per value:
+        # model_input = ((value * scale + offset) * a + b), clipped to the backend's input range
+        a, b = self.backend.input_affine
+        scale, offset = np.float32(scale * a), np.float32(offset * a + b)
+        fill = np.float32(b)                             # what an invalid pixel (reflectance 0) becomes
         step, half, t = self._step, self._half, self._tile
         ny, nx = -(-h // step), -(-w // step)
         n_tiles = ny * nx
@@ -369,7 +379,7 @@ class CloudGate:
             cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
             wy0 = min(max(cy0 - half, 0), max(h - t, 0))
             wx0 = min(max(cx0 - half, 0), max(w - t, 0))
-            self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, valid_mask)
+            self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, fill, valid_mask)
             ti = time.perf_counter()
             self.backend.infer(self._planes, self._mask)
             infer_s += time.perf_counter() - ti

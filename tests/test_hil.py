@@ -91,10 +91,11 @@ def test_each_frame_fault_changes_the_frame_and_the_gate_survives(gate_litert, f
         assert d.action == "fault"
 
 
-def test_weight_upset_in_ram_is_caught_by_scrub():
+@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+def test_weight_upset_in_ram_is_caught_by_scrub(backend):
     from flight import CloudGate
 
-    gate = CloudGate.from_model()
+    gate = CloudGate.from_model(backend=backend)
     scene = generate_scene("clear", 2, 256)
     flip_bit_in_bytes(gate._model_bytes, np.random.default_rng(1))
     d = gate.process(scene["bands"], scene["band_names"])
