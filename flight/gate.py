@@ -342,7 +342,11 @@ class CloudGate:
     def _process(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0) -> Decision:
         cfg = self.config
         h, w, src_idx = self._check(scene, band_names, mask_out, valid_mask)
-        scale, offset = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
+        rad = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
+        try:
+            scale, offset = (float(v) for v in rad)
+        except (TypeError, ValueError):
+            raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}") from None
         if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
             raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale != 0")
         # fold radiometry and the model's input quantization into one affine map per value:

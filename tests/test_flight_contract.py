@@ -85,6 +85,12 @@ def test_bad_input_faults_or_raises(gate_litert, scene, names, err):
         gate_litert.process(scene, names, strict=True)
 
 
+@pytest.mark.parametrize("rad", [(0.0, 0.0), (float("nan"), 0.0), ("x", 1), (1.0,)])
+def test_bad_radiometry_is_a_typed_fault(gate_litert, rad):
+    d = gate_litert.process(np.ones((20, 20, 4), np.float32), BANDS, radiometry=rad)
+    assert d.action == "fault" and d.fault_code == "bad_scene_dtype" and "radiometry" in d.fault
+
+
 def test_missing_band_fault_names_it(gate_litert):
     d = gate_litert.process(np.ones((50, 50, 3), np.float32), ("blue", "green", "red"))
     assert d.action == "fault" and "nir" in d.fault
