@@ -10,8 +10,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,47 +30,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ contenders
-def _onnx_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def student_fn(path: Path, threads: int):
-    """NHWC float32 (1,T,T,4) -> (T,T,3) scores, for fp32/INT8 ONNX and INT8 TFLite."""
-    if path.suffix == ".tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
-        it = Interpreter(model_path=str(path), num_threads=threads)
-        it.allocate_tensors()
-        i, o = it.get_input_details()[0], it.get_output_details()[0]
-        si, zi = i["quantization"]
-
-        def fn(x):
-            it.set_tensor(i["index"], np.clip(np.rint(x / si) + zi, -128, 127).astype(np.int8))
-            it.invoke()
-            return it.get_tensor(o["index"])[0]
-
-        return fn
-    s = _onnx_session(path, threads)
-    return lambda x: s.run(None, {"reflectance": x.transpose(0, 3, 1, 2)})[0][0].transpose(1, 2, 0)
-
-
-def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
-    """ukis-csmask as its users run it: the CSmask wrapper (own tiling, 20 % overlap, blending)."""
-    from ukis_csmask.mask import CSmask
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CSmask(np.ascontiguousarray(refl, np.float32), band_order=list(bands),
-                      intra_op_num_threads=threads, inter_op_num_threads=1).csm[..., 0]
-
-
 def s2cloudless_mask(refl13: np.ndarray) -> np.ndarray:
     """s2cloudless 1.7.3 with its documented settings (threshold 0.4, average_over 4, dilation 2) on
     Sentinel-2 L1C reflectance. CC BY-SA 4.0: evaluation only, never a training signal."""
@@ -97,10 +54,11 @@ def accuracy(card, models: dict, quick: bool) -> tuple[dict, dict]:
     from bench.threshold import threshold_mask
     from flight import CloudGate
     from flight.scenefile import read_npz_scene
-    from ground.metrics import cloud_metrics, predict_tiled
+    from ground.evaluate import teacher_mask
+    from ground.metrics import cloud_metrics, model_fn, predict_tiled
     from ground.sceneio import load_npz
 
-    fns = {k: student_fn(p, 2) for k, p in models.items()}
+    fns = {k: model_fn(p, 2) for k, p in models.items()}
     gate = CloudGate.from_model(backend="litert")
     per_scene, masks = {}, {}
     for p in sorted(REAL.glob("*/*.npz")):
@@ -147,6 +105,7 @@ def accuracy(card, models: dict, quick: bool) -> tuple[dict, dict]:
 
 def synthetic_accuracy(models: dict, quick: bool) -> dict:
     from bench.threshold import threshold_mask
+    from ground.metrics import model_fn
     from ground.synth import make_set
     from ground.teachers import load_teacher
 
@@ -164,7 +123,7 @@ def synthetic_accuracy(models: dict, quick: bool) -> dict:
     out["teacher_ukis_4b"] = pooled([t.run(X[i:i + 1, ..., :4])[0].argmax(0) for i in range(n)])
     out["threshold"] = pooled([threshold_mask(X[i], ("blue", "green", "red", "nir", "swir16", "swir22")) for i in range(n)])
     for k, p in models.items():
-        fn = student_fn(p, 2)
+        fn = model_fn(p, 2)
         out[k] = pooled([np.argmax(fn(np.ascontiguousarray(X[i:i + 1, ..., :4])), -1) for i in range(n)])
     return out
 
@@ -177,8 +136,8 @@ sys.path.insert(0, {repo!r})
 kind, threads, reps = {kind!r}, {threads}, {reps}
 z = np.load({scene!r})
 img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
-from bench.__main__ import student_fn, teacher_mask
-from ground.metrics import predict_tiled
+from ground.evaluate import teacher_mask
+from ground.metrics import model_fn, predict_tiled
 if kind == "teacher_ukis":
     run = lambda: teacher_mask(img, ("blue", "green", "red", "nir"), threads)
 elif kind == "cloudgate":
@@ -190,7 +149,7 @@ elif kind == "threshold":
     from bench.threshold import threshold_mask
     run = lambda: threshold_mask(img, ("blue", "green", "red", "nir"))
 else:
-    fn = student_fn(__import__("pathlib").Path(kind), threads)
+    fn = model_fn(kind, threads)
     run = lambda: predict_tiled(fn, img)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 run()

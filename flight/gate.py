@@ -13,7 +13,7 @@ import math
 import mmap
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from .config import GateConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, BandMismatchError, CloudGateError, ConfigError, SceneDtypeError,
                      SceneShapeError)
-from .model import ModelCard, read_verified, resolve_model
+from .model import read_verified, resolve_model
 
 ACTIONS = ("downlink", "discard", "reacquire", "fault")
 CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
@@ -101,7 +101,7 @@ class CloudGate:
                                              len(self.bands))
         self._model_ok = True
         self._scenes = 0
-        t, c = cfg.tile, len(self.bands)
+        t = cfg.tile
         self._tile = t
         self._step = t - cfg.overlap
         self._half = cfg.overlap // 2

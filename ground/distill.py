@@ -4,13 +4,11 @@ steps, labels only). Resumable from checkpoints; runs unchanged under torchrun (
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 

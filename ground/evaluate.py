@@ -15,13 +15,15 @@ from .synth import SYNTH_BANDS, make_set
 SYNTH_EVAL_SEED, SYNTH_EVAL_N = 99, 48
 
 
-def teacher_mask(refl6: np.ndarray, bands: tuple[str, ...]) -> np.ndarray:
-    """ukis-csmask as its users run it (CSmask wrapper, its own tiling and blending)."""
+def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
+    """ukis-csmask as its users run it: the CSmask wrapper (own tiling, 20 % overlap, blending); it
+    picks its 6-band model when SWIR is among `bands`."""
     from ukis_csmask.mask import CSmask
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cs = CSmask(np.ascontiguousarray(refl6, dtype=np.float32), band_order=list(bands), intra_op_num_threads=2)
+        cs = CSmask(np.ascontiguousarray(refl, dtype=np.float32), band_order=list(bands),
+                    intra_op_num_threads=threads, inter_op_num_threads=1)
     return cs.csm[..., 0]
 
 
@@ -119,14 +121,16 @@ def save_mask_png(masks: dict, path: Path) -> None:
 
 
 def evaluate_cli(card_path: str, scenes: str | None, out: str | None) -> None:
-    from .export import _onnx_fn, _tflite_fn
+    from .metrics import model_fn
 
     card_path = Path(card_path)
     card = yaml.safe_load(card_path.read_text())
     d = card_path.parent
     a = card["artifacts"]
-    contenders = {"kd_fp32": _onnx_fn(d / a["onnx_fp32"]["file"]), "kd_int8_onnx": _onnx_fn(d / a["onnx_int8"]["file"]),
-                  "kd_int8_tflite": _tflite_fn(d / a["tflite_int8"]["file"])[0]}
+    contenders = {"kd_fp32": model_fn(d / a["onnx_fp32"]["file"]), "kd_int8_onnx": model_fn(d / a["onnx_int8"]["file"]),
+                  "kd_int8_tflite": model_fn(d / a["tflite_int8"]["file"])}
+    if "baseline_onnx_fp32" in a:
+        contenders["baseline_nokd_fp32"] = model_fn(d / a["baseline_onnx_fp32"]["file"])
     metrics, masks = evaluate_models(contenders, card["bands"], Path(scenes) if scenes else None, keep_masks=True)
     print(format_table(metrics))
     if out:

@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from .distill import REPO, load_config, load_student
+from .metrics import model_fn
 from .sceneio import real_scene_paths, load_npz
 from .synth import SYNTH_BANDS, make_set
 
@@ -103,31 +104,12 @@ def export_tflite(model, spec, path: Path, calib: np.ndarray) -> float:
     return parity
 
 
-def _tflite_fn(path: Path):
+def tflite_quant_params(path: Path) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(path), num_threads=2)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    (si, zi), (so, zo) = i["quantization"], o["quantization"]
-
-    def fn(x):
-        q = np.clip(np.rint(x / si) + zi, -128, 127).astype(np.int8)
-        it.set_tensor(i["index"], q)
-        it.invoke()
-        return (it.get_tensor(o["index"])[0].astype(np.float32) - zo) * so
-
-    return fn, {"input_scale": float(si), "input_zero_point": int(zi), "output_scale": float(so),
-                "output_zero_point": int(zo)}
-
-
-def _onnx_fn(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return lambda x: s.run(None, {"reflectance": x.transpose(0, 3, 1, 2)})[0][0].transpose(1, 2, 0)
+    it = Interpreter(model_path=str(path))
+    (si, zi), (so, zo) = it.get_input_details()[0]["quantization"], it.get_output_details()[0]["quantization"]
+    return {"input_scale": float(si), "input_zero_point": int(zi), "output_scale": float(so), "output_zero_point": int(zo)}
 
 
 def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: bool = False) -> dict:
@@ -142,16 +124,16 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     export_onnx_fp32(model, spec, fp32)
     quantize_onnx(fp32, int8, calib)
     parity = export_tflite(model, spec, tfl, calib)
-    _, tq = _tflite_fn(tfl)
+    tq = tflite_quant_params(tfl)
     artifacts = {k: {"file": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
                  for k, p in (("onnx_fp32", fp32), ("onnx_int8", int8), ("tflite_int8", tfl))}
-    contenders = {"kd_fp32": _onnx_fn(fp32), "kd_int8_onnx": _onnx_fn(int8), "kd_int8_tflite": _tflite_fn(tfl)[0]}
+    contenders = {"kd_fp32": model_fn(fp32), "kd_int8_onnx": model_fn(int8), "kd_int8_tflite": model_fn(tfl)}
     if baseline:  # shipped for bench/ and evaluation only; flight never loads it
         bspec, bmodel = load_student(baseline)
         bpath = out_dir / f"{name}.baseline-nokd.fp32.onnx"
         export_onnx_fp32(bmodel, bspec, bpath)
         artifacts["baseline_onnx_fp32"] = {"file": bpath.name, "sha256": sha256(bpath), "bytes": bpath.stat().st_size}
-        contenders["baseline_nokd_fp32"] = _onnx_fn(bpath)
+        contenders["baseline_nokd_fp32"] = model_fn(bpath)
     metrics = evaluate_models(contenders, spec.bands)
     teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
                  "license": "Apache-2.0"} for t in cfg["teachers"]]

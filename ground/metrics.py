@@ -45,3 +45,35 @@ def predict_tiled(logits_fn, img: np.ndarray, tile: int = 256, overlap: int = 32
             y0 = 0 if y == 0 else half; x0 = 0 if x == 0 else half
             out[y + y0:y + tile, x + x0:x + tile] = m[y0:, x0:]
     return out[:h, :w]
+
+
+def model_fn(path, threads: int = 2):
+    """NHWC float32 (1, T, T, C) reflectance -> (T, T, K) scores for an fp32/INT8 ONNX or INT8 TFLite
+    student (argmax-equivalent scores: raw int8 codes for TFLite)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(model_path=str(path), num_threads=threads)
+        it.allocate_tensors()
+        i, o = it.get_input_details()[0], it.get_output_details()[0]
+        si, zi = i["quantization"]
+
+        def fn(x):
+            it.set_tensor(i["index"], np.clip(np.rint(x / si) + zi, -128, 127).astype(np.int8))
+            it.invoke()
+            return it.get_tensor(o["index"])[0]
+
+        return fn
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return lambda x: s.run(None, {name: x.transpose(0, 3, 1, 2)})[0][0].transpose(1, 2, 0)

@@ -7,7 +7,7 @@ full-resolution mask. This keeps MACs/pixel at ~1 % of the ukis-csmask teacher.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     import flight.decisionlog as dlog
     from flight import CloudGate, ModelIntegrityError
-    from flight.model import default_card, load_card, MODELS_DIR
+    from flight.model import default_card, load_card
 
     from .faults import apply_frame_faults, flip_bit_in_bytes, flip_bits
     from .streams import StreamItem, load_item

@@ -5,7 +5,7 @@ model (hil.boards.Board.emulated_latency_s) and are labelled as such everywhere.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from flight import read_log

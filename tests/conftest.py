@@ -3,7 +3,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +43,8 @@ def gate_ort():
 
 
 def synthetic_scene(seed: int, size: int, kind: str):
-    """A labelled synthetic 4-band scene built by tiling 256² generator scenes (ground.synth)."""
-    from ground.synth import make_scene
+    """A labelled synthetic 4-band scene (hil.streams.generate_scene: tiled ground.synth scenes)."""
+    from hil.streams import generate_scene
 
-    reps = -(-size // 256)
-    refl = np.zeros((reps * 256, reps * 256, 4), np.float32)
-    mask = np.zeros((reps * 256, reps * 256), np.uint8)
-    for i in range(reps):
-        for j in range(reps):
-            s = make_scene(seed * 1000 + i * reps + j, 256, kind=kind)
-            refl[i * 256:(i + 1) * 256, j * 256:(j + 1) * 256] = s.reflectance[..., :4]
-            mask[i * 256:(i + 1) * 256, j * 256:(j + 1) * 256] = s.mask
-    return refl[:size, :size], mask[:size, :size]
+    s = generate_scene(kind, seed, size)
+    return s["bands"], s["label"]

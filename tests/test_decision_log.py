@@ -1,7 +1,6 @@
 """Decision log: CRC per record, torn/corrupt lines skipped, kill -9 mid-stream loses no complete record."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="ground tests need the [ground] extr
 
 from ground import losses as L  # noqa: E402
 from ground.student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS, StudentSpec, build_student  # noqa: E402
-from ground.synth import CLOUD_ALPHA, make_scene, make_set  # noqa: E402
+from ground.synth import make_scene, make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CFG = ROOT / "ground/configs/kd_multi_teacher.yaml"

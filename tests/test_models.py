@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pytest
 import yaml
 
 from flight.model import MODELS_DIR, default_card
