@@ -140,9 +140,9 @@ from ground.evaluate import teacher_mask
 from ground.metrics import model_fn, predict_tiled
 if kind == "teacher_ukis":
     run = lambda: teacher_mask(img, ("blue", "green", "red", "nir"), threads)
-elif kind == "cloudgate":
+elif kind.startswith("cloudgate"):
     from flight import CloudGate
-    g = CloudGate.from_model(backend="litert", threads=threads, early_exit={{"enabled": False}})
+    g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={{"enabled": False}})
     m = np.empty(img.shape[:2], np.uint8)
     run = lambda: g.process(img, ("blue", "green", "red", "nir"), mask_out=m)
 elif kind == "threshold":
@@ -166,7 +166,8 @@ def cost(models: dict, quick: bool) -> dict:
     tmp = Path(tempfile.mkdtemp()) / "scene.npz"
     with np.load(scene) as z:
         np.savez(tmp, bands=z["bands"])
-    kinds = {"teacher_ukis": "teacher_ukis", "threshold": "threshold", "cloudgate (LiteRT INT8, end to end)": "cloudgate",
+    kinds = {"teacher_ukis": "teacher_ukis", "threshold": "threshold",
+             "cloudgate (LiteRT INT8, end to end)": "cloudgate:litert", "cloudgate (ORT INT8, end to end)": "cloudgate:onnxruntime",
              **{k: str(p) for k, p in models.items()}}
     out = {}
     for name, kind in kinds.items():
@@ -409,6 +410,7 @@ def main(argv=None) -> int:
     for k, p in models.items():
         res["static"][k] = {"bytes": p.stat().st_size, "parameters": card.raw["parameters"], "macs_per_pixel": card.raw["macs_per_pixel"]}
     res["static"]["cloudgate (LiteRT INT8, end to end)"] = res["static"]["kd_int8_tflite"]
+    res["static"]["cloudgate (ORT INT8, end to end)"] = res["static"]["kd_int8_onnx"]
     res["cpu"] = cpu_int8_peak()
     mpx = res["cost"].get("kd_int8_tflite", {}).get("2t", {}).get("mpx_per_s")
     if mpx:
