@@ -81,16 +81,22 @@ def _real_tiles(paths, tile: int, stride: int) -> np.ndarray:
 
 
 def _radiometric_variants(tiles: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k extra copies of each real tile with a scene gain (0.8-1.2, sun elevation / calibration) and
-    per-band gains (+-5 %, sensor differences); the teachers label every variant, so the student
-    sees real texture under varied radiometry with matching targets."""
+    """k extra copies of each real tile with a scene gain (0.8-1.2, sun elevation / calibration),
+    per-band gains (+-5 %, sensor differences) and, on some, 8-bit sensor saturation; the teachers
+    label every variant, so the student sees real texture under varied radiometry with matching targets."""
     if k <= 0 or len(tiles) == 0:
         return tiles
+    from .synth import SATURATION_P, saturation_levels
+
     rng = np.random.default_rng([seed, 4242])
     out = [tiles]
     for _ in range(k):
         g = rng.uniform(0.8, 1.2, (len(tiles), 1, 1, 1)) * rng.uniform(0.95, 1.05, (len(tiles), 1, 1, tiles.shape[-1]))
-        out.append((tiles * g).astype(np.float32))
+        v = (tiles * g).astype(np.float32)
+        for i in range(len(v)):                    # 8-bit sensor saturation, as in the synthetic scenes
+            if rng.random() < SATURATION_P:
+                np.minimum(v[i], saturation_levels(rng), out=v[i])
+        out.append(v)
     return np.concatenate(out)
 
 
@@ -127,7 +133,7 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
     with tqdm(total=len(X) * len(teachers), desc="teacher outputs", unit="tile", disable=len(X) < 8) as bar:
         cached = run_teachers_cached(X, CACHE / f"teachers_{key}.npz", teachers, progress=bar.update)
     tnames = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
-    return {"X": X, "Y": Y, "kinds": kinds + ["real"] * len(X_real), "n_syn": len(X_syn),
+    return {"X": X, "Y": Y, "kinds": kinds + ["real"] * len(X_real), "n_syn": len(X_syn), "key": key,
             "t_probs": {n: cached[f"{k}_probs"] for n, k in tnames.items()},
             "t_feats": {n: cached[f"{k}_feats"] for n, k in tnames.items()}}
 
@@ -175,10 +181,11 @@ def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
             "t_feats": {t: torch.from_numpy(np.stack(v)) for t, v in tfs.items()}}
 
 
-def _fingerprint(cfg: dict, terms: list[dict]) -> str:
-    """What determines a run's weights: everything in the config but its path, plus the loss terms."""
+def _fingerprint(cfg: dict, terms: list[dict], data_key: str) -> str:
+    """What determines a run's weights: the config (but its path), the loss terms and the transfer
+    set's content hash (so a generator change invalidates old runs)."""
     body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline")}
-    return hashlib.sha256(json.dumps([body, terms], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([body, terms, data_key], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def seed_everything(seed: int):
@@ -202,7 +209,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
     final = run_dir / "student.pt"
-    fingerprint = _fingerprint(cfg, terms)
+    fingerprint = _fingerprint(cfg, terms, ts.get("key", ""))
     if final.exists() and torch.load(final, weights_only=False).get("fingerprint") == fingerprint:
         log(f"[{label}] {final} is up to date with this config; reusing it")
         return final

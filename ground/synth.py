@@ -34,8 +34,20 @@ ENDMEMBERS = {
     "snow": (0.88, 0.86, 0.83, 0.74, 0.09, 0.05),
 }
 RAYLEIGH_PATH = np.array([0.06, 0.035, 0.02, 0.008, 0.002, 0.001], np.float32)  # L1C path radiance, TOA
-THICK_CLOUD_SHAPE = np.array([1.0, 1.0, 1.0, 0.98, 0.72, 0.48], np.float32)
+# water-cloud TOA shape relative to red, from the cores of real labelled L1C clouds (S2/L5 tiles:
+# NIR 1.12-1.21, SWIR16 0.86-0.95, SWIR22 0.66-0.74)
+THICK_CLOUD_SHAPE = np.array([1.0, 1.0, 1.0, 1.05, 0.9, 0.7], np.float32)
 CIRRUS_SHAPE = np.array([1.0, 1.0, 1.0, 1.0, 0.45, 0.28], np.float32)
+
+# 8-bit sensors (Landsat-4/5 TM, -7 ETM+ high gain) saturate over bright cloud, blue first (TM band 1
+# near 0.4 TOA reflectance): clouds then lose their flat spectrum. Emulated on a share of scenes.
+SATURATION_P = 0.25
+SATURATION_RANGES = ((0.3, 0.5), (0.45, 0.9), (0.5, 0.85), (0.6, 0.95), (0.45, 0.75), (0.5, 0.85))
+
+
+def saturation_levels(rng: np.random.Generator) -> np.ndarray:
+    return np.array([rng.uniform(lo, hi) for lo, hi in SATURATION_RANGES], np.float32)
+
 
 SCENE_KINDS = ("clear", "partly", "overcast", "snow", "haze", "urban", "water", "cirrus", "broken", "popcorn")
 
@@ -158,7 +170,11 @@ def make_scene(seed: int, size: int = 256, kind: str | None = None, background: 
         alpha = _cover_alpha(fractal_noise(rng, h, w, beta=beta, f_min=f_min), cover, sharpness=rng.uniform(2.0, 8.0))
     # cloud-top TOA reflectance: small cumulus ~0.4, thick stratocumulus up to ~0.85
     cloud_refl = rng.uniform(0.4, 0.85) * (1 + 0.12 * fractal_noise(rng, h, w, beta=2.5))
-    cloud_spec = cloud_refl[..., None] * THICK_CLOUD_SHAPE
+    # TOA cloud spectra vary: NIR/VIS from ~0.95 (thick, high) to ~1.3 (thin or low cloud over
+    # vegetation, as seen in real L1C scenes), a little extra blue from Rayleigh above the cloud
+    shape = THICK_CLOUD_SHAPE * np.array([rng.uniform(0.97, 1.06), 1.0, 1.0, rng.uniform(0.95, 1.25),
+                                          rng.uniform(0.88, 1.08), rng.uniform(0.88, 1.08)], np.float32)
+    cloud_spec = cloud_refl[..., None] * shape
     if kind == "cirrus" or rng.random() < 0.15:
         c_cover = rng.uniform(0.2, 0.9) if kind == "cirrus" else rng.uniform(0.05, 0.4)
         streaks = fractal_noise(rng, h, w, beta=3.0, anisotropy=rng.uniform(4, 10), angle=rng.uniform(0, np.pi))
@@ -184,6 +200,8 @@ def make_scene(seed: int, size: int = 256, kind: str | None = None, background: 
         toa = toa * (1 - h_alpha[..., None]) + haze_spec * h_alpha[..., None]
     toa = toa * (1 - alpha[..., None]) + cloud_spec * alpha[..., None]
     toa = toa + rng.normal(0, 0.003, toa.shape).astype(np.float32)
+    if rng.random() < SATURATION_P:
+        toa = np.minimum(toa, saturation_levels(rng))
     mask = np.zeros((h, w), np.uint8)
     mask[(s_alpha >= SHADOW_ALPHA)] = 2
     mask[alpha >= CLOUD_ALPHA] = 1
