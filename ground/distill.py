@@ -318,7 +318,11 @@ def run_experiment(cfg: dict, out_root: Path | None = None, log=print) -> dict:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
     out_root = out_root or REPO / "runs"
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 fills the teacher cache first; the others then read it
     ts = build_transfer_set(cfg, log=log)
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
     exp = cfg["experiment"]
     kd = train(cfg, ts, out_root / exp / "kd", cfg["losses"], f"{exp}:kd", log)
     results = {"kd": str(kd)}

@@ -8,6 +8,7 @@ logits. We also expose the decoder's 1/4-resolution feature map (64 channels) fo
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -93,7 +94,8 @@ def run_teachers_cached(X6: np.ndarray, cache: Path, teachers: list[Teacher], ba
         key = t.name.split("/")[-1]
         out[f"{key}_probs"], out[f"{key}_feats"] = probs, feats
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    # Per-process temp name: DDP ranks may compute the same cache concurrently; the rename is atomic.
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **out)
     tmp.replace(cache)
     return out

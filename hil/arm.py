@@ -4,8 +4,11 @@ setup(): mmdebstrap an arm64 Debian bookworm root with python3 (extract only, no
          install aarch64 wheels of the flight dependencies into it, and give it a fake ARM
          /proc/cpuinfo and /sys CPU list matching the QEMU CPU model (onnxruntime and XNNPACK read
          them; the host's x86 files crash or silently disable XNNPACK).
-check(): run the same scenes through flight on x86 and under qemu-aarch64; decisions and INT8 masks
-         must be bit-identical. Emulation is 100-700x slower: correctness only, never timing.
+check(): run the same scenes through flight on x86 and under qemu-aarch64; decisions must be identical
+         on both backends. LiteRT masks must be bit-identical. ONNX Runtime's x86 AVX2 U8S8 kernel
+         (vpmaddubsw) saturates int16 pair sums where the ARM kernel does not, so its masks may differ
+         in a few boundary pixels: at most ORT_MAX_PIXEL_DIFF of them, and the same actions.
+         Emulation is 100-700x slower: correctness only, never timing.
 """
 from __future__ import annotations
 
@@ -113,21 +116,30 @@ def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = N
     return json.loads((out.with_suffix(".json")).read_text())
 
 
-def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict) -> list[str]:
+ORT_MAX_PIXEL_DIFF = 1e-4  # share of a scene's pixels; see the module docstring
+
+
+def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff: float = 0.0) -> list[str]:
+    """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels."""
     problems = []
     for sid, da in a_json.items():
         db = b_json.get(sid)
         if db is None:
             problems.append(f"{sid}: missing in aarch64 run")
             continue
-        for k in ("action", "cloud_fraction", "valid_fraction", "tiles_processed"):
+        for k in ("action", "valid_fraction", "tiles_processed"):
             if da[k] != db[k]:
                 problems.append(f"{sid}: {k} x86={da[k]} aarch64={db[k]}")
+        if abs(da["cloud_fraction"] - db["cloud_fraction"]) > max_pixel_diff:
+            problems.append(f"{sid}: cloud_fraction x86={da['cloud_fraction']} aarch64={db['cloud_fraction']}")
     with np.load(a_npz) as za, np.load(b_npz) as zb:
         for k in za.files:
-            if k not in zb.files or not np.array_equal(za[k], zb[k]):
-                diff = int((za[k] != zb[k]).sum()) if k in zb.files else -1
-                problems.append(f"{k}: INT8 masks differ in {diff} pixels")
+            if k not in zb.files or za[k].shape != zb[k].shape:
+                problems.append(f"{k}: mask missing or of another shape in the aarch64 run")
+                continue
+            diff = int((za[k] != zb[k]).sum())
+            if diff > max_pixel_diff * za[k].size:
+                problems.append(f"{k}: INT8 masks differ in {diff} of {za[k].size} pixels")
     return problems
 
 
@@ -149,8 +161,12 @@ def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert",
             x86, arm = Path(td) / f"x86_{backend}.npz", Path(td) / f"arm_{backend}.npz"
             jx = run_probe(scenes, x86, backend)
             ja = run_probe(scenes, arm, backend, root=root)
-            problems = compare(x86, arm, jx, ja)
-            status = "bit-identical" if not problems else "DIFFERENT"
+            tol = 0.0 if backend == "litert" else ORT_MAX_PIXEL_DIFF
+            problems = compare(x86, arm, jx, ja, tol)
+            with np.load(x86) as za, np.load(arm) as zb:
+                ndiff = sum(int((za[k] != zb[k]).sum()) for k in za.files if k in zb.files and za[k].shape == zb[k].shape)
+            status = ("bit-identical" if ndiff == 0 else f"same decisions, {ndiff} mask pixels differ (tolerance {tol:g})") \
+                if not problems else "DIFFERENT"
             print(f"arm-check [{backend}] {len(scenes)} real scenes, qemu -cpu {QEMU_CPU}: {status}")
             for sid, d in jx.items():
                 print(f"  {sid:40s} x86 {d['action']:9s} cf={d['cloud_fraction']:.4f} | aarch64 "

@@ -157,7 +157,24 @@ def test_cli_exit_codes(tmp_path):
     assert r.returncode == 2 and "known boards" in r.stderr
 
 
-def test_cross_arch_bit_identical(real_dir):
+def test_cross_arch_compare_tolerance(tmp_path):
+    """LiteRT must be bit-identical; ORT masks may differ in a bounded share of pixels, decisions never."""
+    from hil import arm
+
+    a, b = np.zeros((100, 100), np.uint8), np.zeros((100, 100), np.uint8)
+    b[0, 0] = 1
+    np.savez(tmp_path / "a.npz", s=a)
+    np.savez(tmp_path / "b.npz", s=b)
+    d = {"s": {"action": "downlink", "cloud_fraction": 0.0, "valid_fraction": 1.0, "tiles_processed": 1}}
+    d2 = {"s": dict(d["s"], cloud_fraction=1e-4)}
+    assert arm.compare(tmp_path / "a.npz", tmp_path / "a.npz", d, d) == []
+    assert any("1 of 10000" in p for p in arm.compare(tmp_path / "a.npz", tmp_path / "b.npz", d, d2))
+    assert arm.compare(tmp_path / "a.npz", tmp_path / "b.npz", d, d2, max_pixel_diff=1e-4) == []
+    assert any("action" in p for p in arm.compare(tmp_path / "a.npz", tmp_path / "a.npz", d,
+                                                   {"s": dict(d["s"], action="discard")}, 1e-4))
+
+
+def test_cross_arch_identical_decisions(real_dir):
     from hil import arm
 
     missing = arm.missing_tools()
