@@ -31,6 +31,7 @@ CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
 _KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015) empirical Bernstein-Serfling
 _SUPPORTED_KINDS = "biuf"
 _MADV_DONTNEED = 4
+_F32_MAX = np.float32(np.finfo(np.float32).max)
 try:
     _libc = ctypes.CDLL(None)
     _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -306,9 +307,12 @@ class CloudGate:
         for ci, si in enumerate(src_idx):                # bounded by the model's band count
             p = planes[ci, :rh, :rw]
             np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=p, dtype=np.float32, casting="unsafe")
-            if floating:
-                np.isfinite(p, out=tsub)
-                np.logical_and(vsub, tsub, out=vsub)    # every band finite
+            if floating:                                 # every band finite: NaN fails both comparisons
+                # (not np.isfinite: numpy 2.4's SIMD isfinite/isnan mis-write a strided `out` view)
+                np.less_equal(p, _F32_MAX, out=tsub)
+                np.logical_and(vsub, tsub, out=vsub)
+                np.greater_equal(p, -_F32_MAX, out=tsub)
+                np.logical_and(vsub, tsub, out=vsub)
             np.not_equal(p, 0.0, out=tsub)
             np.logical_or(nz, tsub, out=nz)             # all bands exactly zero = no-data fill
         np.logical_and(vsub, nz, out=vsub)

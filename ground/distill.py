@@ -54,6 +54,9 @@ def load_config(path: str | Path) -> dict:
     for k in ("steps", "batch", "lr"):
         if k not in cfg["train"]:
             raise ConfigError(f"{path}: train.{k} is required")
+    bias = cfg.get("calibration", {}).get("cloud_logit_bias", 0.0)
+    if bias != "auto" and not isinstance(bias, (int, float)):
+        raise ConfigError(f"{path}: calibration.cloud_logit_bias must be 'auto' or a number, got {bias!r}")
     cfg["_path"] = str(path)
     return cfg
 
@@ -183,8 +186,9 @@ def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
 
 def _fingerprint(cfg: dict, terms: list[dict], data_key: str) -> str:
     """What determines a run's weights: the config (but its path), the loss terms and the transfer
-    set's content hash (so a generator change invalidates old runs)."""
-    body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline")}
+    set's content hash (so a generator change invalidates old runs). Export-time calibration is not
+    training, so it stays out."""
+    body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline", "calibration")}
     return hashlib.sha256(json.dumps([body, terms, data_key], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

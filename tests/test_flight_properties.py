@@ -58,3 +58,20 @@ def test_never_crashes_and_outputs_are_sane(gate_litert, sv, want_mask):
         v = mask != 255
         assert d.valid_fraction == pytest.approx(v.mean())
         assert d.cloud_fraction == pytest.approx((mask == 1).sum() / max(v.sum(), 1))
+
+
+@pytest.mark.parametrize("shape", [(20, 1), (7, 5), (300, 3)])
+def test_narrow_float_scene_validity_is_exact_and_repeatable(gate_litert, shape):
+    """Regression: numpy 2.4's isfinite into a strided view left stale validity from the previous tile."""
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(-0.1, 1.5, shape + (4,)).astype(np.float16)
+    scene[shape[0] // 2, 0] = [np.nan, np.inf, np.nan, 0.1]
+    expected_valid = np.isfinite(scene.astype(np.float32)).all(axis=2).mean()
+    masks = []
+    for _ in range(3):
+        mask = np.full(shape, 77, np.uint8)
+        d = gate_litert.process(scene, BANDS, mask_out=mask)
+        assert d.valid_fraction == pytest.approx(expected_valid)
+        assert mask[shape[0] // 2, 0] == 255
+        masks.append(mask)
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])

@@ -160,6 +160,43 @@ def test_experiment_config_errors_name_the_key(tmp_path):
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="ghost"):
         load_config(p)
+    cfg = yaml.safe_load(DEFAULT_CFG.read_text())
+    cfg["calibration"]["cloud_logit_bias"] = "big"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="calibration.cloud_logit_bias"):
+        load_config(p)
+
+
+def test_cloud_bias_is_exact_in_the_head_and_chosen_by_iou():
+    from ground.calibrate import apply_cloud_bias, choose_cloud_bias
+    from ground.synth import SYNTH_BANDS
+
+    spec = StudentSpec.from_dict(yaml.safe_load(DEFAULT_CFG.read_text())["student"])
+    torch.manual_seed(0)
+    model = build_student(spec).eval()
+    x = torch.rand(1, 4, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        apply_cloud_bias(model, 1.25)
+        after = model(x)
+    shift = (after - before)[0]
+    assert torch.allclose(shift[1], torch.full_like(shift[1], 1.25), atol=1e-5)   # cloud logit only
+    assert torch.allclose(shift[0], torch.zeros_like(shift[0]), atol=1e-6)
+    # A fake model whose cloud logit sits 0.6 below clear on half the true cloud: a bias of 0.75 recovers it.
+    ref = np.zeros((2, 8, 8), np.uint8)
+    ref[:, :, :4] = 1                                  # true cloud: left half of each tile
+    tiles = np.zeros((2, 8, 8, len(SYNTH_BANDS)), np.float32)
+    tiles[..., 0] = ref  # the fake model reads the label from the first band
+
+    def fake(xb):
+        lg = np.zeros(xb.shape[:3] + (3,), np.float32)
+        lg[..., 0] = 1.0
+        lg[..., 1] = np.where(xb[..., 0] > 0, 0.4, -5.0)
+        lg[:, :4, :, 1] = np.where(xb[:, :4, :, 0] > 0, 2.0, -5.0)
+        return lg
+
+    r = choose_cloud_bias(fake, ("blue", "green", "red", "nir"), [("synthetic_labels", tiles, ref)])
+    assert r["cloud_logit_bias"] == 0.75 and r["iou_by_pool"]["synthetic_labels"][0] == 0.5
 
 
 def _tiny_config(tmp_path, steps, name="tiny"):
