@@ -149,6 +149,12 @@ elif kind.startswith("cloudgate"):
     g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={{"enabled": False}})
     m = np.empty(img.shape[:2], np.uint8)
     run = lambda: g.process(img, ("blue", "green", "red", "nir"), mask_out=m)
+elif kind == "s2cloudless":   # needs the S2 L1C bands: a real eo-learn L1C scene, tiled to 1024 x 1024
+    from bench.__main__ import S2C_BANDS, s2cloudless_mask
+    from ground.sceneio import load_npz
+    r13 = load_npz({s2_scene!r}).reflectance(S2C_BANDS)
+    img = np.ascontiguousarray(np.tile(r13, (-(-1024 // r13.shape[0]), -(-1024 // r13.shape[1]), 1))[:1024, :1024])
+    run = lambda: s2cloudless_mask(img)
 elif kind == "threshold":
     from bench.threshold import threshold_mask
     run = lambda: threshold_mask(img, ("blue", "green", "red", "nir"))
@@ -170,7 +176,7 @@ def cost(models: dict, quick: bool) -> dict:
     tmp = Path(tempfile.mkdtemp()) / "scene.npz"
     with np.load(scene) as z:
         np.savez(tmp, bands=z["bands"])
-    kinds = {"teacher_ukis": "teacher_ukis", "threshold": "threshold",
+    kinds = {"teacher_ukis": "teacher_ukis", "s2cloudless": "s2cloudless", "threshold": "threshold",
              "cloudgate (LiteRT INT8, end to end)": "cloudgate:litert", "cloudgate (ORT INT8, end to end)": "cloudgate:onnxruntime",
              **{k: str(p) for k, p in models.items()}}
     out = {}
@@ -178,7 +184,8 @@ def cost(models: dict, quick: bool) -> dict:
         out[name] = {}
         for threads in (1, 2):
             reps = 1 if (quick or name == "teacher_ukis") else 5
-            code = _COST_CHILD.format(repo=str(REPO), kind=kind, threads=threads, reps=reps, scene=str(tmp))
+            code = _COST_CHILD.format(repo=str(REPO), kind=kind, threads=threads, reps=reps, scene=str(tmp),
+                                      s2_scene=str(REAL / "unlabeled_eolearn_s2_refscenes/eolearn_refscene_2.npz"))
             log(f"cost: {name} @ {threads} thread(s)")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=1800)
@@ -329,15 +336,25 @@ def markdown(res: dict) -> str:
     L = [f"# CloudGate benchmark {res['stamp']}", "", f"Command: `{res['command']}` on {res['machine']}. "
          "All numbers from this one run; speed claims are ratios to the teacher measured in the same run.", ""]
     t = res["cost"].get("teacher_ukis", {})
-    L += ["## Cost (1024×1024 real scene, median)", "",
+    L += ["## Cost (1024×1024 real scene, median; s2cloudless on a 13-band eo-learn L1C scene of the same size)", "",
+          "Each cost also as teacher ÷ contender (× fewer/smaller) or contender ÷ teacher (× faster) in brackets.", "",
           "| contender | Mpx/s 1t | Mpx/s 2t | ms/512² 2t | × teacher 2t | peak RSS MiB | model bytes | params | MACs/px |",
           "|---|---|---|---|---|---|---|---|---|"]
+    ts_ = res["static"].get("teacher_ukis", {})
+
+    def fewer(v, ref):
+        return f"{v} ({ref / v:.0f}×)" if isinstance(v, (int, float)) and v and isinstance(ref, (int, float)) else str(v)
+
     for name, c in res["cost"].items():
         s = res["static"].get(name, {})
         ratio = (c.get("2t", {}).get("mpx_per_s", 0) / t["2t"]["mpx_per_s"]) if t.get("2t", {}).get("mpx_per_s") else None
+        rss = c.get("2t", {}).get("peak_rss_mib", "—")
+        rss_ref = t.get("2t", {}).get("peak_rss_mib")
         L.append(f"| {name} | {c.get('1t', {}).get('mpx_per_s', '—')} | {c.get('2t', {}).get('mpx_per_s', '—')} | "
-                 f"{c.get('2t', {}).get('ms_per_512sq', '—')} | {'—' if ratio is None else f'{ratio:.0f}×'} | {c.get('2t', {}).get('peak_rss_mib', '—')} | "
-                 f"{s.get('bytes', '—')} | {s.get('parameters', '—')} | {s.get('macs_per_pixel', '—')} |")
+                 f"{c.get('2t', {}).get('ms_per_512sq', '—')} | {'—' if ratio is None else f'{ratio:.1f}×'} | "
+                 f"{fewer(rss, rss_ref) if name != 'teacher_ukis' else rss} | "
+                 + " | ".join(fewer(s.get(k, '—'), ts_.get(k)) if name != "teacher_ukis" else str(s.get(k, "—"))
+                              for k in ("bytes", "parameters", "macs_per_pixel")) + " |")
     if "mac_rate_fraction_of_peak" in res:
         L += ["", f"Student achieved MAC rate (LiteRT INT8, 2 threads): {res['mac_rate_gmacs']:.2f} GMAC/s = "
               f"{100 * res['mac_rate_fraction_of_peak']:.2f} % of the CPU INT8 peak estimate ({res['cpu']['peak_gmacs']} GMAC/s: {res['cpu']['estimate']})."]
@@ -411,6 +428,11 @@ def main(argv=None) -> int:
     teacher_bytes = (Path(ukis_csmask.__file__).parent / "model_4b_l1c.onnx").stat().st_size
     res["static"] = {"teacher_ukis": {"bytes": teacher_bytes, "parameters": 19_540_000, "macs_per_pixel": round(4.65e9 / 65536)},
                      "threshold": {"bytes": 0, "parameters": 0, "macs_per_pixel": 0}}
+    import s2cloudless
+
+    s2c_model = sorted((Path(s2cloudless.__file__).parent / "models").glob("*.txt"))
+    res["static"]["s2cloudless"] = {"bytes": s2c_model[-1].stat().st_size if s2c_model else "—",
+                                    "parameters": "— (LightGBM trees)", "macs_per_pixel": "—"}
     for k, p in models.items():
         res["static"][k] = {"bytes": p.stat().st_size, "parameters": card.raw["parameters"], "macs_per_pixel": card.raw["macs_per_pixel"]}
     res["static"]["cloudgate (LiteRT INT8, end to end)"] = res["static"]["kd_int8_tflite"]
