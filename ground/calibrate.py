@@ -1,6 +1,6 @@
 """Post-training calibration of the student's cloud decision: one additive bias on the cloud logit.
 
-Why: a distilled student tends to be less sure than its teachers on thin cloud and cloud edges, so its
+Why: the distilled student was measured less sure than its teachers on thin cloud and cloud edges, so its
 argmax under-calls cloud and the cloud fraction (what the policy acts on) is biased low. Adding a
 constant b to the cloud logit of the 1x1 head is exact after the bilinear upsampling (the weights sum to
 one), costs nothing at run time, and goes into every exported artifact.
@@ -8,8 +8,8 @@ one), costs nothing at run time, and goes into every exported artifact.
 b is chosen on a grid to maximise cloud IoU on held-out synthetic tiles (seed CALIB_SYNTH_SEED, never
 in the transfer set) against their exact labels -- the same rule for the KD student and the no-KD
 baseline, so the baseline stays teacher-free. The teachers' consensus on the unlabelled real tiles is
-scored at every b as a check and written to the model card; it does not pick b (those 14 tiles are mostly
-all-clear or all-overcast, so they say little about thin cloud and edges, where the bias acts). None of
+scored at every b as a check and written to the model card; it does not pick b (the real unlabelled tiles here
+are mostly all-clear or all-overcast, so they say little about thin cloud and edges, where the bias acts). None of
 the labelled evaluation scenes is in either pool.
 """
 from __future__ import annotations

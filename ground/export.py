@@ -51,9 +51,10 @@ def calibrate_students(cfg: dict, spec, model, baseline) -> dict:
     from .teachers import load_teacher
 
     setting = cfg.get("calibration", {}).get("cloud_logit_bias", 0.0)
-    if setting != "auto":
+    if setting != "auto":  # a fixed bias applies to both students, like the automatic rule
         apply_cloud_bias(model, float(setting))
-        return {"kd": {"cloud_logit_bias": float(setting), "criterion": "fixed in config"}} if setting else {}
+        fixed = {"cloud_logit_bias": float(setting), "criterion": "fixed in config"}
+        return ({"kd": fixed, **({"baseline": fixed} if baseline else {})}) if setting else {}
     paths = [p for p in real_scene_paths() if not load_npz(p).labelled]
     teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
     pools = reference_pools(_real_tiles(paths, TILE, TILE), teachers)
