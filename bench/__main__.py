@@ -25,6 +25,15 @@ S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cir
 BANDS4 = ("blue", "green", "red", "nir")
 
 
+def proc_status_mib(field: str) -> float:
+    """A /proc/self/status field (VmRSS, VmHWM) in MiB; the bench's child processes call it. VmHWM, not
+    ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(f"{field} not in /proc/self/status")
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -136,11 +145,7 @@ sys.path.insert(0, {repo!r})
 kind, threads, reps = {kind!r}, {threads}, {reps}
 z = np.load({scene!r})
 img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
-def peak_rss_mib():
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the parent's peak.
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from bench.__main__ import proc_status_mib
 if kind == "teacher_ukis":
     from ground.evaluate import teacher_mask
     run = lambda: teacher_mask(img, ("blue", "green", "red", "nir"), threads)
@@ -167,7 +172,7 @@ times = []
 for _ in range(reps):
     t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
 print(json.dumps({{"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6),
-                  "peak_rss_mib": peak_rss_mib()}}))
+                  "peak_rss_mib": proc_status_mib("VmHWM")}}))
 """
 
 
@@ -203,10 +208,7 @@ import sys, json, time
 import numpy as np
 sys.path.insert(0, {repo!r})
 from flight import CloudGate
-def status(f):
-    for line in open("/proc/self/status"):
-        if line.startswith(f + ":"):
-            return int(line.split()[1]) / 1024
+from bench.__main__ import proc_status_mib as status
 g = CloudGate.from_model(backend="litert", threads=2, max_tiles=4096, early_exit={{"enabled": {early}}})
 warm = np.full((256, 256, 4), 1000, np.uint16)
 g.process(warm, ("blue", "green", "red", "nir"), radiometry=(1e-4, 0.0))
@@ -333,6 +335,8 @@ def write_outputs(res: dict, masks: dict, out: Path, stamp: str) -> None:
 
 
 def markdown(res: dict) -> str:
+    from ground.evaluate import labelled_cells, synthetic_table
+
     L = [f"# CloudGate benchmark {res['stamp']}", "", f"Command: `{res['command']}` on {res['machine']}. "
          "All numbers from this one run; speed claims are ratios to the teacher measured in the same run.", ""]
     t = res["cost"].get("teacher_ukis", {})
@@ -365,7 +369,7 @@ def markdown(res: dict) -> str:
             if not isinstance(m, dict):
                 continue
             if "cloud_iou" in m:
-                L.append(f"| {sid} | {k} | {m['cloud_iou']:.3f} | {m['f1']:.3f} | {m['balanced_accuracy']:.3f} | {m['cloud_fraction']:.3f} | "
+                L.append(f"| {sid} | {k} | {labelled_cells(m)} | {m['cloud_fraction']:.3f} | "
                          f"{m['cloud_fraction_error']:+.3f} | | {m.get('action', '')} |")
             elif "cloud_fraction" in m:
                 L.append(f"| {sid} ({row.get('tag') or 'unlabelled'}) | {k} | | | | {m['cloud_fraction']:.3f} | | "
@@ -373,9 +377,7 @@ def markdown(res: dict) -> str:
             else:
                 L.append(f"| {sid} | {k} | | | | | | | {m.get('action')} ({m.get('fault')}) |")
     s = res["accuracy_synthetic"]
-    L += ["", f"## Synthetic held-out set ({s['set']}) — never mixed with the real numbers", "",
-          "| contender | pooled cloud IoU | mean abs CF error |", "|---|---|---|"]
-    L += [f"| {k} | {v['cloud_iou_pooled']:.3f} | {v['mean_abs_cloud_fraction_error']:.3f} |" for k, v in s.items() if isinstance(v, dict)]
+    L += ["", f"## Synthetic held-out set ({s['set']}) — never mixed with the real numbers", "", *synthetic_table(s)]
     m = res.get("memmap", {})
     if m:
         L += ["", f"## Memory: {m.get('scene')}", "", "| mode | baseline RSS MiB | peak RSS MiB | growth MiB | tiles | s | Mpx/s | action |", "|---|---|---|---|---|---|---|---|"]

@@ -74,6 +74,18 @@ def _pooled_iou(preds, Y) -> float:
     return inter / union if union else 1.0
 
 
+def labelled_cells(m: dict) -> str:
+    """The IoU | F1 | balanced-accuracy cells of a labelled scene's row (shared with bench/)."""
+    return f"{m['cloud_iou']:.3f} | {m['f1']:.3f} | {m['balanced_accuracy']:.3f}"
+
+
+def synthetic_table(synthetic: dict) -> list[str]:
+    """Markdown rows for the synthetic held-out set, header included (shared with bench/)."""
+    return ["| contender | pooled cloud IoU | mean abs CF error |", "|---|---|---|"] + [
+        f"| {n} | {m['cloud_iou_pooled']:.3f} | {m['mean_abs_cloud_fraction_error']:.3f} |"
+        for n, m in synthetic.items() if isinstance(m, dict)]
+
+
 def format_table(metrics: dict) -> str:
     lines = ["| scene | contender | cloud IoU | F1 | bal. acc | CF | CF ref | CF err |", "|---|---|---|---|---|---|---|---|"]
     for sid, row in metrics["real"].items():
@@ -84,17 +96,13 @@ def format_table(metrics: dict) -> str:
             if not isinstance(m, dict):
                 continue
             if "cloud_iou" in m:
-                lines.append(f"| {sid} | {n} | {m['cloud_iou']:.3f} | {m['f1']:.3f} | {m['balanced_accuracy']:.3f} | "
+                lines.append(f"| {sid} | {n} | {labelled_cells(m)} | "
                              f"{m['cloud_fraction']:.3f} | {m['cloud_fraction_ref']:.3f} | {m['cloud_fraction_error']:+.3f} |")
             else:
                 agree = m.get("agreement_with_teacher")
                 lines.append(f"| {sid} ({row.get('tag') or 'unlabelled'}) | {n} | — | — | "
                              f"{'agree w/ teacher ' + format(agree, '.3f') if agree is not None else '—'} | {m['cloud_fraction']:.3f} | — | — |")
-    lines += ["", f"Synthetic held-out set ({metrics['synthetic']['set']}):", "",
-              "| contender | pooled cloud IoU | mean abs CF error |", "|---|---|---|"]
-    for n, m in metrics["synthetic"].items():
-        if isinstance(m, dict):
-            lines.append(f"| {n} | {m['cloud_iou_pooled']:.3f} | {m['mean_abs_cloud_fraction_error']:.3f} |")
+    lines += ["", f"Synthetic held-out set ({metrics['synthetic']['set']}):", "", *synthetic_table(metrics["synthetic"])]
     return "\n".join(lines)
 
 

@@ -30,47 +30,46 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def calibration_tiles(bands, n_synthetic: int = 48, seed: int = 7) -> np.ndarray:
-    """Real unlabelled tiles (all that exist) + held-out synthetic tiles; never noise. NHWC float32."""
+def unlabelled_real_tiles() -> np.ndarray:
+    """All unlabelled real scenes as 256² tiles, (N, H, W, 6 SYNTH_BANDS) float32; read once per export."""
     from .distill import _real_tiles
 
-    paths = [p for p in real_scene_paths() if not load_npz(p).labelled]
-    real = _real_tiles(paths, TILE, TILE)
+    return _real_tiles([p for p in real_scene_paths() if not load_npz(p).labelled], TILE, TILE)
+
+
+def calibration_tiles(bands, real6: np.ndarray, n_synthetic: int = 48, seed: int = 7) -> np.ndarray:
+    """Real unlabelled tiles (all that exist) + held-out synthetic tiles; never noise. NHWC float32."""
     syn, _, _ = make_set(n_synthetic, seed=seed, size=TILE)
-    allx = np.concatenate([real, syn]) if len(real) else syn
+    allx = np.concatenate([real6, syn]) if len(real6) else syn
     idx = [SYNTH_BANDS.index(b) for b in bands]
     return np.ascontiguousarray(allx[..., idx])
 
 
-def calibrate_students(cfg: dict, spec, model, baseline) -> dict:
+def calibrate_students(cfg: dict, students: dict, real6: np.ndarray) -> dict:
     """Cloud-logit bias per the config's `calibration.cloud_logit_bias` (auto | number | absent = 0),
-    folded into `model` in place; returns what the model card records (see ground.calibrate)."""
+    folded into every student of `students` ({"kd": (spec, model), "baseline": ...}) in place;
+    returns what the model card records (see ground.calibrate)."""
     import torch
 
-    from .distill import _real_tiles
     from .teachers import load_teacher
 
     setting = cfg.get("calibration", {}).get("cloud_logit_bias", 0.0)
-    if setting != "auto":  # a fixed bias applies to both students, like the automatic rule
-        apply_cloud_bias(model, float(setting))
-        fixed = {"cloud_logit_bias": float(setting), "criterion": "fixed in config"}
-        return ({"kd": fixed, **({"baseline": fixed} if baseline else {})}) if setting else {}
-    paths = [p for p in real_scene_paths() if not load_npz(p).labelled]
-    teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
-    pools = reference_pools(_real_tiles(paths, TILE, TILE), teachers)
+    if setting != "auto":  # a fixed bias applies to every student, like the automatic rule
+        chosen = {name: {"cloud_logit_bias": float(setting), "criterion": "fixed in config"} for name in students}
+    else:
+        teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
+        pools = reference_pools(real6, teachers)
 
-    def logits_fn(m):
-        def run(x):
-            with torch.no_grad():
-                return m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
-        return run
+        def logits_fn(m):
+            def run(x):
+                with torch.no_grad():
+                    return m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+            return run
 
-    out = {"kd": choose_cloud_bias(logits_fn(model), spec.bands, pools)}
-    apply_cloud_bias(model, out["kd"]["cloud_logit_bias"])
-    if baseline:
-        bspec, bmodel = load_student(baseline)
-        out["baseline"] = choose_cloud_bias(logits_fn(bmodel), bspec.bands, pools)
-    return out
+        chosen = {name: choose_cloud_bias(logits_fn(m), sp.bands, pools) for name, (sp, m) in students.items()}
+    for name, (_, m) in students.items():
+        apply_cloud_bias(m, chosen[name]["cloud_logit_bias"])
+    return chosen if setting else {}
 
 
 def export_onnx_fp32(model, spec, path: Path) -> None:
@@ -151,11 +150,13 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
 
     cfg = load_config(config_path)
     spec, model = load_student(student_pt)
+    students = {"kd": (spec, model), **({"baseline": load_student(baseline)} if baseline else {})}
     out_dir.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate_students(cfg, spec, model, baseline)
+    real6 = unlabelled_real_tiles()
+    calibration = calibrate_students(cfg, students, real6)
     name = spec.name
     fp32, int8, tfl = out_dir / f"{name}.fp32.onnx", out_dir / f"{name}.int8.onnx", out_dir / f"{name}.int8.tflite"
-    calib = calibration_tiles(spec.bands)
+    calib = calibration_tiles(spec.bands, real6)
     export_onnx_fp32(model, spec, fp32)
     quantize_onnx(fp32, int8, calib)
     parity = export_tflite(model, spec, tfl, calib)
@@ -164,9 +165,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
                  for k, p in (("onnx_fp32", fp32), ("onnx_int8", int8), ("tflite_int8", tfl))}
     contenders = {"kd_fp32": model_fn(fp32), "kd_int8_onnx": model_fn(int8), "kd_int8_tflite": model_fn(tfl)}
     if baseline:  # shipped for bench/ and evaluation only; flight never loads it
-        bspec, bmodel = load_student(baseline)
-        if calibration.get("baseline"):
-            apply_cloud_bias(bmodel, calibration["baseline"]["cloud_logit_bias"])
+        bspec, bmodel = students["baseline"]
         bpath = out_dir / f"{name}.baseline-nokd.fp32.onnx"
         export_onnx_fp32(bmodel, bspec, bpath)
         artifacts["baseline_onnx_fp32"] = {"file": bpath.name, "sha256": sha256(bpath), "bytes": bpath.stat().st_size}

@@ -121,8 +121,17 @@ def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = N
 ORT_MAX_PIXEL_DIFF = 1e-4  # share of a scene's pixels; see the module docstring
 
 
-def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff: float = 0.0) -> list[str]:
-    """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels."""
+def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int] | None]:
+    """Per scene mask: (differing pixels, pixels), or None when missing or shaped differently in b."""
+    with np.load(a_npz) as za, np.load(b_npz) as zb:
+        return {k: (int((za[k] != zb[k]).sum()), za[k].size) if k in zb.files and za[k].shape == zb[k].shape else None
+                for k in za.files}
+
+
+def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff: float = 0.0,
+            diffs: dict | None = None) -> list[str]:
+    """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels.
+    `diffs`: mask_diffs(a_npz, b_npz) when the caller already has it."""
     problems = []
     for sid, da in a_json.items():
         db = b_json.get(sid)
@@ -134,14 +143,11 @@ def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff
                 problems.append(f"{sid}: {k} x86={da[k]} aarch64={db[k]}")
         if abs(da["cloud_fraction"] - db["cloud_fraction"]) > max_pixel_diff:
             problems.append(f"{sid}: cloud_fraction x86={da['cloud_fraction']} aarch64={db['cloud_fraction']}")
-    with np.load(a_npz) as za, np.load(b_npz) as zb:
-        for k in za.files:
-            if k not in zb.files or za[k].shape != zb[k].shape:
-                problems.append(f"{k}: mask missing or of another shape in the aarch64 run")
-                continue
-            diff = int((za[k] != zb[k]).sum())
-            if diff > max_pixel_diff * za[k].size:
-                problems.append(f"{k}: INT8 masks differ in {diff} of {za[k].size} pixels")
+    for k, d in (diffs if diffs is not None else mask_diffs(a_npz, b_npz)).items():
+        if d is None:
+            problems.append(f"{k}: mask missing or of another shape in the aarch64 run")
+        elif d[0] > max_pixel_diff * d[1]:
+            problems.append(f"{k}: INT8 masks differ in {d[0]} of {d[1]} pixels")
     return problems
 
 
@@ -164,9 +170,9 @@ def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert",
             jx = run_probe(scenes, x86, backend)
             ja = run_probe(scenes, arm, backend, root=root)
             tol = 0.0 if backend == "litert" else ORT_MAX_PIXEL_DIFF
-            problems = compare(x86, arm, jx, ja, tol)
-            with np.load(x86) as za, np.load(arm) as zb:
-                ndiff = sum(int((za[k] != zb[k]).sum()) for k in za.files if k in zb.files and za[k].shape == zb[k].shape)
+            diffs = mask_diffs(x86, arm)
+            problems = compare(x86, arm, jx, ja, tol, diffs)
+            ndiff = sum(d[0] for d in diffs.values() if d is not None)
             status = ("bit-identical" if ndiff == 0 else f"same decisions, {ndiff} mask pixels differ (tolerance {tol:g})") \
                 if not problems else "DIFFERENT"
             print(f"arm-check [{backend}] {len(scenes)} real scenes, qemu -cpu {QEMU_CPU}: {status}")
