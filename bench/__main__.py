@@ -50,91 +50,16 @@ def s2cloudless_mask(refl13: np.ndarray) -> np.ndarray:
         return det.get_cloud_masks(refl13[None].astype(np.float32))[0].astype(np.uint8)
 
 
-def policy_action(cf: float) -> str:
-    """The default flight policy on a cloud fraction (priority 0, no history)."""
-    from flight.config import PolicyConfig
-
-    p = PolicyConfig()
-    return "downlink" if cf <= p.downlink_max_cloud else ("discard" if cf >= p.discard_min_cloud else "partial")
-
-
 # ------------------------------------------------------------------------------------------ accuracy
-def accuracy(card, models: dict, quick: bool) -> tuple[dict, dict]:
-    from bench.threshold import threshold_mask
-    from flight import CloudGate
-    from flight.scenefile import read_npz_scene
-    from ground.evaluate import teacher_mask
-    from ground.metrics import cloud_metrics, model_fn, predict_tiled
-    from ground.sceneio import load_npz
+def accuracy(quick: bool) -> tuple[dict, dict, dict]:
+    """The shipped card scored by ground.evaluate: every student mask from CloudGate.process(mask_out=...)
+    on the shipped INT8 artifacts, teachers and the threshold on the same arrays; real split parts and
+    the synthetic set apart. (s2cloudless needs 13 bands, which no labelled scene has: cost only.)"""
+    from flight.model import default_card
+    from ground.evaluate import evaluate_card
 
-    fns = {k: model_fn(p, 2) for k, p in models.items()}
-    gate = CloudGate.from_model(backend="litert")
-    per_scene, masks = {}, {}
-    for p in sorted(REAL.glob("*/*.npz")):
-        sc = load_npz(p)
-        row = {"labelled": sc.labelled, "tag": sc.tag, "shape": list(sc.bands.shape)}
-        if not all(b in sc.band_names for b in BANDS4):
-            fs = read_npz_scene(p)
-            d = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
-                             radiometry=fs["radiometry"])
-            row["cloudgate_end_to_end"] = {"action": d.action, "fault": d.fault}
-            per_scene[sc.scene_id] = row
-            continue
-        log(f"accuracy: {sc.scene_id}")
-        refl4 = sc.reflectance(BANDS4)
-        preds = {"threshold": threshold_mask(sc.reflectance(tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names)),
-                                             tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names))}
-        six = tuple(b for b in ("blue", "green", "red", "nir", "swir16", "swir22") if b in sc.band_names)
-        preds["teacher_ukis"] = teacher_mask(sc.reflectance(six), six)
-        if all(b in sc.band_names for b in S2C_BANDS) and "Sentinel-2" in sc.sensor:
-            preds["s2cloudless"] = s2cloudless_mask(sc.reflectance(S2C_BANDS))
-        for k, fn in fns.items():
-            preds[k] = predict_tiled(fn, refl4)
-        fs = read_npz_scene(p)
-        gm = np.empty(refl4.shape[:2], np.uint8)
-        d = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
-                         radiometry=fs["radiometry"], mask_out=gm)
-        de = gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], valid_mask=fs["valid_mask"],
-                          radiometry=fs["radiometry"])
-        preds["cloudgate"] = gm
-        for k, m in preds.items():
-            if sc.labelled:
-                r = {kk: round(v, 4) for kk, v in cloud_metrics(m, sc.mask).items()}
-            else:
-                r = {"cloud_fraction": round(float((m == 1).mean()), 4),
-                     "agreement_with_teacher": round(float(((m == 1) == (preds["teacher_ukis"] == 1)).mean()), 4)}
-            r["action"] = policy_action(r["cloud_fraction"])
-            row[k] = r
-        row["cloudgate"].update(action=de.action, tiles=f"{de.tiles_processed}/{de.tiles_total}", early_exit=de.early_exit,
-                                full_pass_action=d.action)
-        per_scene[sc.scene_id] = row
-        masks[sc.scene_id] = (refl4, sc.mask if sc.labelled else None, preds)
-    return per_scene, masks
-
-
-def synthetic_accuracy(models: dict, quick: bool) -> dict:
-    from bench.threshold import threshold_mask
-    from ground.metrics import model_fn
-    from ground.synth import make_set
-    from ground.teachers import load_teacher
-
-    n = 16 if quick else 48
-    X, Y, _ = make_set(n, seed=99)
-    out = {"set": f"ground.synth.make_set(n={n}, seed=99), 256² tiles, exact labels"}
-
-    def pooled(preds):
-        inter = sum(int(((p == 1) & (y == 1)).sum()) for p, y in zip(preds, Y))
-        union = sum(int(((p == 1) | (y == 1)).sum()) for p, y in zip(preds, Y))
-        cfe = float(np.mean([abs((p == 1).mean() - (y == 1).mean()) for p, y in zip(preds, Y)]))
-        return {"cloud_iou_pooled": round(inter / max(union, 1), 4), "mean_abs_cloud_fraction_error": round(cfe, 4)}
-
-    t = load_teacher("4b")
-    out["teacher_ukis_4b"] = pooled([t.run(X[i:i + 1, ..., :4])[0].argmax(0) for i in range(n)])
-    out["threshold"] = pooled([threshold_mask(X[i], ("blue", "green", "red", "nir", "swir16", "swir22")) for i in range(n)])
-    for k, p in models.items():
-        fn = model_fn(p, 2)
-        out[k] = pooled([np.argmax(fn(np.ascontiguousarray(X[i:i + 1, ..., :4])), -1) for i in range(n)])
-    return out
+    parts = ("evaluation",) if quick else ("evaluation", "training")
+    return evaluate_card(default_card(), parts=parts, keep_masks=True, log=log)
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -163,10 +88,19 @@ elif kind == "s2cloudless":   # needs the S2 L1C bands: a real eo-learn L1C scen
 elif kind == "threshold":
     from bench.threshold import threshold_mask
     run = lambda: threshold_mask(img, ("blue", "green", "red", "nir"))
+elif kind == "invoke_only:litert":   # the runtime alone on pre-quantized 256² tiles: the ceiling for the gate
+    from flight.model import MODELS_DIR, default_card, load_card
+    from ai_edge_litert.interpreter import Interpreter
+    card = load_card(default_card())
+    it = Interpreter(model_path=str(MODELS_DIR / card.artifacts["tflite_int8"]["file"]), num_threads=threads)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    tile = np.zeros((1, 256, 256, 4), np.int8)
+    def run():
+        for _ in range(16):              # 16 tiles of 256² = one 1024² scene, no overlap
+            it.set_tensor(i, tile); it.invoke(); it.get_tensor(o)
 else:
-    from ground.metrics import model_fn, predict_tiled
-    fn = model_fn(kind, threads)
-    run = lambda: predict_tiled(fn, img)
+    raise SystemExit(f"unknown cost kind {{kind!r}}")
 run()
 times = []
 for _ in range(reps):
@@ -176,14 +110,14 @@ print(json.dumps({{"s_per_mpx": statistics.median(times) / (img.shape[0] * img.s
 """
 
 
-def cost(models: dict, quick: bool) -> dict:
+def cost(quick: bool) -> dict:
     scene = REAL / "ukis_csmask_tests/ukis_sentinel2.npz"
     tmp = Path(tempfile.mkdtemp()) / "scene.npz"
     with np.load(scene) as z:
         np.savez(tmp, bands=z["bands"])
     kinds = {"teacher_ukis": "teacher_ukis", "s2cloudless": "s2cloudless", "threshold": "threshold",
              "cloudgate (LiteRT INT8, end to end)": "cloudgate:litert", "cloudgate (ORT INT8, end to end)": "cloudgate:onnxruntime",
-             **{k: str(p) for k, p in models.items()}}
+             "student invoke only (LiteRT INT8)": "invoke_only:litert"}
     out = {}
     for name, kind in kinds.items():
         out[name] = {}
@@ -297,45 +231,42 @@ def cpu_int8_peak() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ outputs
+# cost row -> the contender of the same thing in the accuracy table
+ACCURACY_OF = {"teacher_ukis": "teacher_4b", "threshold": "threshold",
+               "cloudgate (LiteRT INT8, end to end)": "student_int8_tflite",
+               "cloudgate (ORT INT8, end to end)": "student_int8_onnx"}
+
+
 def write_outputs(res: dict, masks: dict, out: Path, stamp: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ground.evaluate import save_mask_png
+
     (out / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
     (out / f"{stamp}.md").write_text(markdown(res))
-    # Pareto: mean cloud IoU over labelled real scenes vs throughput at 2 threads
-    labelled = [r for r in res["accuracy_real"].values() if r.get("labelled")]
+    # Pareto: pooled cloud IoU on the evaluation part of the real split vs throughput at 2 threads
+    summary = res["accuracy_real"]["evaluation"]["summary"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in res["cost"].items():
-        key = {"cloudgate (LiteRT INT8, end to end)": "cloudgate"}.get(name, name)
-        ious = [r[key]["cloud_iou"] for r in labelled if key in r and "cloud_iou" in r[key]]
+        acc = summary.get(ACCURACY_OF.get(name, ""), {})
         mpx = c.get("2t", {}).get("mpx_per_s")
-        if ious and mpx:
-            ax.scatter(mpx, np.mean(ious), s=40)
-            ax.annotate(name, (mpx, np.mean(ious)), fontsize=7)
-    ax.set_xscale("log"); ax.set_xlabel("Mpx/s, 2 threads (this CPU, same run)"); ax.set_ylabel("mean cloud IoU, labelled real scenes")
-    ax.set_title("Accuracy vs throughput (real scenes)"); fig.tight_layout(); fig.savefig(out / f"{stamp}_pareto.png", dpi=90); plt.close(fig)
+        if acc and mpx:
+            ax.scatter(mpx, acc["pooled_cloud_iou"], s=40, label=name)
+            ax.annotate(name, (mpx, acc["pooled_cloud_iou"]), fontsize=7)
+    ax.set_xscale("log"); ax.set_xlabel("Mpx/s, 2 threads (this CPU, same run)")
+    ax.set_ylabel("pooled cloud IoU, evaluation part (real)")
+    ax.set_title("Accuracy vs throughput (real labelled scenes, evaluation part)"); ax.legend(fontsize=6)
+    fig.tight_layout(); fig.savefig(out / f"{stamp}_pareto.png", dpi=90); plt.close(fig)
     if masks:
-        names = list(next(iter(masks.values()))[2].keys())
-        fig, axs = plt.subplots(len(masks), 2 + len(names), figsize=(1.9 * (2 + len(names)), 1.9 * len(masks)), squeeze=False)
-        for r, (sid, (img, label, preds)) in enumerate(masks.items()):
-            axs[r, 0].imshow(np.clip(img[..., [2, 1, 0]] * 3, 0, 1)); axs[r, 0].set_title(sid[:16], fontsize=6)
-            if label is not None:
-                axs[r, 1].imshow(label, vmin=0, vmax=2, interpolation="nearest")
-            axs[r, 1].set_title("label" if label is not None else "(no label)", fontsize=6)
-            for c, n in enumerate(names):
-                if n in preds:
-                    axs[r, 2 + c].imshow(preds[n], vmin=0, vmax=2, interpolation="nearest")
-                axs[r, 2 + c].set_title(n, fontsize=6)
-            for a in axs[r]:
-                a.axis("off")
-        fig.tight_layout(); fig.savefig(out / f"{stamp}_masks.png", dpi=80); plt.close(fig)
+        save_mask_png({k: v for k, v in masks.items() if k in res["accuracy_real"]["evaluation"]["scenes"]},
+                      out / f"{stamp}_masks.png")
 
 
 def markdown(res: dict) -> str:
-    from ground.evaluate import labelled_cells, synthetic_table
+    from ground.evaluate import format_report
 
     L = [f"# CloudGate benchmark {res['stamp']}", "", f"Command: `{res['command']}` on {res['machine']}. "
          "All numbers from this one run; speed claims are ratios to the teacher measured in the same run.", ""]
@@ -362,22 +293,8 @@ def markdown(res: dict) -> str:
     if "mac_rate_fraction_of_peak" in res:
         L += ["", f"Student achieved MAC rate (LiteRT INT8, 2 threads): {res['mac_rate_gmacs']:.2f} GMAC/s = "
               f"{100 * res['mac_rate_fraction_of_peak']:.2f} % of the CPU INT8 peak estimate ({res['cpu']['peak_gmacs']} GMAC/s: {res['cpu']['estimate']})."]
-    L += ["", "## Accuracy on real scenes (per scene; labelled: IoU/F1/BA/CF err; unlabelled: CF and agreement with teacher)", "",
-          "| scene | contender | cloud IoU | F1 | bal. acc | CF | CF err | agree w/ teacher | action |", "|---|---|---|---|---|---|---|---|---|"]
-    for sid, row in res["accuracy_real"].items():
-        for k, m in row.items():
-            if not isinstance(m, dict):
-                continue
-            if "cloud_iou" in m:
-                L.append(f"| {sid} | {k} | {labelled_cells(m)} | {m['cloud_fraction']:.3f} | "
-                         f"{m['cloud_fraction_error']:+.3f} | | {m.get('action', '')} |")
-            elif "cloud_fraction" in m:
-                L.append(f"| {sid} ({row.get('tag') or 'unlabelled'}) | {k} | | | | {m['cloud_fraction']:.3f} | | "
-                         f"{m.get('agreement_with_teacher', '')} | {m.get('action', '')} |")
-            else:
-                L.append(f"| {sid} | {k} | | | | | | | {m.get('action')} ({m.get('fault')}) |")
-    s = res["accuracy_synthetic"]
-    L += ["", f"## Synthetic held-out set ({s['set']}) — never mixed with the real numbers", "", *synthetic_table(s)]
+    L += ["", "## Accuracy through CloudGate (real labelled scenes by split part; synthetic apart)", "",
+          format_report(res["accuracy_real"], res["accuracy_synthetic"])]
     m = res.get("memmap", {})
     if m:
         L += ["", f"## Memory: {m.get('scene')}", "", "| mode | baseline RSS MiB | peak RSS MiB | growth MiB | tiles | s | Mpx/s | action |", "|---|---|---|---|---|---|---|---|"]
@@ -411,10 +328,6 @@ def main(argv=None) -> int:
 
     card = load_card(default_card())
     art = card.artifacts
-    models = {"kd_fp32_onnx": MODELS_DIR / art["onnx_fp32"]["file"], "kd_int8_onnx": MODELS_DIR / art["onnx_int8"]["file"],
-              "kd_int8_tflite": MODELS_DIR / art["tflite_int8"]["file"]}
-    if "baseline_onnx_fp32" in art:
-        models = {"baseline_nokd_fp32_onnx": MODELS_DIR / art["baseline_onnx_fp32"]["file"], **models}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat() + ("-quick" if a.quick else "")
@@ -422,9 +335,8 @@ def main(argv=None) -> int:
     res = {"stamp": stamp, "command": "python -m bench" + (" --quick" if a.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "model": card.name, "model_sha256": {k: v["sha256"] for k, v in art.items()}}
-    res["accuracy_real"], masks = accuracy(card, models, a.quick)
-    res["accuracy_synthetic"] = synthetic_accuracy(models, a.quick)
-    res["cost"] = cost(models, a.quick)
+    res["accuracy_real"], res["accuracy_synthetic"], masks = accuracy(a.quick)
+    res["cost"] = cost(a.quick)
     import ukis_csmask
 
     teacher_bytes = (Path(ukis_csmask.__file__).parent / "model_4b_l1c.onnx").stat().st_size
@@ -435,12 +347,12 @@ def main(argv=None) -> int:
     s2c_model = sorted((Path(s2cloudless.__file__).parent / "models").glob("*.txt"))
     res["static"]["s2cloudless"] = {"bytes": s2c_model[-1].stat().st_size if s2c_model else "—",
                                     "parameters": "— (LightGBM trees)", "macs_per_pixel": "—"}
-    for k, p in models.items():
-        res["static"][k] = {"bytes": p.stat().st_size, "parameters": card.raw["parameters"], "macs_per_pixel": card.raw["macs_per_pixel"]}
-    res["static"]["cloudgate (LiteRT INT8, end to end)"] = res["static"]["kd_int8_tflite"]
-    res["static"]["cloudgate (ORT INT8, end to end)"] = res["static"]["kd_int8_onnx"]
+    for name, key in (("cloudgate (LiteRT INT8, end to end)", "tflite_int8"), ("cloudgate (ORT INT8, end to end)", "onnx_int8"),
+                      ("student invoke only (LiteRT INT8)", "tflite_int8")):
+        res["static"][name] = {"bytes": (MODELS_DIR / art[key]["file"]).stat().st_size, "parameters": card.raw["parameters"],
+                               "macs_per_pixel": card.raw["macs_per_pixel"]}
     res["cpu"] = cpu_int8_peak()
-    mpx = res["cost"].get("kd_int8_tflite", {}).get("2t", {}).get("mpx_per_s")
+    mpx = res["cost"].get("cloudgate (LiteRT INT8, end to end)", {}).get("2t", {}).get("mpx_per_s")
     if mpx:
         res["mac_rate_gmacs"] = mpx * 1e6 * card.raw["macs_per_pixel"] / 1e9
         res["mac_rate_fraction_of_peak"] = res["mac_rate_gmacs"] / res["cpu"]["peak_gmacs"]

@@ -25,6 +25,7 @@ from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, BandMismatchError, CloudGateError, ConfigError, SceneDtypeError,
                      SceneShapeError)
 from .model import read_verified, resolve_model
+from .policy import policy_band
 
 ACTIONS = ("downlink", "discard", "reacquire", "fault")
 CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
@@ -268,15 +269,7 @@ class CloudGate:
         return math.sqrt(var) * math.sqrt(2.0 * rho * lg / n) + _KAPPA * lg / n
 
     def _band(self, f: float, prev: str | None) -> str:
-        """Policy band of a cloud fraction: 'low' (downlink), 'high' (discard/reacquire) or 'mid'."""
-        p = self.config.policy
-        lo = p.downlink_max_cloud + (p.hysteresis if prev == "downlink" else 0.0)
-        hi = p.discard_min_cloud - (p.hysteresis if prev in ("discard", "reacquire") else 0.0)
-        if f <= lo:
-            return "low"
-        if f >= hi:
-            return "high"
-        return "mid"
+        return policy_band(f, self.config.policy, prev)
 
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
         """Drop already-read rows of a read-only memmap from our resident set (the page cache keeps them),

