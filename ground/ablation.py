@@ -54,6 +54,8 @@ def run_one(ab: dict, base: dict, arm: str, spec: str | None, seed: int, log=pri
     if spec:
         cfg["student"] = {**cfg["student"], **ab["capacity"]["specs"][spec], "name": f"cloudgate-{spec}"}
     cfg["train"] = {**cfg["train"], "steps": int(ab["steps"])}
+    if not ab.get("use_supplement", False):  # the arms compare KD methods on the real-view pool alone
+        cfg.pop("supplement", None)
     ts = build_transfer_set(cfg, log=log)
     terms = ab["arms"][arm]
     pt = train(cfg, ts, d / "train", terms, d.name, log)

@@ -67,17 +67,27 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
     teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
     pool = build_pool(cfg["pool"], teachers, log=log)
     d = cfg["data"]
+    sup = build_pool({**cfg["pool"], **cfg["supplement"]}, teachers, log=log) if cfg.get("supplement") else None
     n_train, n_cand, n_probe = int(d["train_views"]), int(d.get("candidate_views", 0)), int(d.get("probe_views", 0))
     if n_train + n_cand + n_probe > len(pool["X"]):
         raise ConfigError(f"data: train_views + candidate_views + probe_views = {n_train + n_cand + n_probe} "
                           f"> pool.views = {len(pool['X'])}")
     keys = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
-    labelled = np.array([(pool["Y"][i] != L.IGNORE).any() for i in range(len(pool["X"]))])
-    return {"X": pool["X"], "Y": pool["Y"], "labelled": labelled, "key": pool["key"], "meta": pool["meta"],
-            "train": np.arange(n_train), "candidates": np.arange(n_train, n_train + n_cand),
-            "probe": np.arange(n_train + n_cand, n_train + n_cand + n_probe),
-            "t_probs": {n: pool["t_probs"][k] for n, k in keys.items()},
-            "t_feats": {n: pool["t_feats"][k] for n, k in keys.items()}}
+    ts = {"X": pool["X"], "Y": pool["Y"], "key": pool["key"], "meta": pool["meta"],
+          "train": np.arange(n_train), "candidates": np.arange(n_train, n_train + n_cand),
+          "probe": np.arange(n_train + n_cand, n_train + n_cand + n_probe),
+          "t_probs": {n: pool["t_probs"][k] for n, k in keys.items()},
+          "t_feats": {n: pool["t_feats"][k] for n, k in keys.items()}}
+    if sup is not None:  # appended after the pool; every supplement view is a training view
+        n = len(pool["X"])
+        ts["X"], ts["Y"] = np.concatenate([pool["X"], sup["X"]]), np.concatenate([pool["Y"], sup["Y"]])
+        for part in ("t_probs", "t_feats"):
+            ts[part] = {nm: np.concatenate([ts[part][nm], sup[part][k]]) for nm, k in keys.items()}
+        ts["train"] = np.concatenate([ts["train"], np.arange(n, n + len(sup["X"]))])
+        ts["key"] = f"{pool['key']}+{sup['key']}"
+        ts["meta"] = {**pool["meta"], "supplement": {k: v for k, v in sup["meta"].items() if k != "kinds"}}
+    ts["labelled"] = np.array([(ts["Y"][i] != L.IGNORE).any() for i in range(len(ts["X"]))])
+    return ts
 
 
 # ----------------------------------------------------------------------------------- model wrapper

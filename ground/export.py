@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .calibrate import apply_cloud_bias, choose_cloud_bias, training_part_scenes
+from .calibrate import apply_cloud_bias, choose_cloud_bias, probe_views, training_part_scenes
 from .distill import REPO, build_transfer_set, load_config, load_student
 from .synth import SYNTH_BANDS
 
@@ -35,7 +35,7 @@ def quantization_tiles(ts: dict, bands, n: int = 128) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ts["X"][ts["train"][:n]])[..., idx].astype(np.float32))
 
 
-def calibrate_students(cfg: dict, students: dict) -> dict:
+def calibrate_students(cfg: dict, students: dict, ts: dict) -> dict:
     """Cloud-logit bias per the config's `calibration.cloud_logit_bias` (auto | number | absent = 0),
     folded into every student of `students` ({"kd": (spec, model), "baseline": ...}) in place;
     returns what the model card records (see ground.calibrate)."""
@@ -51,7 +51,9 @@ def calibrate_students(cfg: dict, students: dict) -> dict:
                     return m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
             return run
 
-        chosen = {name: choose_cloud_bias(logits_fn(m), training_part_scenes(sp.bands)) for name, (sp, m) in students.items()}
+        teachers = [t["name"] for t in cfg["teachers"]]
+        chosen = {name: choose_cloud_bias(logits_fn(m), probe_views(ts, teachers, sp.bands),
+                                          check=training_part_scenes(sp.bands)) for name, (sp, m) in students.items()}
     for name, (_, m) in students.items():
         apply_cloud_bias(m, chosen[name]["cloud_logit_bias"])
     return chosen
@@ -188,7 +190,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     spec, model = load_student(student_pt)
     students = {"kd": (spec, model), **({"baseline": load_student(baseline)} if baseline else {})}
     ts = build_transfer_set(cfg)
-    calibration = calibrate_students(cfg, students)
+    calibration = calibrate_students(cfg, students, ts)
     name = spec.name
     calib = quantization_tiles(ts, spec.bands)
     teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",

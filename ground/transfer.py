@@ -123,9 +123,22 @@ def _radiometry(rng, v: np.ndarray, cfg: dict) -> np.ndarray:
     return np.clip(v, 0.0, 1.6).astype(np.float32)
 
 
+def snow_view(rng, size: int, cfg: dict):
+    """A procedural snow/ice landscape (ground.synth kind 'snow': snow, vegetation, soil, water end
+    members, fBm texture, terrain-like shading, 0-40 % cloud) with exact labels -- snow is clear. The
+    snow's NIR/VIS ratio is drawn from 0.78-1.1 (fresh to old snow at TOA, as seen in real L8 snow
+    scenes) so bright flat VNIR alone never means cloud."""
+    sc = make_scene(int(rng.integers(2**31)), size, kind="snow")
+    x = sc.reflectance.copy()
+    x[..., 3] *= rng.uniform(0.9, 1.28)
+    return _radiometry(rng, x, cfg), sc.mask.astype(np.uint8), True, "synthetic_snow"
+
+
 def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict):
     """One augmented view -> (x (T,T,6) float32, label (T,T) uint8 or IGNORE, has_swir, kind)."""
     size = cfg.get("tile", TILE)
+    if cfg.get("generator") == "synthetic_snow":
+        return snow_view(rng, size, cfg)
     r = rng.random()
     if r < cfg.get("synthetic_share", 0.1):
         # procedural clouds composited on a real crop (the generator draws the cloud field)

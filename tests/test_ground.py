@@ -195,7 +195,7 @@ def test_cloud_bias_is_exact_in_the_head_and_chosen_on_scene_cf_error():
 
     r = choose_cloud_bias(fake, [("s", img, label)])
     assert r["cloud_logit_bias"] == 0.75
-    assert next(row for row in r["table"] if row["bias"] == 0.0)["mean_abs_cf_error"] == pytest.approx(100 / 256, abs=1e-3)
+    assert next(row for row in r["picked_on"]["table"] if row["bias"] == 0.0)["mean_abs_cf_error"] == pytest.approx(100 / 256, abs=1e-3)
 
 
 def test_kd_terms_do_not_distil_teacher_mistakes_where_labels_exist():

@@ -23,13 +23,21 @@ def test_artifacts_match_card_sha256():
 def test_card_is_complete():
     card = yaml.safe_load(CARD.read_text())
     for k in ("name", "bands", "units", "input_scaling", "output", "tile", "parameters", "macs_per_pixel", "teachers",
-              "command", "config", "metrics", "quantization"):
+              "command", "config", "metrics", "quantization", "data", "calibration"):
         assert k in card, k
     assert card["bands"] == ["blue", "green", "red", "nir"]
     assert card["command"].startswith("python -m ground make-models")
     assert card["parameters"] <= 65_000 and card["teacher_ratio"]["parameters"] >= 300
     assert card["teacher_ratio"]["macs_per_pixel"] >= 100
-    assert set(card["metrics"]) >= {"real", "synthetic"}            # never mixed
+    assert card["artifacts"]["onnx_int8"]["bytes"] <= 150_000
+    # real split parts and synthetic never mixed; the card names the split and what was trained on
+    assert {"real_evaluation_part", "real_training_part", "synthetic"} <= set(card["metrics"])
+    from ground.split import load_split
+
+    split = load_split()
+    assert card["data"]["evaluation_part"] == split["evaluation"]
+    assert card["data"]["trained_or_calibrated_on"]["labelled_training_part"] == split["training"]
+    assert not set(split["evaluation"]) & set(card["data"]["trained_or_calibrated_on"]["transfer_pool_sources"])
     assert card["quantization"]["torch_vs_keras_max_logit_diff"] < 1e-4
 
 
