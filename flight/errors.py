@@ -10,7 +10,8 @@ CloudGateError
 │   ├── SceneDtypeError    unsupported dtype
 │   ├── BandMismatchError  the scene lacks a band the model needs (.missing lists them)
 │   └── AllInvalidSceneError every pixel is no-data / NaN / masked
-└── DecisionLogError       the decision log cannot be opened
+└── DecisionLogError       the decision log cannot be opened, or a record could not be written whole
+    └── DecisionLogBusyError another writer holds the log (one writer per log)
 """
 from __future__ import annotations
 
@@ -68,3 +69,7 @@ class AllInvalidSceneError(SceneError):
 
 class DecisionLogError(CloudGateError, OSError):
     code = "log_error"
+
+
+class DecisionLogBusyError(DecisionLogError):
+    code = "log_busy"
