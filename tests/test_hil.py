@@ -217,3 +217,29 @@ def test_frames_zero_is_an_error_not_the_whole_stream(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hil", "run", "--board", "myriad-x", "--stream", str(tmp_path / "x.yaml"),
                         "--out", str(tmp_path), "--frames", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "frames must be a positive count" in r.stderr and not (tmp_path / "frames.jsonl").exists()
+
+
+def test_report_rows_state_denominators_and_fail_when_they_checked_nothing(tmp_path):
+    """Issue 9 item 17: 'expected action 0/0' passed, faulted frames vanished from the deadline row, and
+    duplicate seqs went unnoticed."""
+    from flight.decisionlog import encode_record
+    from hil.report import build_report
+
+    board = load_board("myriad-x")
+    frames = [{"frame": i, "source": "s.npz", "expected": "downlink", "faults": ["nan_burst"], "action": "downlink",
+               "seq": i, "latency_s": 0.01, "infer_s": 0.005, "macs": 1e6, "gate_peak_growth_mib": 1.0}
+              for i in range(3)]
+    (tmp_path / "frames.jsonl").write_text("".join(json.dumps(f) + "\n" for f in frames))
+    (tmp_path / "job.json").write_text(json.dumps({"plan": [["nan_burst"]] * 3,
+                                                   "items": [{"expected_action": "downlink"}]}))
+    recs = [{"schema": 1, "seq": s, "action": "downlink"} for s in (0, 1, 2, 2)]
+    (tmp_path / "decisions.jsonl").write_bytes(b"".join(encode_record(r) for r in recs))
+    events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0}
+    rep = build_report(board, "t", tmp_path, 3, events, {"nan_burst": 1.0}, 0, 1.0, "litert")
+    req = {r["requirement"]: r for r in rep["requirements"]}
+    assert not req["labelled scenes: expected action"]["passed"]          # checked nothing
+    assert "0/0 correct (3 labelled frames not checked" in req["labelled scenes: expected action"]["detail"]
+    assert "0/3 answered frames" in req["emulated deadline misses within allowance"]["detail"]
+    assert "over 3 frames" in req["gate memory within budget"]["detail"]
+    assert not req["no duplicate log seq"]["passed"] and rep["log"]["duplicate_seqs"] == [2]
+    assert not rep["passed"]
