@@ -8,14 +8,16 @@ Dependencies: numpy, onnxruntime and/or ai-edge-litert; pyyaml at init only. Nev
 """
 from .config import EarlyExitConfig, GateConfig, LogConfig, PolicyConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog, read_log
-from .errors import (AllInvalidSceneError, BandMismatchError, CloudGateError, ConfigError, DecisionLogError,
-                     ModelError, ModelIntegrityError, ModelMissingError, SceneDtypeError, SceneError,
-                     SceneShapeError)
+from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
+                     ConfigError, DecisionLogBusyError, DecisionLogError, ImplausibleRadiometryError, ModelError,
+                     ModelIntegrityError, ModelMissingError, SceneDtypeError, SceneError, SceneFileError,
+                     SceneShapeError, ValidMaskError)
 from .gate import ACTIONS, CloudGate, Decision
 
 __all__ = [
-    "ACTIONS", "AllInvalidSceneError", "BandMismatchError", "CloudGate", "CloudGateError", "ConfigError", "Decision",
-    "DecisionLog", "DecisionLogError", "EarlyExitConfig", "GateConfig", "LogConfig", "ModelError",
-    "ModelIntegrityError", "ModelMissingError", "PolicyConfig", "SceneDtypeError", "SceneError", "SceneShapeError",
-    "config_from_dict", "load_config", "read_log",
+    "ACTIONS", "AllInvalidSceneError", "ArgumentError", "BandMismatchError", "CloudGate", "CloudGateError",
+    "ConcurrentUseError", "ConfigError", "Decision", "DecisionLog", "DecisionLogBusyError", "DecisionLogError",
+    "EarlyExitConfig", "GateConfig", "ImplausibleRadiometryError", "LogConfig", "ModelError", "ModelIntegrityError",
+    "ModelMissingError", "PolicyConfig", "SceneDtypeError", "SceneError", "SceneFileError", "SceneShapeError",
+    "ValidMaskError", "config_from_dict", "load_config", "read_log",
 ]

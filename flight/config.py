@@ -1,10 +1,13 @@
 """Gate configuration: a YAML/dict validated once at init; every error names its key."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+
+MAX_TILES_LIMIT = 1 << 20   # preallocated per-tile statistics; the memory budget check comes on top
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,24 @@ def _build(cls, data, prefix: str):
             kwargs[k] = _build(sub, v, prefix + k + ".")
             continue
         default = known[k].default
-        if default is not None and not isinstance(default, str) and v is not None:
+        key = prefix + k
+        if v is None:
+            if default is None:                           # model, log.path: None means "not set"
+                kwargs[k] = None
+                continue
+            raise ConfigError(key, "is empty (a key without a value); give a value or remove the key")
+        if k == "fsync" and cls is LogConfig:
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise ConfigError(key, f"expected 'every', 'never' or a record count, got {v!r}")
+        elif default is None or isinstance(default, str):
+            if not isinstance(v, str):
+                raise ConfigError(key, f"expected a string, got {type(v).__name__} {v!r}")
+        else:
             want = type(default)
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            if want is int and k == "fsync":
-                pass
-            elif not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
-                raise ConfigError(prefix + k, f"expected {want.__name__}, got {v!r}")
+            if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+                raise ConfigError(key, f"expected {want.__name__}, got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
 
@@ -97,8 +110,10 @@ def validate(cfg: GateConfig) -> GateConfig:
     need(32 <= cfg.tile <= 4096 and cfg.tile % 16 == 0, "tile", "must be a multiple of 16 in 32..4096")
     need(0 <= cfg.overlap < cfg.tile // 2 and cfg.overlap % 2 == 0, "overlap", "must be even and < tile/2")
     need(cfg.memory_budget_mib > 0, "memory_budget_mib", "must be > 0")
-    need(cfg.max_tiles >= 1, "max_tiles", "must be >= 1")
-    need(cfg.radiometry_scale != 0 and cfg.radiometry_scale == cfg.radiometry_scale, "radiometry_scale", "must be non-zero")
+    need(1 <= cfg.max_tiles <= MAX_TILES_LIMIT, "max_tiles", f"must be 1..{MAX_TILES_LIMIT}")
+    need(math.isfinite(cfg.radiometry_scale) and cfg.radiometry_scale > 0, "radiometry_scale",
+         "must be a finite number > 0 (reflectance = value * scale + offset)")
+    need(math.isfinite(cfg.radiometry_offset), "radiometry_offset", "must be a finite number")
     need(cfg.deadline_s > 0, "deadline_s", "must be > 0 seconds")
     need(cfg.scrub_every >= 0, "scrub_every", "must be >= 0 (0 disables the model scrub)")
     p = cfg.policy
@@ -110,7 +125,7 @@ def validate(cfg: GateConfig) -> GateConfig:
          "must be >= 0 and less than half the gap between the thresholds")
     need(0 <= p.min_valid_fraction < 1, "policy.min_valid_fraction", "must be in [0, 1)")
     need(0 <= p.tile_clear_max <= 1, "policy.tile_clear_max", "must be in [0, 1]")
-    need(p.max_targets >= 1, "policy.max_targets", "must be >= 1")
+    need(1 <= p.max_targets <= 1_000_000, "policy.max_targets", "must be 1..1000000")
     e = cfg.early_exit
     need(0.5 <= e.confidence < 1, "early_exit.confidence", "must be in [0.5, 1)")
     need(e.min_tiles >= 1, "early_exit.min_tiles", "must be >= 1")
@@ -120,7 +135,7 @@ def validate(cfg: GateConfig) -> GateConfig:
     need(lg.fsync in ("every", "never") or (isinstance(lg.fsync, int) and lg.fsync >= 1), "log.fsync",
          "use 'every', 'never' or a positive record count")
     need(lg.max_bytes >= 4096, "log.max_bytes", "must be >= 4096")
-    need(lg.keep >= 1, "log.keep", "must be >= 1")
+    need(1 <= lg.keep <= 1000, "log.keep", "must be 1..1000")
     return cfg
 
 
@@ -133,7 +148,9 @@ def load_config(path: str | Path) -> GateConfig:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", f"{path} is not UTF-8 text ({e}); save it as UTF-8") from e
     except OSError as e:
         raise ConfigError("<file>", f"cannot read {path}: {e}") from e
     except yaml.YAMLError as e:

@@ -4,10 +4,18 @@ Line format: {"crc32": <int>, "record": {...}} where crc32 = zlib.crc32 of the r
 sorted keys and compact separators. The writer terminates a torn last line left by a crash before it
 appends (so a torn record never swallows the next one), resumes the sequence number from the last
 intact record, optionally fsyncs, and rotates by size (FILE -> FILE.1 -> ... FILE.<keep>). The reader
-reports and skips torn or corrupt lines instead of failing.
+reports and skips torn, corrupt or schema-violating lines instead of failing.
+
+One writer per log: the writer holds an exclusive flock on FILE.lock; a second writer (another process,
+or another DecisionLog in this one) gets DecisionLogBusyError. A record is acknowledged (its seq
+returned) only once the whole line is written (and fsynced, per policy); a write that fails part-way is
+truncated back to the last whole record before anything else is appended. A log file deleted or replaced
+under the writer is detected (inode check before each append) and recreated; the first record in the new
+file carries "log_recreated": true.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -15,16 +23,50 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DecisionLogError
+from .errors import DecisionLogBusyError, DecisionLogError
 
 SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 256 << 10     # a longer line is refused by the writer and skipped by the reader
+MAX_ID_CHARS = 256               # scene_id / target_id
+_CHUNK = 65536
+
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+# field -> accepted types (bool is never accepted where a number is meant); fields not listed are free
+FIELD_TYPES: dict[str, tuple] = {
+    "schema": (int,), "seq": (int,), "utc": (str,), "mono_ns": (int,), "action": (str,),
+    "cloud_fraction": _NUM, "valid_fraction": _NUM, "shadow_fraction": _NUM, "latency_s": _NUM, "infer_s": _NUM,
+    "tiles_processed": (int,), "tiles_total": (int,), "tile_pixels": (int,), "priority": (int,),
+    "scene_bytes": (int,), "downlink_bytes": (int,), "partial": (bool,), "early_exit": (bool,),
+    "scene_id": (str,), "target_id": _OPT_STR, "degraded": _OPT_STR, "fault": _OPT_STR, "fault_code": _OPT_STR,
+    "hysteresis": _OPT_STR, "model_name": (str,), "model_sha256": (str,), "backend": (str,), "policy_version": (str,),
+    "clear_tiles": (list,), "confidence_bound": (list,), "grid": (list,), "log_recreated": (bool,),
+}
 
 
-def _canonical(record: dict) -> bytes:
+def validate_record(rec) -> str | None:
+    """None if rec satisfies the record schema, else the reason."""
+    if not isinstance(rec, dict):
+        return f"record is a JSON {type(rec).__name__}, not an object"
+    seq = rec.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return f"record without a valid seq (got {seq!r:.40})"
+    for k, types in FIELD_TYPES.items():
+        if k in rec:
+            v = rec[k]
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                return f"field {k!r} has type {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}"
+    for k in ("scene_id", "target_id"):
+        if isinstance(rec.get(k), str) and len(rec[k]) > MAX_ID_CHARS:
+            return f"field {k!r} is {len(rec[k])} characters long (max {MAX_ID_CHARS})"
+    return None
+
+
+def _canonical(record) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def encode_record(record: dict) -> bytes:
+def encode_record(record) -> bytes:
     body = _canonical(record)
     return b'{"crc32":%d,"record":%s}\n' % (zlib.crc32(body), body)
 
@@ -42,17 +84,36 @@ class LogReadResult:
     problems: list[LogProblem] = field(default_factory=list)
 
 
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """(record, None) for an intact, schema-valid line; (None, reason) otherwise. Never raises."""
     if not raw.endswith(b"\n"):
         return None, "torn record (no line end: writer stopped mid-record)"
+    if len(raw) > MAX_RECORD_BYTES + 64:
+        return None, f"line of {len(raw)} bytes exceeds the record limit {MAX_RECORD_BYTES}"
     try:
-        obj = json.loads(raw)
-    except ValueError:
+        obj = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+    except ValueError:                                   # includes UnicodeDecodeError and NaN/Infinity
         return None, "not valid JSON"
     if not isinstance(obj, dict) or "crc32" not in obj or "record" not in obj:
         return None, "missing crc32/record"
-    if zlib.crc32(_canonical(obj["record"])) != obj["crc32"]:
+    crc = obj["crc32"]
+    if not isinstance(crc, int) or isinstance(crc, bool):
+        return None, "crc32 is not an integer"
+    try:
+        body = _canonical(obj["record"])
+    except (ValueError, TypeError, RecursionError):
+        return None, "record cannot be serialised canonically"
+    if zlib.crc32(body) != crc:
         return None, "CRC32 mismatch (corrupt record)"
+    problem = validate_record(obj["record"])
+    if problem:
+        return None, f"schema: {problem}"
     return obj["record"], None
 
 
@@ -61,14 +122,19 @@ def read_log(path: str | Path, include_rotated: bool = True) -> LogReadResult:
     path = Path(path)
     files = []
     if include_rotated:
-        rotated = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-        files += [p for p in rotated if p.suffix[1:].isdigit()]
+        rotated = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
+        files += sorted(rotated, key=lambda p: -int(p.suffix[1:]))
     files.append(path)
     out = LogReadResult()
     for f in files:
-        if not f.exists():
+        try:
+            fh = open(f, "rb")
+        except FileNotFoundError:
             continue
-        with open(f, "rb") as fh:
+        except OSError as e:
+            out.problems.append(LogProblem(str(f), 0, f"cannot open: {e}"))
+            continue
+        with fh:
             for i, raw in enumerate(fh, 1):
                 if raw.strip() == b"":
                     continue
@@ -80,18 +146,37 @@ def read_log(path: str | Path, include_rotated: bool = True) -> LogReadResult:
     return out
 
 
+def _newline_before(fh, pos: int) -> int:
+    """Offset of the last b"\n" strictly before pos, or -1."""
+    while pos > 0:
+        n = min(_CHUNK, pos)
+        fh.seek(pos - n)
+        k = fh.read(n).rfind(b"\n")
+        if k >= 0:
+            return pos - n + k
+        pos -= n
+    return -1
+
+
 def _last_seq(path: Path) -> int:
+    """seq of the last intact record of FILE (or FILE.1 when FILE has none); -1 if none. Walks lines
+    backwards from the end, so neither a large last record nor a corrupt tail hides the seq."""
     for f in (path, path.with_name(path.name + ".1")):
-        if not f.exists() or f.stat().st_size == 0:
+        try:
+            fh = open(f, "rb")
+        except OSError:
             continue
-        with open(f, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - 65536))
-            tail = fh.read().split(b"\n")
-        for raw in reversed(tail):
-            rec, problem = _parse_line(raw + b"\n")
-            if rec is not None and isinstance(rec.get("seq"), int):
-                return rec["seq"]
+        with fh:
+            end = fh.seek(0, os.SEEK_END)
+            nl = _newline_before(fh, end)                 # bytes after it (if any) are a torn tail
+            while nl >= 0:
+                prev = _newline_before(fh, nl)
+                if nl - prev <= MAX_RECORD_BYTES + 64:
+                    fh.seek(prev + 1)
+                    rec, _ = _parse_line(fh.read(nl - prev))
+                    if rec is not None:
+                        return rec["seq"]
+                nl = prev
     return -1
 
 
@@ -104,25 +189,76 @@ class DecisionLog:
         self.max_bytes = int(max_bytes)
         self.keep = int(keep)
         self._since_sync = 0
+        self._fh = None
+        self._lock = None
+        self._dirty = False            # a failed write may have left a partial record after self._size
+        self._recreated = False
+        self.recreations = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path.with_name(self.path.name + ".lock"), "ab")
+            try:
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise DecisionLogBusyError(
+                    f"decision log {self.path} is held by another writer (lock {self._lock.name}); one writer per "
+                    "log: close the other gate/DecisionLog or give this one its own log path") from None
             self._seq = _last_seq(self.path) + 1
-            self._fh = open(self.path, "ab", buffering=0)
+            self._open()
             self._terminate_torn_tail()
+        except DecisionLogError:
+            raise
         except OSError as e:
+            self.close()
             raise DecisionLogError(f"cannot open decision log {self.path}: {e}; check the directory exists and is writable") from e
 
+    def _open(self) -> None:
+        self._fh = open(self.path, "ab", buffering=0)
+        st = os.fstat(self._fh.fileno())
+        self._ino = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+
     def _terminate_torn_tail(self) -> None:
-        size = self._fh.seek(0, os.SEEK_END)
-        if size:
+        if self._size:
             with open(self.path, "rb") as r:
-                r.seek(size - 1)
+                r.seek(self._size - 1)
                 if r.read(1) != b"\n":
-                    self._fh.write(b"\n")
+                    self._write_all(b"\n")
+                    self._size += 1
 
     @property
     def next_seq(self) -> int:
         return self._seq
+
+    def _write_all(self, data: bytes) -> None:
+        fd, view, done = self._fh.fileno(), memoryview(data), 0
+        while done < len(data):                          # bounded: each pass writes >= 1 byte or raises
+            n = os.write(fd, view[done:])
+            if not n:
+                raise OSError(f"write() wrote nothing after {done}/{len(data)} bytes")
+            done += n
+
+    def _repair(self) -> None:
+        """Truncate a partial record left by a failed write back to the last whole record."""
+        if self._dirty:
+            os.ftruncate(self._fh.fileno(), self._size)
+            self._dirty = False
+
+    def _ensure_file(self) -> None:
+        """Reopen (recreate) the log if its file was deleted or replaced under us."""
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._fh.close()
+            self._dirty = False
+            self._open()
+            self._terminate_torn_tail()
+            self._recreated = True
+            self.recreations += 1
 
     def _rotate(self) -> None:
         self._fh.close()
@@ -131,30 +267,64 @@ class DecisionLog:
             if src.exists():
                 src.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.replace(self.path.with_name(self.path.name + ".1"))
-        self._fh = open(self.path, "ab", buffering=0)
+        self._open()
 
     def append(self, record: dict) -> int:
-        """Write one record (the schema fields are added here); returns its sequence number."""
+        """Write one record (the schema fields are added here); returns its sequence number once the
+        whole line is written. Raises DecisionLogError (and consumes no seq) when it is not."""
+        if self._fh is None or self._fh.closed:
+            raise DecisionLogError(f"decision log {self.path} is closed")
         seq = self._seq
         full = {"schema": SCHEMA_VERSION, "seq": seq,
                 "utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e3) % 1000:03d}Z",
                 "mono_ns": time.monotonic_ns(), **record}
-        line = encode_record(full)
-        if self.max_bytes and self._fh.tell() and self._fh.tell() + len(line) > self.max_bytes:
-            self._rotate()
-        self._fh.write(line)  # one write() of the whole line: a crash leaves at most one torn line
+        problem = validate_record(full)
+        if problem:
+            raise DecisionLogError(f"record refused by the decision log: {problem}")
+        try:
+            line = encode_record(full)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise DecisionLogError(f"record refused by the decision log: not serialisable ({e})") from None
+        if len(line) > MAX_RECORD_BYTES:
+            raise DecisionLogError(f"record refused by the decision log: {len(line)} bytes is too large "
+                                   f"(max {MAX_RECORD_BYTES})")
+        try:
+            self._repair()
+            self._ensure_file()
+            if self._recreated:
+                full["log_recreated"] = True
+                line = encode_record(full)
+            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._dirty = True
+            self._write_all(line)       # whole line or an exception; a crash leaves at most one torn line
+            if self.fsync == "every" or (isinstance(self.fsync, int) and self._since_sync + 1 >= self.fsync):
+                os.fsync(self._fh.fileno())
+                self._since_sync = -1
+        except OSError as e:
+            try:
+                self._repair()          # drop the partial record now; retried before the next append
+            except OSError:
+                pass
+            raise DecisionLogError(f"decision log write failed, record seq {seq} not written: {e}") from e
+        self._dirty = False
+        self._recreated = False
+        self._size += len(line)
         self._since_sync += 1
-        if self.fsync == "every" or (isinstance(self.fsync, int) and self._since_sync >= self.fsync):
-            os.fsync(self._fh.fileno())
-            self._since_sync = 0
         self._seq += 1
         return seq
 
     def close(self) -> None:
-        if not self._fh.closed:
-            if self.fsync != "never":
-                os.fsync(self._fh.fileno())
-            self._fh.close()
+        try:
+            if self._fh is not None and not self._fh.closed:
+                try:
+                    if self.fsync != "never":
+                        os.fsync(self._fh.fileno())
+                finally:
+                    self._fh.close()
+        finally:
+            if self._lock is not None and not self._lock.closed:
+                self._lock.close()          # releases the flock
 
     def __enter__(self):
         return self

@@ -9,8 +9,15 @@ CloudGateError
 │   ├── SceneShapeError    not (H, W, C), or mask_out / valid_mask of the wrong shape
 │   ├── SceneDtypeError    unsupported dtype
 │   ├── BandMismatchError  the scene lacks a band the model needs (.missing lists them)
-│   └── AllInvalidSceneError every pixel is no-data / NaN / masked
-└── DecisionLogError       the decision log cannot be opened
+│   ├── AllInvalidSceneError every pixel is no-data / NaN / masked
+│   ├── ArgumentError      priority / target_id / scene_id / band_names of the wrong type or size
+│   ├── ValidMaskError     valid_mask not bool (or 0/1 integers)
+│   ├── ImplausibleRadiometryError integer DN without a radiometry scale, or reflectance far outside
+│   │                      the physical range on most valid pixels
+│   └── SceneFileError     the file backing a memmap scene shrank under the mapping
+├── ConcurrentUseError     process() entered from a second thread while running (one gate per thread)
+└── DecisionLogError       the decision log cannot be opened, or a record could not be written whole
+    └── DecisionLogBusyError another writer holds the log (one writer per log)
 """
 from __future__ import annotations
 
@@ -66,5 +73,31 @@ class AllInvalidSceneError(SceneError):
     code = "all_invalid"
 
 
+class ArgumentError(SceneError):
+    code = "bad_argument"
+
+
+class ValidMaskError(SceneError):
+    code = "bad_valid_mask"
+
+
+class ImplausibleRadiometryError(SceneError):
+    code = "implausible_radiometry"
+
+
+class SceneFileError(SceneError):
+    code = "scene_file_truncated"
+
+
+class ConcurrentUseError(CloudGateError, RuntimeError):
+    """Raised (never turned into a fault decision) when a second thread enters process() of a gate that
+    is still running: a runtime interpreter and the gate's buffers serve one caller at a time."""
+    code = "gate_busy"
+
+
 class DecisionLogError(CloudGateError, OSError):
     code = "log_error"
+
+
+class DecisionLogBusyError(DecisionLogError):
+    code = "log_busy"

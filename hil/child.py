@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from flight import CloudGate, ModelIntegrityError
     from flight.model import default_card, load_card
 
-    from .faults import apply_frame_faults, flip_bit_in_bytes, flip_bits
+    from .faults import apply_frame_faults, apply_radiometry_fault, flip_bit_in_bytes, flip_bits
     from .streams import StreamItem, load_item
 
     gate = CloudGate.from_model(job.get("model"), backend=job["backend"], threads=threads,
@@ -107,6 +107,12 @@ def main(argv=None) -> int:
             if any(f in faults for f in ("seu_frame", "truncated_frame", "short_frame", "nan_burst", "stuck_band",
                                          "dead_band", "saturation")):
                 scene = apply_frame_faults(scene, faults, rng)
+            if "implausible_radiometry" in faults:
+                scene = apply_radiometry_fault(scene)
+            log_path = out / "decisions.jsonl"
+            if "log_vanished" in faults and log_path.exists():
+                (out / "vanished").mkdir(exist_ok=True)
+                log_path.rename(out / "vanished" / f"decisions.{i}.{os.getpid()}.jsonl")   # gone from under the gate
             if "seu_model_file" in faults:
                 shutil.copy(card.path, model_copy_dir / card.path.name)
                 for art in card.artifacts.values():
@@ -142,19 +148,27 @@ def main(argv=None) -> int:
                 gate.backend.infer = slow
             rss_before = _status_kib("VmRSS")
             _reset_peak_rss()
+            fsize = None
             try:
+                if "log_short_write" in faults:          # only the gate's own writes see the limit
+                    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)
+                    cur = log_path.stat().st_size if log_path.exists() else 0
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (cur + int(rng.integers(1, 400)), fsize[1]))
                 d = gate.process(scene["bands"], scene["band_names"], scene_id=scene["scene_id"],
                                  valid_mask=scene.get("valid_mask"), radiometry=scene.get("radiometry"),
                                  priority=item.priority, target_id=item.source)
                 rec.update(action=d.action, cloud_fraction=d.cloud_fraction, valid_fraction=d.valid_fraction,
                            latency_s=d.latency_s, infer_s=d.infer_s, tiles=d.tiles_processed, tiles_total=d.tiles_total,
                            tile_pixels=d.tile_pixels, seq=d.log_seq, fault_code=d.fault_code, fault=d.fault,
-                           degraded=d.degraded, early_exit=d.early_exit, scene_id=d.scene_id)
+                           degraded=d.degraded, early_exit=d.early_exit, scene_id=d.scene_id,
+                           log_failed=d.log_seq is None)
             except BaseException as e:      # the payload loop must survive; count it as a crash
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 rec.update(action="crash", crash=f"{type(e).__name__}: {e}")
             finally:
+                if fsize is not None:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, fsize)
                 if original_infer is not None:
                     gate.backend.infer = original_infer
                 dlog.time = real_time

@@ -22,6 +22,9 @@ FAULT_CLASSES = (
     "memory_pressure",  # ballast allocated up to ~90 % of the gate's budget during the frame
     "deadline_overrun", # the runtime stalls: each tile takes longer than the deadline allows
     "hard_kill",        # SIGKILL of the gate process mid-frame; the harness restarts it
+    "log_short_write",  # the log's filesystem fills up mid-record (RLIMIT_FSIZE a few bytes past the end)
+    "log_vanished",     # the decision log file is removed under the running gate (moved to OUT/vanished/)
+    "implausible_radiometry",  # the frame arrives in the wrong units (DN without its scale, or x10000)
 )
 DEFAULT_RATES = {c: 0.0 for c in FAULT_CLASSES}
 
@@ -73,6 +76,18 @@ def flip_bit_in_bytes(b: bytes, rng: np.random.Generator) -> int:
     cell = ctypes.c_ubyte.from_address(id(b) + header + i)
     cell.value ^= 1 << int(rng.integers(8))
     return i
+
+
+def apply_radiometry_fault(scene: dict) -> dict:
+    """implausible_radiometry: integer DN lose their radiometry (read as reflectance); float reflectance
+    arrives x10000 (a DN-like scale). The gate must fault, never gate the frame."""
+    s = dict(scene)
+    if s["bands"].dtype.kind in "iu":
+        s["radiometry"] = None
+    else:
+        s["bands"] = s["bands"] * np.float32(10000.0)
+        s["radiometry"] = None
+    return s
 
 
 def apply_frame_faults(scene: dict, faults: list[str], rng: np.random.Generator) -> dict:

@@ -32,21 +32,34 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
         f["emulated_latency_s"] = board.emulated_latency_s(f.get("macs", 0.0), f.get("latency_s", 0.0), f.get("infer_s", 0.0))
         f["energy_j"] = board.energy_j(f["emulated_latency_s"])
     log = read_log(out / "decisions.jsonl")
-    log_seqs = {r["seq"] for r in log.records}
+    for v in sorted((out / "vanished").glob("*.jsonl")):       # log files removed under the gate (log_vanished)
+        part = read_log(v, include_rotated=False)
+        log.records += part.records
+        log.problems += part.problems
+    all_seqs = [r["seq"] for r in log.records]
+    log_seqs = set(all_seqs)
+    duplicate_seqs = sorted(k for k, c in Counter(all_seqs).items() if c > 1)
     reported = {f["seq"] for f in processed if f.get("seq") is not None}
     lost = sorted(reported - log_seqs)
     crashes = [f for f in processed if f["action"] == "crash"]
-    labelled = [f for f in processed if f.get("expected") and not f.get("faults")]
+    labelled_all = [f for f in processed if f.get("expected")]
+    labelled = [f for f in labelled_all if not f.get("faults")]          # a fault may legitimately change the action
     wrong = [f for f in labelled if f["action"] != f["expected"]]
-    gated = [f for f in processed if f["action"] != "crash" and not f.get("faults")]
+    stream_has_labels = any(it.get("expected_action") for it in _job(out).get("items", []))
+    gated = [f for f in processed if f["action"] != "crash"]              # every frame the gate answered, faults too
     misses = [f for f in gated if f["emulated_latency_s"] > board.deadline_s]
     host_misses = [f for f in gated if f.get("latency_s", 0) > board.deadline_s]
-    mem_peak = max([f.get("gate_peak_growth_mib", 0.0) for f in gated], default=0.0)
+    measured = [f for f in gated if "gate_peak_growth_mib" in f]
+    mem_peak = max([f["gate_peak_growth_mib"] for f in measured], default=0.0)
     fault_stats = {}
     for c in FAULT_CLASSES:
         hit = [by_frame[i] for i in range(n_frames) if i in by_frame and c in by_frame[i].get("faults", [])
                and (c == "dropped_frame" or not by_frame[i].get("dropped"))]   # a dropped frame got no other fault
-        outcome = Counter((f.get("fault_code") or f.get("action") or ("dropped" if f.get("dropped") else "?")) for f in hit)
+        if c in ("log_short_write", "log_vanished"):
+            outcome = Counter("crash" if f.get("action") == "crash" else "dropped" if f.get("dropped") else
+                              "log_write_failed" if f.get("log_failed") else "logged" for f in hit)
+        else:
+            outcome = Counter((f.get("fault_code") or f.get("action") or ("dropped" if f.get("dropped") else "?")) for f in hit)
         fault_stats[c] = {"injected": len(hit), "outcomes": dict(outcome)}
     planned_kills = sum(1 for i in range(n_frames) if "hard_kill" in _planned(out, i))
     fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
@@ -54,18 +67,38 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     refused = [f["model_file_refused"] for f in frames if "model_file_refused" in f]
     scrubbed = [bool(f.get("degraded") and "scrub" in f["degraded"]) for f in processed if "seu_weights" in f.get("faults", [])]
     n_faults = sum(s["injected"] for s in fault_stats.values())
+    implausible = [f for f in processed if "implausible_radiometry" in f.get("faults", [])]
+    implausible_gated = [f for f in implausible if f["action"] != "fault"]
     torn_allowed = events["hard_kills"] + events["watchdog_kills"] + events["child_crashes"]
+    # a row states its denominator; a row whose check ran on nothing fails (it would otherwise pass 0/0)
     reqs = [
-        ("no payload-loop crash", len(crashes) == 0 and events["child_crashes"] == 0, f"{len(crashes)} crashes, {events['child_crashes']} child deaths"),
-        ("no lost complete log record", not lost, f"{len(lost)} lost"),
+        ("no payload-loop crash", len(crashes) == 0 and events["child_crashes"] == 0,
+         f"{len(crashes)} crashes in {len(processed)} frames, {events['child_crashes']} child deaths"),
+        ("no lost complete log record", not lost and bool(reported) if processed else True,
+         f"{len(lost)} of {len(reported)} acknowledged records lost"),
+        ("no duplicate log seq", not duplicate_seqs, f"{len(duplicate_seqs)} of {len(log_seqs)} seqs logged more than once"),
         ("decision log readable", len(log.problems) <= torn_allowed,
          f"{len(log.problems)} skipped line(s) (<= {torn_allowed} torn by kills allowed)"),
-        ("every corrupted model refused", all(refused) if refused else True, f"{sum(map(bool, refused))}/{len(refused)} refused"),
-        ("weight upsets caught by scrub", all(scrubbed) if scrubbed else True, f"{sum(scrubbed)}/{len(scrubbed)} caught"),
-        ("labelled scenes: expected action", not wrong, f"{len(labelled) - len(wrong)}/{len(labelled)} correct"),
-        ("emulated deadline misses within allowance", len(misses) <= board.deadline_miss_allowance * max(len(gated), 1),
-         f"{len(misses)}/{len(gated)} over {board.deadline_s}s (allowance {board.deadline_miss_allowance:.0%})"),
-        ("gate memory within budget", mem_peak <= board.gate_budget_mib, f"peak growth {mem_peak:.1f} MiB / {board.gate_budget_mib} MiB"),
+    ]
+    if rates.get("seu_model_file"):
+        reqs.append(("every corrupted model refused", bool(refused) and all(refused),
+                     f"{sum(map(bool, refused))}/{len(refused)} refused"))
+    if rates.get("seu_weights"):
+        reqs.append(("weight upsets caught by scrub", bool(scrubbed) and all(scrubbed),
+                     f"{sum(scrubbed)}/{len(scrubbed)} caught"))
+    if rates.get("implausible_radiometry"):
+        reqs.append(("implausible radiometry never gated", bool(implausible) and not implausible_gated,
+                     f"{len(implausible) - len(implausible_gated)}/{len(implausible)} frames faulted"))
+    if stream_has_labels:
+        reqs.append(("labelled scenes: expected action", bool(labelled) and not wrong,
+                     f"{len(labelled) - len(wrong)}/{len(labelled)} correct ({len(labelled_all) - len(labelled)} "
+                     f"labelled frames not checked: faults injected)"))
+    reqs += [
+        ("emulated deadline misses within allowance",
+         bool(gated) and len(misses) <= board.deadline_miss_allowance * len(gated),
+         f"{len(misses)}/{len(gated)} answered frames over {board.deadline_s}s (allowance {board.deadline_miss_allowance:.0%})"),
+        ("gate memory within budget", bool(measured) and mem_peak <= board.gate_budget_mib,
+         f"peak growth {mem_peak:.1f} MiB / {board.gate_budget_mib} MiB over {len(measured)} frames"),
     ]
     lat = [f["latency_s"] for f in gated]
     emu = [f["emulated_latency_s"] for f in gated]
@@ -81,7 +114,8 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
         "gate_memory_peak_growth_mib": mem_peak, "gate_budget_mib": board.gate_budget_mib,
         "faults_injected": n_faults, "fault_rates": {k: v for k, v in rates.items() if v},
         "fault_classes": fault_stats, "events": events,
-        "log": {"records": len(log.records), "skipped_lines": len(log.problems), "lost_records": lost},
+        "log": {"records": len(log.records), "skipped_lines": len(log.problems), "lost_records": lost,
+                "duplicate_seqs": duplicate_seqs},
         "wrong_actions": [{"frame": f["frame"], "source": f["source"], "expected": f["expected"], "got": f["action"],
                            "cloud_fraction": f.get("cloud_fraction")} for f in wrong],
         "requirements": [{"requirement": r, "passed": bool(ok), "detail": d} for r, ok, d in reqs],
@@ -91,6 +125,13 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     (out / "report.md").write_text(_markdown(report, processed))
     _plots(board, processed, out)
     return report
+
+
+def _job(out: Path) -> dict:
+    try:
+        return json.loads((out / "job.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _planned(out: Path, i: int) -> list[str]:

@@ -30,18 +30,22 @@ def _read_frames(path: Path) -> list[dict]:
 def run_board(board: Board | str, stream: str, out: Path, faults: str | None = None, seed: int = 0,
               frames: int | None = None, realtime: bool = False, backend: str = "litert", model: str | None = None,
               progress: bool = True, watchdog_factor: float = 20.0) -> dict:
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"frames must be a positive count (got {frames!r}); omit it to replay the stream once")
     board = load_board(board) if isinstance(board, str) else board
     name, items = load_stream(stream)
     missing = missing_real_scenes(items)
     if missing:
         raise FileNotFoundError(f"stream {name}: real scene(s) not found: {missing[:3]} (is ../shared/data/real present?)")
-    n = frames or len(items)
+    n = len(items) if frames is None else frames
     rates = parse_rates(faults)
     schedule = plan(n, rates, seed)
     out.mkdir(parents=True, exist_ok=True)
     for f in ("frames.jsonl", "decisions.jsonl"):
         (out / f).unlink(missing_ok=True)
     for f in out.glob("decisions.jsonl.*"):
+        f.unlink()
+    for f in out.glob("vanished/*.jsonl"):
         f.unlink()
     from flight.model import default_card, load_card
 

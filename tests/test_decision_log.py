@@ -118,3 +118,162 @@ def test_log_summary_cli(tmp_path):
     out = summarize(p, str(tmp_path / "t.png"))
     assert "downlink=2, discard=1, reacquire=1, fault=1" in out
     assert "60.0 %" in out and (tmp_path / "t.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- issue 9: robustness at the edges
+
+_SHORT_WRITES = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+gate = CloudGate.from_model(log={{"path": {path!r}}}, early_exit={{"enabled": False}})
+scene = np.full((64, 64, 4), 0.1, np.float32)
+out = []
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, hard))
+for i in range(40):
+    d = gate.process(scene, ("blue", "green", "red", "nir"), scene_id="s%d" % i)
+    out.append([d.log_seq, d.degraded])
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+for i in range(5):
+    d = gate.process(scene, ("blue", "green", "red", "nir"), scene_id="t%d" % i)
+    out.append([d.log_seq, d.degraded])
+gate.close()
+print(json.dumps(out))
+"""
+
+
+def test_short_writes_never_ack_a_torn_record(tmp_path):
+    """Issue 9 item 1: RLIMIT_FSIZE makes write() short; an acked seq must be whole on disk."""
+    import json as _json
+
+    from conftest import ROOT
+
+    p = tmp_path / "d.jsonl"
+    r = subprocess.run([sys.executable, "-c", _SHORT_WRITES.format(root=str(ROOT), path=str(p))],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = _json.loads(r.stdout.strip().splitlines()[-1])
+    acked = [s for s, _ in out if s is not None]
+    failed = [deg for s, deg in out if s is None]
+    assert failed and all("decision log write failed" in (deg or "") for deg in failed)
+    res = read_log(p)
+    assert res.problems == []                       # the torn tail was repaired, nothing glued
+    logged = [r["seq"] for r in res.records]
+    assert sorted(acked) == logged                  # every acked seq on disk, nothing else
+    assert len(set(logged)) == len(logged) and all(out[-k][0] is not None for k in range(1, 6))
+
+
+def test_short_write_repairs_tail_before_next_append(tmp_path, monkeypatch):
+    """A write that stops mid-record (ENOSPC after a partial write) is truncated back, not glued onto."""
+    import flight.decisionlog as dl
+    from flight import DecisionLogError
+
+    p = tmp_path / "d.jsonl"
+    log = DecisionLog(p, fsync="never")
+    log.append({"action": "downlink"})
+    real_write = os.write
+    calls = {"n": 0}
+
+    def flaky(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data)[:17])             # short write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dl.os, "write", flaky)
+    with pytest.raises(DecisionLogError, match="write failed"):
+        log.append({"action": "discard"})
+    monkeypatch.setattr(dl.os, "write", real_write)
+    assert log.append({"action": "reacquire"}) == 1             # the failed record consumed no seq
+    log.close()
+    res = read_log(p)
+    assert res.problems == [] and [(r["seq"], r["action"]) for r in res.records] == [(0, "downlink"), (1, "reacquire")]
+
+
+def test_second_writer_is_refused_with_a_typed_error(tmp_path):
+    """Issue 9 item 2: one writer per log (lock file); a second writer, in-process or not, is refused."""
+    from flight import DecisionLogError
+    from flight.errors import DecisionLogBusyError
+
+    p = tmp_path / "d.jsonl"
+    first = DecisionLog(p)
+    with pytest.raises(DecisionLogBusyError, match="one writer") as e:
+        DecisionLog(p)
+    assert isinstance(e.value, DecisionLogError) and e.value.code == "log_busy"
+    from conftest import ROOT
+
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flight import DecisionLog; DecisionLog({str(p)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0 and "DecisionLogBusyError" in r.stderr
+    first.close()
+    DecisionLog(p).close()                                      # released on close
+
+
+def test_log_file_vanishing_is_detected_and_recreated(tmp_path):
+    """Issue 9 item 2: a log deleted (or replaced) under a running writer is recreated, not written into the void."""
+    p = tmp_path / "d.jsonl"
+    log = DecisionLog(p, fsync="never")
+    log.append({"action": "downlink"})
+    p.unlink()
+    log.append({"action": "discard"})
+    log.append({"action": "reacquire"})
+    res = read_log(p)
+    assert [r["seq"] for r in res.records] == [1, 2] and res.records[0]["log_recreated"] is True
+    p.rename(tmp_path / "moved.jsonl")                          # replaced by another inode
+    p.write_bytes(b"")
+    log.append({"action": "fault"})
+    log.close()
+    assert [r["seq"] for r in read_log(p).records] == [3]
+
+
+@pytest.mark.parametrize("line,reason", [
+    (b'{"crc32":0,"record":NaN}\n', "JSON"),
+    (b'{"crc32":0,"record":' + b"[" * 100000 + b"]" * 100000 + b"}\n", "nested"),
+    (encode_record([1, 2, 3]), "object"),
+    (encode_record(7), "object"),
+    (encode_record({"action": "discard"}), "seq"),
+    (encode_record({"seq": "7"}), "seq"),
+    (encode_record({"seq": 3, "scene_bytes": "lots"}), "scene_bytes"),
+    (b'{"crc32":"x","record":{"seq":1}}\n', "crc32"),
+])
+def test_reader_and_startup_never_raise_on_file_content(tmp_path, line, reason):
+    """Issue 9 item 3: NaN, deep nesting, non-object or seq-less records: reported and skipped everywhere."""
+    from flight.logsummary import summarize
+
+    p = tmp_path / "d.jsonl"
+    _write(p, 3)
+    with open(p, "ab") as f:
+        f.write(line)
+    res = read_log(p)
+    assert len(res.records) == 3 and len(res.problems) == 1 and reason in res.problems[0].reason
+    assert "3 intact records, 1 skipped" in summarize(p)
+    with DecisionLog(p) as log:                                 # start-up: seq resumes from the last good record
+        assert log.next_seq == 3
+
+
+def test_last_seq_found_behind_a_large_last_record(tmp_path):
+    """Issue 9 item 4: a large last record must not make seq restart at 0."""
+    p = tmp_path / "d.jsonl"
+    _write(p, 4)
+    with DecisionLog(p) as log:
+        log.append({"action": "downlink", "clear_tiles": [[i, i, 0.01] for i in range(8000)]})   # > 64 KiB
+    assert p.stat().st_size > 100_000
+    with DecisionLog(p) as log:
+        assert log.next_seq == 5
+
+
+def test_log_bounds_field_sizes(tmp_path):
+    """Issue 9 item 4: the log refuses ids longer than MAX_ID_CHARS and records above MAX_RECORD_BYTES."""
+    from flight import DecisionLogError
+    from flight.decisionlog import MAX_ID_CHARS, MAX_RECORD_BYTES
+
+    p = tmp_path / "d.jsonl"
+    with DecisionLog(p) as log:
+        with pytest.raises(DecisionLogError, match="scene_id"):
+            log.append({"scene_id": "x" * (MAX_ID_CHARS + 1)})
+        with pytest.raises(DecisionLogError, match="too large"):
+            log.append({"blob": "x" * MAX_RECORD_BYTES})
+        assert log.append({"scene_id": "x" * MAX_ID_CHARS}) == 0
+    assert [r["seq"] for r in read_log(p).records] == [0]

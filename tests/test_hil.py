@@ -135,6 +135,10 @@ def test_fault_campaign_every_class_and_report(tmp_path):
     req = {r["requirement"]: r["passed"] for r in rep["requirements"]}
     assert req["no payload-loop crash"] and req["no lost complete log record"] and req["decision log readable"]
     assert req["every corrupted model refused"] and req["weight upsets caught by scrub"]
+    assert req["no duplicate log seq"] and req["implausible radiometry never gated"]
+    assert rep["fault_classes"]["log_short_write"]["outcomes"].get("log_write_failed", 0) >= 1
+    assert rep["fault_classes"]["log_vanished"]["outcomes"].get("logged", 0) >= 1
+    assert rep["fault_classes"]["implausible_radiometry"]["outcomes"].get("implausible_radiometry", 0) >= 1
     for f in ("report.json", "report.md", "report.png"):
         assert (tmp_path / f).stat().st_size > 500
     assert json.loads((tmp_path / "report.json").read_text())["board"] == "myriad-x"
@@ -183,3 +187,59 @@ def test_cross_arch_identical_decisions(real_dir):
     if not arm.root_ready(arm.DEFAULT_ROOT):
         assert arm.setup() == 0
     assert arm.check(n_scenes=3) == 0
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_implausible_radiometry_fault_class_is_refused(gate_litert, integer):
+    """Issue 9 item 7 as a HIL fault class: a frame in the wrong units is a fault, never gated."""
+    from hil.faults import apply_radiometry_fault
+
+    scene = generate_scene("partly", 5, 256)
+    if integer:
+        scene = dict(scene, bands=(scene["bands"] * 10000).astype(np.uint16), radiometry=(1e-4, 0.0))
+        assert gate_litert.process(scene["bands"], scene["band_names"], radiometry=scene["radiometry"]).action != "fault"
+    assert {"log_short_write", "log_vanished", "implausible_radiometry"} <= set(FAULT_CLASSES)
+    faulty = apply_radiometry_fault(scene)
+    d = gate_litert.process(faulty["bands"], faulty["band_names"], valid_mask=faulty["valid_mask"],
+                            radiometry=faulty.get("radiometry"))
+    assert d.action == "fault" and d.fault_code == "implausible_radiometry"
+
+
+def test_frames_zero_is_an_error_not_the_whole_stream(tmp_path):
+    """Issue 9 item 18: --frames 0 silently replayed the whole stream."""
+    import subprocess
+    import sys
+
+    from hil.runner import run_board
+
+    with pytest.raises(ValueError, match="frames must be a positive count"):
+        run_board("myriad-x", str(tmp_path / "no-such-stream.yaml"), tmp_path, frames=0, progress=False)
+    r = subprocess.run([sys.executable, "-m", "hil", "run", "--board", "myriad-x", "--stream", str(tmp_path / "x.yaml"),
+                        "--out", str(tmp_path), "--frames", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "frames must be a positive count" in r.stderr and not (tmp_path / "frames.jsonl").exists()
+
+
+def test_report_rows_state_denominators_and_fail_when_they_checked_nothing(tmp_path):
+    """Issue 9 item 17: 'expected action 0/0' passed, faulted frames vanished from the deadline row, and
+    duplicate seqs went unnoticed."""
+    from flight.decisionlog import encode_record
+    from hil.report import build_report
+
+    board = load_board("myriad-x")
+    frames = [{"frame": i, "source": "s.npz", "expected": "downlink", "faults": ["nan_burst"], "action": "downlink",
+               "seq": i, "latency_s": 0.01, "infer_s": 0.005, "macs": 1e6, "gate_peak_growth_mib": 1.0}
+              for i in range(3)]
+    (tmp_path / "frames.jsonl").write_text("".join(json.dumps(f) + "\n" for f in frames))
+    (tmp_path / "job.json").write_text(json.dumps({"plan": [["nan_burst"]] * 3,
+                                                   "items": [{"expected_action": "downlink"}]}))
+    recs = [{"schema": 1, "seq": s, "action": "downlink"} for s in (0, 1, 2, 2)]
+    (tmp_path / "decisions.jsonl").write_bytes(b"".join(encode_record(r) for r in recs))
+    events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0}
+    rep = build_report(board, "t", tmp_path, 3, events, {"nan_burst": 1.0}, 0, 1.0, "litert")
+    req = {r["requirement"]: r for r in rep["requirements"]}
+    assert not req["labelled scenes: expected action"]["passed"]          # checked nothing
+    assert "0/0 correct (3 labelled frames not checked" in req["labelled scenes: expected action"]["detail"]
+    assert "0/3 answered frames" in req["emulated deadline misses within allowance"]["detail"]
+    assert "over 3 frames" in req["gate memory within budget"]["detail"]
+    assert not req["no duplicate log seq"]["passed"] and rep["log"]["duplicate_seqs"] == [2]
+    assert not rep["passed"]

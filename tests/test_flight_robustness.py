@@ -1,0 +1,274 @@
+"""Issue 9: process() never raises in payload mode; every bad argument is a typed, logged fault."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_scene
+from flight import CloudGate, ConfigError, config_from_dict, read_log
+
+BANDS = ("blue", "green", "red", "nir")
+
+
+@pytest.fixture(scope="module")
+def logged_gate(tmp_path_factory):
+    p = tmp_path_factory.mktemp("log") / "d.jsonl"
+    g = CloudGate.from_model(backend="litert", log={"path": str(p), "fsync": "never"})
+    yield g, p
+    g.close()
+
+
+class _RaisingNames:
+    def __iter__(self):
+        raise KeyError("band table")
+
+
+@pytest.mark.parametrize("kw,word", [
+    (dict(priority=float("inf")), "priority"),
+    (dict(priority=float("nan")), "priority"),
+    (dict(priority="2"), "priority"),
+    (dict(priority=10**30), "priority"),
+    (dict(target_id=np.int64(7)), "target_id"),
+    (dict(target_id=b"T1"), "target_id"),
+    (dict(target_id=float("nan")), "target_id"),
+    (dict(scene_id=b"S1"), "scene_id"),
+    (dict(band_names=_RaisingNames()), "band_names"),
+    (dict(band_names=(1, 2, 3, 4)), "band_names"),
+])
+def test_bad_arguments_are_typed_logged_faults(logged_gate, kw, word):
+    """Issue 9 item 5: validated up front into a typed fault; the fault decision is logged."""
+    from flight.errors import ArgumentError
+
+    gate, path = logged_gate
+    args = dict(band_names=BANDS, scene_id="s")
+    args.update(kw)
+    scene = np.full((40, 40, 4), 0.1, np.float32)
+    d = gate.process(scene, **args)
+    assert d.action == "fault" and d.fault_code == ArgumentError.code and word in d.fault
+    assert d.log_seq is not None and read_log(path).records[-1]["seq"] == d.log_seq
+    with pytest.raises(ArgumentError, match=word):
+        gate.process(scene, **args, strict=True)
+
+
+def test_unexpected_exception_in_the_loop_is_a_logged_fault(logged_gate, monkeypatch):
+    """Issue 9 item 5: anything non-fatal raised inside the tile loop is caught at the loop boundary."""
+    gate, path = logged_gate
+
+    def boom(planes, mask):
+        raise KeyError("runtime table")
+
+    monkeypatch.setattr(gate.backend, "infer", boom)
+    d = gate.process(np.full((40, 40, 4), 0.1, np.float32), BANDS, scene_id="k")
+    assert d.action == "fault" and d.fault_code == "internal" and "KeyError" in d.fault and d.log_seq is not None
+
+
+@pytest.mark.parametrize("mask", [
+    np.full((64, 64), 2, np.uint8),
+    np.where(np.eye(64, dtype=bool), np.nan, 1.0),
+    np.full((64, 64), "x"),
+    np.ones((64, 64), np.float32),
+])
+def test_valid_mask_must_be_bool_or_0_1(gate_litert, mask):
+    """Issue 9 item 6."""
+    from flight.errors import ValidMaskError
+
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    d = gate_litert.process(scene, BANDS, valid_mask=mask)
+    assert d.action == "fault" and d.fault_code == ValidMaskError.code and "valid_mask" in d.fault
+    with pytest.raises(ValidMaskError):
+        gate_litert.process(scene, BANDS, valid_mask=mask, strict=True)
+
+
+def test_valid_mask_0_1_integers_equal_bool(gate_litert):
+    rng = np.random.default_rng(4)
+    scene = rng.uniform(0, 0.4, (64, 64, 4)).astype(np.float32)
+    vb = rng.random((64, 64)) > 0.3
+    m1, m2 = np.empty((64, 64), np.uint8), np.empty((64, 64), np.uint8)
+    d1 = gate_litert.process(scene, BANDS, valid_mask=vb, mask_out=m1)
+    d2 = gate_litert.process(scene, BANDS, valid_mask=vb.astype(np.uint8), mask_out=m2)
+    assert d1.action != "fault" and (m1 == m2).all() and d1.valid_fraction == d2.valid_fraction
+
+
+def test_integer_scene_without_radiometry_is_implausible(gate_litert):
+    """Issue 9 item 7: uint16 DN without a radiometry scale used to be gated as saturated reflectance."""
+    from flight.errors import ImplausibleRadiometryError
+
+    dn = np.random.default_rng(5).integers(5000, 12000, (256, 256, 4)).astype(np.uint16)
+    d = gate_litert.process(dn, BANDS)
+    assert d.action == "fault" and d.fault_code == "implausible_radiometry" and "radiometry" in d.fault
+    with pytest.raises(ImplausibleRadiometryError):
+        gate_litert.process(dn, BANDS, strict=True)
+    assert gate_litert.process(dn, BANDS, radiometry=(2e-5, -0.1)).action != "fault"
+
+
+def test_float_scene_far_outside_reflectance_is_implausible(gate_litert):
+    """Issue 9 item 7: DN stored as float (or reflectance x 10000) on most valid pixels."""
+    refl, _ = synthetic_scene(3, 256, "clear")
+    d = gate_litert.process(refl * 10000.0, BANDS)
+    assert d.action == "fault" and d.fault_code == "implausible_radiometry"
+    ok = refl.copy()
+    ok[:60] = 1.5                                  # saturated region: bright but physical
+    assert gate_litert.process(ok, BANDS).action != "fault"
+
+
+def test_negative_radiometry_scale_is_refused(gate_litert):
+    """Issue 9 item 7: a negative scale turned bright DN into cf 0 (downlink)."""
+    dn = np.full((64, 64, 4), 30000, np.uint16)
+    d = gate_litert.process(dn, BANDS, radiometry=(-2e-5, 1.0))
+    assert d.action == "fault" and "radiometry" in d.fault
+    for bad in (-1e-4, float("inf")):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"radiometry_scale": bad})
+        assert e.value.key == "radiometry_scale"
+
+
+def _composite(clear_w: int, cloud_w: int) -> np.ndarray:
+    a, _ = synthetic_scene(7, 480, "clear")
+    b, _ = synthetic_scene(8, 480, "overcast")
+    return np.ascontiguousarray(np.concatenate([a[:, :clear_w], b[:, :cloud_w]], axis=1))
+
+
+def test_hysteresis_only_with_target_id_and_recorded(tmp_path):
+    """Issue 9 item 10: without target_id no history is shared between scenes; with one, the log says
+    when hysteresis changed the action."""
+    policy = {"hysteresis": 0.19}
+    clear, _ = synthetic_scene(7, 480, "clear")
+    mid = None
+    probe = CloudGate.from_model(early_exit={"enabled": False}, policy=policy)
+    for cw in range(120, 400, 20):                 # a frame with cf in (0.30, 0.49]: mid band without history
+        s = _composite(480, cw)
+        d = probe.process(s, BANDS)
+        if 0.32 < d.cloud_fraction < 0.47 and d.action != "downlink" or (0.32 < d.cloud_fraction < 0.47 and d.partial):
+            mid, fresh = s, d
+            break
+    assert mid is not None
+    gate = CloudGate.from_model(early_exit={"enabled": False}, policy=policy, log={"path": str(tmp_path / "d.jsonl")})
+    assert gate.process(clear, BANDS).action == "downlink"
+    d = gate.process(mid, BANDS)                     # no target_id: same as a fresh gate
+    assert (d.action, d.partial, d.hysteresis) == (fresh.action, fresh.partial, None) and not gate._history
+    assert gate.process(clear, BANDS, target_id="T1").action == "downlink"
+    d = gate.process(mid, BANDS, target_id="T1")     # named target: the previous downlink widens its band
+    assert d.action == "downlink" and not d.partial and d.hysteresis and "downlink" in d.hysteresis
+    assert read_log(tmp_path / "d.jsonl").records[-1]["hysteresis"] == d.hysteresis
+    gate.close()
+
+
+def test_deadline_with_mask_out_marks_unvisited_tiles_255():
+    """Issue 9 item 11: the caller's mask must not keep stale values where no tile was visited."""
+    g = CloudGate.from_model(early_exit={"enabled": False}, deadline_s=1e-6)
+    refl, _ = synthetic_scene(9, 960, "clear")
+    mask = np.full(refl.shape[:2], 77, np.uint8)
+    d = g.process(refl, BANDS, mask_out=mask)
+    assert d.tiles_processed < d.tiles_total and "deadline" in d.degraded
+    assert set(np.unique(mask)) <= {0, 1, 2, 255}
+    assert (mask == 255).mean() >= 1 - d.tiles_processed / d.tiles_total - 1e-9
+
+
+def test_concurrent_entry_from_two_threads_is_refused():
+    """Issue 9 item 12: one gate per thread; a second thread entering process() gets a clear error."""
+    from flight.errors import ConcurrentUseError
+
+    gate = CloudGate.from_model(backend="litert")
+    inside, release = threading.Event(), threading.Event()
+    real = gate.backend.infer
+    calls = {"n": 0}
+
+    def slow(planes, mask):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            inside.set()
+            release.wait(30)
+        real(planes, mask)
+
+    gate.backend.infer = slow
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("d", gate.process(scene, BANDS)))
+    t.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(ConcurrentUseError, match="one gate per thread"):
+            gate.process(scene, BANDS)
+    finally:
+        release.set()
+        t.join(30)
+    assert out["d"].action != "fault"
+    assert gate.process(scene, BANDS).action != "fault"          # sequential use from another thread is fine
+
+
+@pytest.mark.parametrize("text,key", [
+    ("tile:\n", "tile"),
+    ("model: 5\n", "model"),
+    ("log:\n  path: 5\n", "log.path"),
+    ("policy:\n  version: 3\n", "policy.version"),
+    ("max_tiles: 10000000000\n", "max_tiles"),
+    ("radiometry_scale: .inf\n", "radiometry_scale"),
+    ("radiometry_offset: .nan\n", "radiometry_offset"),
+    ("log:\n  keep: 1000000000\n", "log.keep"),
+])
+def test_config_errors_name_the_key(tmp_path, text, key):
+    """Issue 9 item 13."""
+    p = tmp_path / "gate.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        CloudGate.from_config(p)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path):
+    p = tmp_path / "gate.yaml"
+    p.write_bytes(b"tile: 256\n# \xff\xfe caf\xe9\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        CloudGate.from_config(p)
+
+
+def test_target_id_length_is_bounded(gate_litert):
+    """Issue 9 item 14: long ids must not be kept in the hysteresis history."""
+    from flight.decisionlog import MAX_ID_CHARS
+
+    before = len(gate_litert._history)
+    d = gate_litert.process(np.full((40, 40, 4), 0.1, np.float32), BANDS, target_id="t" * (MAX_ID_CHARS + 1))
+    assert d.action == "fault" and d.fault_code == "bad_argument" and "target_id" in d.fault
+    assert len(gate_litert._history) == before
+    d = gate_litert.process(np.full((40, 40, 4), 0.1, np.float32), BANDS, scene_id="s" * 10**6)
+    assert d.action == "fault" and "scene_id" in d.fault and len(d.scene_id) <= MAX_ID_CHARS
+
+
+_SHRINK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+p = {path!r}
+mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.uint16, shape=(600, 600, 4))
+mm[:] = 9000
+mm.flush(); del mm
+scene = np.load(p, mmap_mode="r")
+gate = CloudGate.from_model(early_exit={{"enabled": False}})
+print(gate.process(scene, ("blue", "green", "red", "nir"), radiometry=(2e-5, -0.1)).action, flush=True)
+os.truncate(p, os.path.getsize(p) // 3)           # the file shrinks under the live mapping
+d = gate.process(scene, ("blue", "green", "red", "nir"), radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, flush=True)
+d = gate.process(scene[:100], ("blue", "green", "red", "nir"), radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, flush=True)
+print(gate.process(np.full((64, 64, 4), 0.1, np.float32), ("blue", "green", "red", "nir")).action)
+"""
+
+
+def test_memmap_file_shrunk_under_the_mapping_is_a_fault_not_sigbus(tmp_path):
+    """Issue 9 item 8: a truncated memmap killed the process (SIGBUS, exit 135); now a fault, loop continues."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", _SHRINK.format(root=str(ROOT), path=str(tmp_path / "s.npy"))],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-1500:])
+    lines = r.stdout.split("\n")
+    assert lines[0] != "fault"
+    assert lines[1] == "fault scene_file_truncated" and lines[2] == "fault scene_file_truncated"
+    assert lines[3] != "fault"
