@@ -99,7 +99,13 @@ def report(ab: dict, out: Path, teacher: dict | None = None) -> str:
     for p in sorted(RUNS.glob("*/result.json")):
         r = json.loads(p.read_text())
         rows.setdefault((r["arm"], r["spec"]), []).append(r)
-    lines = [f"Every arm: {ab['steps']} steps, batch as in {ab['base_config']}, the same {next(iter(rows.values()))[0]['train_views'] if rows else '?'} "
+    lines = ["# KD-method ablation and capacity check on real scenes", "",
+             "Commands (2 cores, runs resumable): `python -m ground ablate` (arms × seeds), `python -m ground ablate "
+             "--capacity`, then `python -m ground ablate --report docs/results/ablation`. Config: "
+             "`ground/configs/ablation.yaml` (arms, seeds, steps, selection rule); base: `ground/configs/real_kd.yaml` "
+             "(student, view pool, training views); split: `ground/data/split.yaml`. Scores: INT8 TFLite of each arm "
+             "through `CloudGate.process(mask_out=...)` on the evaluation part (12 scenes) and the training part.", "",
+             f"Every arm: {ab['steps']} steps, batch as in {ab['base_config']}, the same {next(iter(rows.values()))[0]['train_views'] if rows else '?'} "
              "training views of one cached real-view pool, INT8 TFLite through CloudGate. mean ± std over seeds.", "",
              "| arm | spec | seeds | probe disagreement (selection) | " + " | ".join(f"eval: {h}" for _, h in METRICS)
              + " | train part: action agr. | MACs/px | params |",
