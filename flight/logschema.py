@@ -181,7 +181,7 @@ def render_markdown() -> str:
                                                              "dict": "object"}[t.__name__] for t in f.types)
         if f.types == _NUM:
             types = "number"
-        out.append(f"| `{f.name}` | {types} | {f.unit} | {f.meaning} | "
+        out.append(f"| `{f.name}` | {types} | {f.unit} | {f.meaning.replace('|', chr(92) + '|')} | "
                    f"{'DecisionLog.append' if f.writer == 'log' else 'Decision.to_record'} |")
     out += ["", "## Degraded events", "", "| code | severity | meaning |", "|---|---|---|"]
     out += [f"| `{e.code}` | {e.severity} | {e.meaning} |" for e in EVENT_CODES.values()]
