@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Union, get_args
 
+from .bands import SENSOR_ALIASES, sensor_table_key
 from .errors import ConfigError
 
 MAX_TILES_LIMIT = 1 << 20   # preallocated per-tile statistics; the memory budget check comes on top
@@ -56,6 +57,7 @@ class GateConfig:
     overlap: int = 16
     memory_budget_mib: float = 32.0     # gate-owned buffers (the runtime's own arena is measured in bench/)
     max_tiles: int = 4096               # preallocated per-scene statistics; 10980² at tile 256 needs 2116
+    sensor: str | None = None           # band-id table for bare sensor ids, e.g. landsat8 (B2..B5); see flight.bands
     radiometry_scale: float = 1.0       # reflectance = value * scale + offset (DN inputs)
     radiometry_offset: float = 0.0
     deadline_s: float = 10.0
@@ -118,6 +120,8 @@ def validate(cfg: GateConfig) -> GateConfig:
          "must be a finite number > 0 (reflectance = value * scale + offset)")
     need(math.isfinite(cfg.radiometry_offset), "radiometry_offset", "must be a finite number")
     need(cfg.deadline_s > 0, "deadline_s", "must be > 0 seconds")
+    need(cfg.sensor is None or sensor_table_key(cfg.sensor) in SENSOR_ALIASES, "sensor",
+         f"unknown sensor; known: {', '.join(sorted(SENSOR_ALIASES))}")
     need(cfg.scrub_every >= 0, "scrub_every", "must be >= 0 (0 disables the model scrub)")
     p = cfg.policy
     need(0 <= p.downlink_max_cloud < p.discard_min_cloud <= 1, "policy.downlink_max_cloud",

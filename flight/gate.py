@@ -275,8 +275,9 @@ class CloudGate:
                     radiometry is required). Memmaps are read tile by tile (RSS stays flat).
         band_names  sequence of C strings naming the last axis: canonical names (blue, green, red, nir),
                     generic aliases (SWIR1), suffixed names (B08_nir), or Sentinel-2 ids (B02..B12). Bare
-                    Landsat ids (B2..B5) are ambiguous between sensors: map them first with
-                    flight.bands.canonical_bands(names, sensor="landsat8"). A single string is an error.
+                    Landsat ids (B2..B5) mean different bands on different sensors: set the config key
+                    sensor (e.g. CloudGate.from_model(sensor="landsat8")). A single string ("B2B3B4B5")
+                    is an ArgumentError, never split into letters.
         scene_id    str (<= 256 chars), recorded in the log.
         mask_out    optional caller-owned uint8 (H, W), written in full: 0 clear, 1 cloud, 2 shadow,
                     255 no data / no decision. Asking for it disables early exit (every tile is inferred);
@@ -559,7 +560,7 @@ class CloudGate:
                 raise ArgumentError(f"band_names must be strings of <= {_MAX_BAND_NAME} characters, got "
                                     f"{type(n).__name__} {n!r:.40}")
             try:
-                canon.append(canonical_band(n))
+                canon.append(canonical_band(n, self.config.sensor))
             except ValueError:
                 canon.append(n.lower())
         missing = [b for b in self.bands if b not in canon]

@@ -110,3 +110,37 @@ def test_tools_exit_nonzero_on_missing_or_empty_input(tmp_path, logged):
     assert _cli("run", str(tmp_path / "bad.npz")).returncode == 1
     r = _cli("log", "summary", str(logged[0]), "--action", "discard")
     assert r.returncode == 0 and "cloudy-2" in r.stdout
+
+
+def test_example_config_loads_with_every_key_and_default_values():
+    """Issue 12 item 8: the shipped example is a valid config that spells out every key at its default."""
+    import yaml
+
+    from flight import GateConfig, load_config
+
+    path = ROOT / "flight/gate.example.yaml"
+    cfg = load_config(path)
+    assert cfg == GateConfig()
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == {f.name for f in dataclasses.fields(GateConfig)}
+    for section in ("policy", "early_exit", "log"):
+        assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(cfg, section))}
+    with CloudGate.from_config(path) as g:
+        assert g.process(np.full((64, 64, 4), 0.1, np.float32), BANDS).action != "fault"
+
+
+def test_bare_landsat_band_ids_need_the_sensor_key_and_a_string_is_refused():
+    from flight import ArgumentError, ConfigError, config_from_dict
+
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    with CloudGate.from_model(backend="litert", sensor="landsat8") as g:
+        assert g.process(scene, ("B2", "B3", "B4", "B5")).action != "fault"
+    with CloudGate.from_model(backend="litert") as g:
+        d = g.process(scene, ("B2", "B3", "B4", "B5"))
+        assert d.fault_code == "missing_band" and "sensor" in d.fault
+        d = g.process(scene, "B2B3")
+        assert d.fault_code == "bad_argument" and "single string" in d.fault
+        with pytest.raises(ArgumentError):
+            g.process(scene, "bgrn", strict=True)
+    with pytest.raises(ConfigError, match="sensor"):
+        config_from_dict({"sensor": "landsat99"})
