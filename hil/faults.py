@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from flight.ports import SystemClock
+
 FAULT_CLASSES = (
     "seu_frame",        # single-event upsets: bit flips in the frame bytes
     "seu_model_file",   # bit flip in a copy of the model file -> must be refused at load
@@ -129,13 +131,9 @@ def apply_frame_faults(scene: dict, faults: list[str], rng: np.random.Generator)
 
 
 # ---------------------------------------------------------------- injectors plugged into the gate's ports
-class FaultClock:
+class FaultClock(SystemClock):
     """The gate's clock port (flight.ports.Clock): the host's clocks, plus a wall-clock offset the HIL
     arms per frame (clock_jump). Monotonic clocks never jump."""
-
-    monotonic = staticmethod(time.monotonic)
-    monotonic_ns = staticmethod(time.monotonic_ns)
-    perf_counter = staticmethod(time.perf_counter)
 
     def __init__(self):
         self.wall_offset_s = 0.0
