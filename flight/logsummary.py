@@ -126,6 +126,10 @@ def _plot(recs, png: str) -> None:
             ax.annotate(str(r.get("scene_id", ""))[:24], (x[i], y), fontsize=5, rotation=45, xytext=(2, 2),
                         textcoords="offset points")
     ax.set_xlabel(xlabel); ax.set_ylabel("cloud fraction (of valid pixels)"); ax.set_ylim(-0.05, 1.15)
-    ax.legend(loc="upper left", fontsize=7, ncol=3, bbox_to_anchor=(0, -0.18))
-    fig.autofmt_xdate()
+    if x and isinstance(x[0], datetime):
+        import matplotlib.dates as mdates
+
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M:%S"))
+        fig.autofmt_xdate()
+    ax.legend(loc="center left", fontsize=7, bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout(); fig.savefig(png, dpi=90); plt.close(fig)
