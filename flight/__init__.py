@@ -13,11 +13,12 @@ from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, Clo
                      ModelIntegrityError, ModelMissingError, SceneDtypeError, SceneError, SceneFileError,
                      SceneShapeError, ValidMaskError)
 from .gate import ACTIONS, CloudGate, Decision
+from .ports import Clock, LogSink, SystemClock
 
 __all__ = [
-    "ACTIONS", "AllInvalidSceneError", "ArgumentError", "BandMismatchError", "CloudGate", "CloudGateError",
+    "ACTIONS", "AllInvalidSceneError", "ArgumentError", "BandMismatchError", "Clock", "CloudGate", "CloudGateError",
     "ConcurrentUseError", "ConfigError", "Decision", "DecisionLog", "DecisionLogBusyError", "DecisionLogError",
-    "EarlyExitConfig", "GateConfig", "ImplausibleRadiometryError", "LogConfig", "ModelError", "ModelIntegrityError",
+    "EarlyExitConfig", "GateConfig", "ImplausibleRadiometryError", "LogConfig", "LogSink", "ModelError", "ModelIntegrityError",
     "ModelMissingError", "PolicyConfig", "SceneDtypeError", "SceneError", "SceneFileError", "SceneShapeError",
-    "ValidMaskError", "config_from_dict", "load_config", "read_log",
+    "SystemClock", "ValidMaskError", "config_from_dict", "load_config", "read_log",
 ]

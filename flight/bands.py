@@ -31,6 +31,11 @@ SENSOR_ALIASES: dict[str, dict[str, str]] = {
 _GENERIC = {"swir1": "swir16", "swir2": "swir22", "nir1": "nir", "vnir": "nir"}
 
 
+def sensor_table_key(sensor: str) -> str:
+    """'Landsat-8' / 'landsat_8' -> 'landsat8' (the SENSOR_ALIASES key)."""
+    return sensor.lower().replace("-", "").replace("_", "")
+
+
 def canonical_band(name: str, sensor: str | None = None) -> str:
     """Map a band name to its canonical name.
 
@@ -50,7 +55,7 @@ def canonical_band(name: str, sensor: str | None = None) -> str:
             return canonical_band(suffix)
         key = key.split("_", 1)[0]
     if sensor is not None:
-        table = SENSOR_ALIASES.get(sensor.lower().replace("-", "").replace("_", ""))
+        table = SENSOR_ALIASES.get(sensor_table_key(sensor))
         if table is None:
             raise ValueError(f"unknown sensor {sensor!r}; known: {sorted(SENSOR_ALIASES)}")
         if key in table:

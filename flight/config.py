@@ -4,10 +4,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal, Union, get_args
 
+from .bands import SENSOR_ALIASES, sensor_table_key
 from .errors import ConfigError
 
 MAX_TILES_LIMIT = 1 << 20   # preallocated per-tile statistics; the memory budget check comes on top
+BackendName = Literal["auto", "litert", "onnxruntime"]        # auto: by the model file's suffix
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+EarlyExitMethod = Literal["normal", "bernstein"]              # see flight.estimate
+EARLY_EXIT_METHODS: tuple[str, ...] = get_args(EarlyExitMethod)
+FsyncMode = Union[Literal["every", "never"], int]             # int N: fsync every N records
+FSYNC_WORDS: tuple[str, ...] = ("every", "never")
 
 
 @dataclass(frozen=True)
@@ -26,11 +34,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class EarlyExitConfig:
     enabled: bool = True
-    # "normal": Cochran's finite-population normal bound with a floor on the tile-level standard
-    #           deviation (guards the all-identical-so-far case); tight, validated empirically.
-    # "bernstein": Bardenet & Maillard's empirical Bernstein-Serfling bound; distribution-free but
-    #           needs ~100+ tiles before it can certify anything.
-    method: str = "normal"
+    method: EarlyExitMethod = "normal"  # normal | bernstein (flight.estimate explains both)
     confidence: float = 0.99            # two-sided confidence of the bound
     sd_floor: float = 0.1               # "normal" only: minimum tile-level standard deviation assumed
     min_tiles: int = 8
@@ -39,7 +43,7 @@ class EarlyExitConfig:
 @dataclass(frozen=True)
 class LogConfig:
     path: str | None = None
-    fsync: str | int = "every"          # "every" | "never" | N
+    fsync: FsyncMode = "every"          # "every" | "never" | N
     max_bytes: int = 16 << 20
     keep: int = 5
 
@@ -47,12 +51,13 @@ class LogConfig:
 @dataclass(frozen=True)
 class GateConfig:
     model: str | None = None            # .tflite / .onnx / model card .yaml; None = shipped default
-    backend: str = "auto"               # auto (by suffix) | litert | onnxruntime
+    backend: BackendName = "auto"       # auto (by suffix) | litert | onnxruntime
     threads: int = 2
     tile: int = 256
     overlap: int = 16
     memory_budget_mib: float = 32.0     # gate-owned buffers (the runtime's own arena is measured in bench/)
     max_tiles: int = 4096               # preallocated per-scene statistics; 10980² at tile 256 needs 2116
+    sensor: str | None = None           # band-id table for bare sensor ids, e.g. landsat8 (B2..B5); see flight.bands
     radiometry_scale: float = 1.0       # reflectance = value * scale + offset (DN inputs)
     radiometry_offset: float = 0.0
     deadline_s: float = 10.0
@@ -105,7 +110,7 @@ def validate(cfg: GateConfig) -> GateConfig:
         if not ok:
             raise ConfigError(key, problem)
 
-    need(cfg.backend in ("auto", "litert", "onnxruntime"), "backend", "choose auto, litert or onnxruntime")
+    need(cfg.backend in BACKENDS, "backend", f"choose one of {', '.join(BACKENDS)}")
     need(1 <= cfg.threads <= 64, "threads", "must be 1..64")
     need(32 <= cfg.tile <= 4096 and cfg.tile % 16 == 0, "tile", "must be a multiple of 16 in 32..4096")
     need(0 <= cfg.overlap < cfg.tile // 2 and cfg.overlap % 2 == 0, "overlap", "must be even and < tile/2")
@@ -115,6 +120,8 @@ def validate(cfg: GateConfig) -> GateConfig:
          "must be a finite number > 0 (reflectance = value * scale + offset)")
     need(math.isfinite(cfg.radiometry_offset), "radiometry_offset", "must be a finite number")
     need(cfg.deadline_s > 0, "deadline_s", "must be > 0 seconds")
+    need(cfg.sensor is None or sensor_table_key(cfg.sensor) in SENSOR_ALIASES, "sensor",
+         f"unknown sensor; known: {', '.join(sorted(SENSOR_ALIASES))}")
     need(cfg.scrub_every >= 0, "scrub_every", "must be >= 0 (0 disables the model scrub)")
     p = cfg.policy
     need(0 <= p.downlink_max_cloud < p.discard_min_cloud <= 1, "policy.downlink_max_cloud",
@@ -129,10 +136,10 @@ def validate(cfg: GateConfig) -> GateConfig:
     e = cfg.early_exit
     need(0.5 <= e.confidence < 1, "early_exit.confidence", "must be in [0.5, 1)")
     need(e.min_tiles >= 1, "early_exit.min_tiles", "must be >= 1")
-    need(e.method in ("normal", "bernstein"), "early_exit.method", "choose normal or bernstein")
+    need(e.method in EARLY_EXIT_METHODS, "early_exit.method", f"choose one of {', '.join(EARLY_EXIT_METHODS)}")
     need(0 <= e.sd_floor <= 0.5, "early_exit.sd_floor", "must be in [0, 0.5]")
     lg = cfg.log
-    need(lg.fsync in ("every", "never") or (isinstance(lg.fsync, int) and lg.fsync >= 1), "log.fsync",
+    need(lg.fsync in FSYNC_WORDS or (isinstance(lg.fsync, int) and lg.fsync >= 1), "log.fsync",
          "use 'every', 'never' or a positive record count")
     need(lg.max_bytes >= 4096, "log.max_bytes", "must be >= 4096")
     need(1 <= lg.keep <= 1000, "log.keep", "must be 1..1000")

@@ -23,43 +23,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import FsyncMode
 from .errors import DecisionLogBusyError, DecisionLogError
+from .logschema import MAX_ID_CHARS, SCHEMA_VERSION, upgrade, validate_record  # noqa: F401 (MAX_ID_CHARS re-exported)
+from .ports import Clock, SystemClock
 
-SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 256 << 10     # a longer line is refused by the writer and skipped by the reader
-MAX_ID_CHARS = 256               # scene_id / target_id
 _CHUNK = 65536
-
-_NUM = (int, float)
-_OPT_STR = (str, type(None))
-# field -> accepted types (bool is never accepted where a number is meant); fields not listed are free
-FIELD_TYPES: dict[str, tuple] = {
-    "schema": (int,), "seq": (int,), "utc": (str,), "mono_ns": (int,), "action": (str,),
-    "cloud_fraction": _NUM, "valid_fraction": _NUM, "shadow_fraction": _NUM, "latency_s": _NUM, "infer_s": _NUM,
-    "tiles_processed": (int,), "tiles_total": (int,), "tile_pixels": (int,), "priority": (int,),
-    "scene_bytes": (int,), "downlink_bytes": (int,), "partial": (bool,), "early_exit": (bool,),
-    "scene_id": (str,), "target_id": _OPT_STR, "degraded": _OPT_STR, "fault": _OPT_STR, "fault_code": _OPT_STR,
-    "hysteresis": _OPT_STR, "model_name": (str,), "model_sha256": (str,), "backend": (str,), "policy_version": (str,),
-    "clear_tiles": (list,), "confidence_bound": (list,), "grid": (list,), "log_recreated": (bool,),
-}
-
-
-def validate_record(rec) -> str | None:
-    """None if rec satisfies the record schema, else the reason."""
-    if not isinstance(rec, dict):
-        return f"record is a JSON {type(rec).__name__}, not an object"
-    seq = rec.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        return f"record without a valid seq (got {seq!r:.40})"
-    for k, types in FIELD_TYPES.items():
-        if k in rec:
-            v = rec[k]
-            if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-                return f"field {k!r} has type {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}"
-    for k in ("scene_id", "target_id"):
-        if isinstance(rec.get(k), str) and len(rec[k]) > MAX_ID_CHARS:
-            return f"field {k!r} is {len(rec[k])} characters long (max {MAX_ID_CHARS})"
-    return None
 
 
 def _canonical(record) -> bytes:
@@ -118,7 +88,9 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
 
 
 def read_log(path: str | Path, include_rotated: bool = True) -> LogReadResult:
-    """All intact records, oldest first (rotated files FILE.N … FILE.1 before FILE)."""
+    """All intact records, oldest first (rotated files FILE.N … FILE.1 before FILE), upgraded to the
+    current schema (flight.logschema.upgrade). A missing FILE yields no records; the caller decides
+    whether that is an error."""
     path = Path(path)
     files = []
     if include_rotated:
@@ -142,7 +114,7 @@ def read_log(path: str | Path, include_rotated: bool = True) -> LogReadResult:
                 if problem:
                     out.problems.append(LogProblem(str(f), i, problem))
                 else:
-                    out.records.append(rec)
+                    out.records.append(upgrade(rec))
     return out
 
 
@@ -181,10 +153,13 @@ def _last_seq(path: Path) -> int:
 
 
 class DecisionLog:
-    """Writer. fsync: "every" (after each record), "never", or an int N (every N records)."""
+    """Writer. fsync: "every" (after each record), "never", or an int N (every N records). clock: where
+    utc and mono_ns come from (flight.ports.Clock; the host's clocks by default)."""
 
-    def __init__(self, path: str | Path, fsync="every", max_bytes: int = 16 << 20, keep: int = 5):
+    def __init__(self, path: str | Path, fsync: FsyncMode = "every", max_bytes: int = 16 << 20, keep: int = 5,
+                 clock: Clock | None = None):
         self.path = Path(path)
+        self.clock = clock or SystemClock()
         self.fsync = fsync
         self.max_bytes = int(max_bytes)
         self.keep = int(keep)
@@ -226,10 +201,6 @@ class DecisionLog:
                 if r.read(1) != b"\n":
                     self._write_all(b"\n")
                     self._size += 1
-
-    @property
-    def next_seq(self) -> int:
-        return self._seq
 
     def _write_all(self, data: bytes) -> None:
         fd, view, done = self._fh.fileno(), memoryview(data), 0
@@ -275,9 +246,10 @@ class DecisionLog:
         if self._fh is None or self._fh.closed:
             raise DecisionLogError(f"decision log {self.path} is closed")
         seq = self._seq
+        wall = self.clock.wall()
         full = {"schema": SCHEMA_VERSION, "seq": seq,
-                "utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e3) % 1000:03d}Z",
-                "mono_ns": time.monotonic_ns(), **record}
+                "utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1e3) % 1000:03d}Z",
+                "mono_ns": self.clock.monotonic_ns(), **record}
         problem = validate_record(full)
         if problem:
             raise DecisionLogError(f"record refused by the decision log: {problem}")

@@ -66,7 +66,8 @@ class BandMismatchError(SceneError):
     def __init__(self, missing: list[str], available: list[str]):
         self.missing = list(missing)
         super().__init__(f"scene lacks band(s) {self.missing} that the model needs; scene bands are {list(available)} "
-                         "(pass band_names in canonical or sensor names, e.g. ('blue','green','red','nir'))")
+                         "(pass band_names in canonical or sensor names, e.g. ('blue','green','red','nir'); bare "
+                         "Landsat ids such as 'B2'..'B5' need the gate config key sensor, e.g. sensor: landsat8)")
 
 
 class AllInvalidSceneError(SceneError):

@@ -1,5 +1,10 @@
 """CloudGate: fixed-memory tile scheduler, cloud fraction, anytime early exit, decisions, decision log.
 
+One scene reads top-down in CloudGate._process: check the inputs -> scan the tiles (infer, count, feed
+flight.estimate, stop early or at the deadline) -> estimate -> decide (flight.policy, pure) -> build the
+Decision; _process_guarded then writes it to the log sink. Outside dependencies enter through the ports
+of flight.ports (clock, backend factory, log sink), given at construction.
+
 Steady state (per tile) allocates nothing but short-lived view objects: every buffer is created in
 __init__ from the config. Tiles partition the scene into cores of (tile - overlap)² pixels; each tile
 window adds overlap/2 context on every side (reflect-padded at scene edges) and only its core is
@@ -13,26 +18,27 @@ import math
 import mmap
 import os
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .bands import canonical_band
 from .backends import Backend, open_backend
 from .config import GateConfig, config_from_dict, load_config
-from .decisionlog import MAX_ID_CHARS, DecisionLog
+from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
                      ConfigError, ImplausibleRadiometryError, SceneDtypeError, SceneFileError, SceneShapeError,
                      ValidMaskError)
+from .estimate import FractionEstimator
+from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
 from .model import read_verified, resolve_model
-from .policy import policy_band
+from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide, policy_band
+from .ports import BackendFactory, Clock, LogSink, SystemClock
 
-ACTIONS = ("downlink", "discard", "reacquire", "fault")
+__all__ = ["ACTIONS", "Action", "CloudGate", "Decision"]
 CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
-_KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015) empirical Bernstein-Serfling
 _SUPPORTED_KINDS = "biuf"
 _MADV_DONTNEED = 4
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -52,42 +58,103 @@ except (OSError, AttributeError):  # pragma: no cover - non-Linux
 
 @dataclass
 class Decision:
-    action: str
+    """What the gate decided for one scene, and why. Written to the decision log as one record
+    (flight.logschema.FIELDS is the schema; docs/decision-log.md renders it).
+
+    action           "downlink" | "discard" | "reacquire" | "fault"
+    rule             which rule decided: "threshold" | "hysteresis" | "min_valid_fraction" | "early_exit" |
+                     "deadline" | "fault"
+    reason           one sentence: the comparison that decided, with the values and thresholds
+    thresholds       policy thresholds in force (fractions 0..1; the target's hysteresis applied); {} on fault
+    cloud_fraction   cloud pixels / valid pixels of the visited tiles (0..1)
+    valid_fraction   valid pixels / scene pixels of the visited tiles (0..1)
+    shadow_fraction  cloud-shadow pixels / valid pixels of the visited tiles (0..1)
+    tiles_processed  tiles inferred; tiles_total: tiles in the scene; grid: (rows, cols) of tiles
+    confidence_bound (low, high) bound on the scene cloud fraction (0..1); (cf, cf) after a full scan
+    clear_tiles      [(row, col, cloud fraction)] in tile-core units (core_pixels scene pixels per step) of the
+                     clear tiles to downlink when partial
+    partial          only clear_tiles are to be downlinked (or kept, when reacquiring)
+    early_exit       the scan stopped early on the confidence bound
+    latency_s        seconds inside process() (monotonic clock); infer_s: of which inside the runtime
+    tile_pixels      pixels of one model input window (tile²); core_pixels: side of a tile core in pixels
+    model_name, model_sha256, backend, policy_version: what decided (card name, artifact sha256, runtime)
+    degraded         events [{code, severity, text}] (flight.logschema.EVENT_CODES); [] when none
+    fault, fault_code  why the frame faulted (text, flight.errors code); None otherwise
+    scene_id, target_id, priority: the caller's arguments (as logged)
+    hysteresis       the reason text when the target's previous action changed the action, else None
+    scene_bytes      in-memory size of the scene array passed (every band, its dtype), 0 when unknown
+    downlink_bytes   share of scene_bytes to downlink (clear-tile area share when partial; 0 unless downlink)
+    log_seq          sequence number of the log record; None without a log or when the write failed
+    """
+    action: Action
     cloud_fraction: float
     valid_fraction: float
+    rule: str = "threshold"
+    reason: str = ""
+    thresholds: dict = field(default_factory=dict)
     shadow_fraction: float = 0.0
     tiles_processed: int = 0
     tiles_total: int = 0
     confidence_bound: tuple[float, float] = (0.0, 1.0)
-    clear_tiles: list = field(default_factory=list)   # [(row, col, cloud_fraction)] for partial downlink
+    clear_tiles: list = field(default_factory=list)
     partial: bool = False
     early_exit: bool = False
     latency_s: float = 0.0
-    infer_s: float = 0.0                                # of which inside the runtime (for HIL latency models)
+    infer_s: float = 0.0
     tile_pixels: int = 0
+    core_pixels: int = 0
     model_name: str = ""
     model_sha256: str = ""
     backend: str = ""
     policy_version: str = ""
-    degraded: str | None = None
+    degraded: list = field(default_factory=list)
     fault: str | None = None
     fault_code: str | None = None
     scene_id: str = ""
     target_id: str | None = None
     priority: int = 0
-    hysteresis: str | None = None                       # set when the target's previous action changed this one
+    hysteresis: str | None = None
     grid: tuple[int, int] = (0, 0)
     scene_bytes: int = 0
     downlink_bytes: int = 0
     log_seq: int | None = None
 
     def to_record(self) -> dict:
-        d = asdict(self)
-        d.pop("log_seq")
-        d["confidence_bound"] = list(self.confidence_bound)
-        d["grid"] = list(self.grid)
-        d["clear_tiles"] = [list(t) for t in self.clear_tiles]
-        return d
+        """The log record: exactly flight.logschema.DECISION_FIELDS, JSON types only."""
+        rec = {k: getattr(self, k) for k in DECISION_FIELDS}
+        rec["confidence_bound"] = list(self.confidence_bound)
+        rec["grid"] = list(self.grid)
+        rec["clear_tiles"] = [list(t) for t in self.clear_tiles]
+        rec["degraded"] = [dict(e) for e in self.degraded]
+        rec["thresholds"] = dict(self.thresholds)
+        return rec
+
+    @property
+    def degraded_text(self) -> str:
+        """The degraded events as one line ("code: text; ..."), for consoles."""
+        return degraded_text(self.degraded)
+
+
+class _InputMap(NamedTuple):
+    """Radiometry and the model's input quantization folded into one affine map per value:
+    model_input = value * scale + offset (then clipped to the backend's input range)."""
+    scale: np.float32
+    offset: np.float32
+    fill: np.float32             # what an invalid pixel (reflectance 0) becomes
+    plausible_lo: np.float32     # PLAUSIBLE_REFLECTANCE in model-input units
+    plausible_hi: np.float32
+    radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
+
+
+class _Scan:
+    """Counts of one scene's tile scan (reset per scene; no arrays)."""
+    __slots__ = ("cloud_px", "valid_px", "shadow_px", "area_px", "oor_px", "infer_s", "early", "deadline", "bound")
+
+    def __init__(self):
+        self.cloud_px = self.valid_px = self.shadow_px = self.area_px = self.oor_px = 0
+        self.infer_s = 0.0
+        self.early = self.deadline = False
+        self.bound = (0.0, 1.0)
 
 
 def _golden_step(n: int) -> int:
@@ -103,15 +170,22 @@ def _golden_step(n: int) -> int:
 
 
 class CloudGate:
-    """On-board cloud gate. See README 'flight' and docs/sdd.md for the contract."""
+    """On-board cloud gate. See README 'flight', docs/sdd.md and docs/decision-log.md for the contract.
 
-    def __init__(self, config: GateConfig | None = None):
+    Ports (flight.ports), all optional: clock (deadlines, latency, log timestamps), backend_factory
+    (opens the inference runtime on the verified model bytes), log_sink (where decisions are written;
+    default a DecisionLog on config.log.path, none without a path)."""
+
+    def __init__(self, config: GateConfig | None = None, *, clock: Clock | None = None,
+                 backend_factory: BackendFactory | None = None, log_sink: LogSink | None = None):
         cfg = config or GateConfig()
         self.config = cfg
+        self._clock = clock or SystemClock()
+        self._open_backend = backend_factory or open_backend
         self.card, self._model_path, self._model_bytes = resolve_model(cfg.model, cfg.backend)
         self.bands = tuple(self.card.bands)
-        self.backend: Backend = open_backend(self._model_path, self._model_bytes, cfg.backend, cfg.threads, cfg.tile,
-                                             len(self.bands))
+        self.backend: Backend = self._open_backend(self._model_path, self._model_bytes, cfg.backend, cfg.threads,
+                                                   cfg.tile, len(self.bands))
         self._model_ok = True
         self._scenes = 0
         t = cfg.tile
@@ -124,7 +198,7 @@ class CloudGate:
         self._planes = self.backend.planes
         n = cfg.max_tiles
         # checked before anything is allocated (a huge max_tiles must not raise MemoryError first)
-        buf_bytes = self._planes.nbytes + t * t * (4 + 1) + n * (4 * 8 + 1) + t * t * 3 * 4  # + backend output
+        buf_bytes = self._planes.nbytes + t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4  # + backend output
         if buf_bytes > cfg.memory_budget_mib * 2**20:
             raise ConfigError("memory_budget_mib", f"gate buffers need {buf_bytes / 2**20:.1f} MiB for tile={t}, "
                                                    f"max_tiles={n}; raise the budget or lower tile/max_tiles")
@@ -133,33 +207,36 @@ class CloudGate:
         self._tmp = np.zeros((t, t), bool)
         self._oor = np.zeros((t, t), bool)               # reflectance outside PLAUSIBLE_REFLECTANCE
         self._mask = np.zeros((t, t), np.uint8)
-        self._t_cloud = np.zeros(n, np.int64)
-        self._t_valid = np.zeros(n, np.int64)
-        self._t_shadow = np.zeros(n, np.int64)
-        self._t_area = np.zeros(n, np.int64)
-        self._t_done = np.zeros(n, bool)
+        self._t_cloud = np.zeros(n, np.int64)            # per tile core: valid cloud pixels,
+        self._t_valid = np.zeros(n, np.int64)            # valid pixels,
+        self._t_area = np.zeros(n, np.int64)             # scene pixels,
+        self._t_done = np.zeros(n, bool)                 # visited
         self.buffer_bytes = buf_bytes
         self._busy = threading.Lock()                    # one caller at a time (one gate per thread)
-        self._history: OrderedDict[str, str] = OrderedDict()
-        from statistics import NormalDist
-
-        self._z = NormalDist().inv_cdf(1.0 - (1.0 - cfg.early_exit.confidence) / 4.0)  # two bounds share delta
-        self.log = (DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep)
-                    if cfg.log.path else None)
+        self._history = TargetHistory(cfg.policy.max_targets)
+        ee = cfg.early_exit
+        self._est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
+        if log_sink is None and cfg.log.path:
+            log_sink = DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep, clock=self._clock)
+        self.log: LogSink | None = log_sink
         self.log_failures = 0
         self.faults = 0
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_model(cls, model: str | Path | None = None, **overrides) -> "CloudGate":
-        """The shipped default student (no argument), or a .tflite/.onnx/card path; overrides are config keys."""
+    def from_model(cls, model: str | Path | None = None, *, clock: Clock | None = None,
+                   backend_factory: BackendFactory | None = None, log_sink: LogSink | None = None,
+                   **overrides) -> "CloudGate":
+        """The shipped default model (no argument), or a .tflite/.onnx/card path; overrides are config keys
+        (e.g. backend="litert", log={"path": "d.jsonl"}); clock/backend_factory/log_sink are the ports."""
         data = dict(overrides)
         data["model"] = str(model) if model is not None else None
-        return cls(config_from_dict(data))
+        return cls(config_from_dict(data), clock=clock, backend_factory=backend_factory, log_sink=log_sink)
 
     @classmethod
-    def from_config(cls, path: str | Path) -> "CloudGate":
-        return cls(load_config(path))
+    def from_config(cls, path: str | Path, **ports) -> "CloudGate":
+        """A gate from a YAML config (flight/gate.example.yaml shows every key); ports as for __init__."""
+        return cls(load_config(path), **ports)
 
     def close(self) -> None:
         if self.log:
@@ -181,8 +258,8 @@ class CloudGate:
         self._model_ok = False
         entry = next(a for a in self.card.artifacts.values() if a.get("file") == self._model_path.name)
         data = read_verified(self._model_path, entry["sha256"], self.card.path)
-        self.backend = open_backend(self._model_path, data, self.config.backend, self.config.threads,
-                                    self.config.tile, len(self.bands))
+        self.backend = self._open_backend(self._model_path, data, self.config.backend, self.config.threads,
+                                          self.config.tile, len(self.bands))
         self._planes = self.backend.planes               # the new backend owns a new input buffer
         self._model_bytes, self._model_ok = data, True
         return "model image failed its scrub (sha256); reloaded from the verified file"
@@ -191,17 +268,30 @@ class CloudGate:
     def process(self, scene, band_names, scene_id: str = "", mask_out: np.ndarray | None = None,
                 valid_mask: np.ndarray | None = None, priority: int = 0, target_id: str | None = None,
                 radiometry: tuple[float, float] | None = None, strict: bool | None = None) -> Decision:
-        """Gate one scene. scene: (H, W, C) array or memmap; band_names: C names (canonical or sensor).
-        Returns a Decision (action "fault" with the reason on bad input unless strict); in payload mode
-        (strict False) it never raises for anything the scene, the arguments or the runtime do.
+        """Gate one scene; returns a Decision (see its docstring for every field and unit) and writes it
+        to the log sink.
 
-        scene_id: str (<= 256 chars). target_id: str (<= 256 chars) naming the ground target; hysteresis
-        (the target's previous action widening its band) applies only when a target_id is given: without
-        one, no history is shared between scenes. priority: int. valid_mask: bool (or 0/1 integer) (H, W).
-        Integer scenes need a radiometry (scale > 0, offset), per call or in the config.
-
-        mask_out: caller-owned uint8 (H, W): 0 clear, 1 cloud, 2 shadow, 255 no data. When the deadline
-        stops the tile loop, the cores of the tiles not visited are written 255 (no decision) as well.
+        scene       numpy array or memmap (H, W, C): float reflectance (0..1 nominal) or integer DN (then a
+                    radiometry is required). Memmaps are read tile by tile (RSS stays flat).
+        band_names  sequence of C strings naming the last axis: canonical names (blue, green, red, nir),
+                    generic aliases (SWIR1), suffixed names (B08_nir), or Sentinel-2 ids (B02..B12). Bare
+                    Landsat ids (B2..B5) mean different bands on different sensors: set the config key
+                    sensor (e.g. CloudGate.from_model(sensor="landsat8")). A single string ("B2B3B4B5")
+                    is an ArgumentError, never split into letters.
+        scene_id    str (<= 256 chars), recorded in the log.
+        mask_out    optional caller-owned uint8 (H, W), written in full: 0 clear, 1 cloud, 2 shadow,
+                    255 no data / no decision. Asking for it disables early exit (every tile is inferred);
+                    when the deadline stops the scan, the cores of the tiles not visited are 255.
+        valid_mask  optional bool (or 0/1 integer) (H, W); False marks pixels to ignore (swath edge, ...).
+                    NaN/Inf and all-bands-zero pixels are invalid anyway.
+        priority    int; >= policy.reacquire_priority: re-acquire instead of discarding.
+        target_id   str (<= 256 chars) naming the ground target; hysteresis (the target's previous action
+                    widening its band) applies only when a target_id is given.
+        radiometry  (scale, offset) with reflectance = value * scale + offset, scale > 0; default: the
+                    config's radiometry_scale / radiometry_offset.
+        strict      True: raise the typed error (flight.errors) instead of returning a fault decision;
+                    default: config.strict. In payload mode (False) it never raises for anything the
+                    scene, the arguments or the runtime do.
 
         One gate per thread: a second thread entering process() while it runs gets ConcurrentUseError
         (raised even in payload mode; it is a programming error, not a scene fault)."""
@@ -216,7 +306,7 @@ class CloudGate:
 
     def _process_guarded(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry,
                          strict) -> Decision:
-        t0 = time.monotonic()
+        t0 = self._clock.monotonic()
         strict = self.config.strict if strict is None else strict
         self._scenes += 1
         note = None
@@ -228,15 +318,15 @@ class CloudGate:
         except CloudGateError as e:
             if strict:
                 raise
-            d = self._fault(scene_id, target_id, priority, e.code, str(e), t0)
+            d = self._fault(scene, scene_id, target_id, priority, e.code, str(e), t0)
         except Exception as e:
             # anything unexpected on one frame (runtime, numpy, a caller's object) must not kill the loop;
             # KeyboardInterrupt / SystemExit still propagate
             if strict:
                 raise
-            d = self._fault(scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
+            d = self._fault(scene, scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
         if note:
-            d.degraded = f"{d.degraded}; {note}" if d.degraded else note
+            d.degraded.append(event("model_scrub_repaired", note))
         self._record(d)
         return d
 
@@ -256,18 +346,185 @@ class CloudGate:
         if not _PRIORITY_RANGE[0] <= priority <= _PRIORITY_RANGE[1]:
             raise ArgumentError(f"priority {priority} is outside {_PRIORITY_RANGE}")
 
-    # ------------------------------------------------------------------ internals
-    def _fault(self, scene_id, target_id, priority, code, reason, t0) -> Decision:
+    # ------------------------------------------------------------------ one scene, top-down
+    def _process(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0) -> Decision:
+        cfg = self.config
+        # 1. gate: the inputs
+        h, w, src_idx = self._check(scene, band_names, mask_out, valid_mask)
+        imap = self._input_map(scene, radiometry)
+        step = self._step
+        ny, nx = -(-h // step), -(-w // step)
+        n_tiles = ny * nx
+        if n_tiles > cfg.max_tiles:
+            raise SceneShapeError(f"scene {h}x{w} needs {n_tiles} tiles > max_tiles={cfg.max_tiles}; "
+                                  "raise max_tiles in the gate config")
+        previous = self._history.previous(target_id)
+        # 2. scan the tiles (infer, count, estimate; stop early or at the deadline)
+        scan = self._scan(scene, h, w, nx, n_tiles, src_idx, imap, mask_out, valid_mask, previous, t0)
+        n = self._est.n
+        full = n == n_tiles
+        self._check_scan(scan, scene_id, imap, full)
+        # 3. estimate
+        cf = scan.cloud_px / scan.valid_px if scan.valid_px else 0.0
+        vf = scan.valid_px / scan.area_px if scan.area_px else 0.0
+        bound = (cf, cf) if full else scan.bound if scan.early else self._est.bounds()[:2]
+        # 4. policy (pure)
+        tiles = TileCounts(self._t_cloud, self._t_valid, self._t_done, n_tiles, nx)
+        pd = decide(cf, vf, priority, previous, tiles, cfg.policy)
+        self._history.record(target_id, pd.action)
+        rule, reason, events = pd.rule, pd.reason, []
+        if scan.deadline:
+            events.append(event("deadline", f"deadline {cfg.deadline_s}s reached after {n}/{n_tiles} tiles"))
+            rule, reason = ("deadline" if rule == "threshold" else rule), f"on {n}/{n_tiles} tiles (deadline): {reason}"
+        elif scan.early and rule == "threshold":
+            rule, reason = "early_exit", f"bound [{bound[0]:.3f}, {bound[1]:.3f}] after {n}/{n_tiles} tiles: {reason}"
+        if pd.rule == "min_valid_fraction":
+            events.append(event("low_valid_fraction", pd.reason.split(";")[0]))
+        elif pd.band == "mid" and not full:
+            events.append(event("partial_list_incomplete", "partial-downlink list covers visited tiles only"))
+        # 5. the decision (logged by the caller)
+        scene_bytes = int(scene.nbytes)
+        return Decision(
+            action=pd.action, rule=rule, reason=reason, thresholds=pd.thresholds, cloud_fraction=float(cf),
+            valid_fraction=float(vf), shadow_fraction=scan.shadow_px / scan.valid_px if scan.valid_px else 0.0,
+            tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
+            clear_tiles=pd.clear_tiles, partial=pd.partial, early_exit=scan.early,
+            latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
+            model_sha256=self.card.sha256_of_loaded, backend=self.backend.name, policy_version=cfg.policy.version,
+            degraded=events, scene_id=str(scene_id), target_id=target_id, priority=int(priority), grid=(ny, nx),
+            scene_bytes=scene_bytes, downlink_bytes=self._downlink_bytes(pd, scene_bytes, nx, h * w),
+            infer_s=scan.infer_s, tile_pixels=self._tile * self._tile, core_pixels=step,
+            hysteresis=reason if rule == "hysteresis" else None)
+
+    def _input_map(self, scene, radiometry) -> _InputMap:
+        cfg = self.config
+        rad = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
+        try:
+            scale, offset = (float(v) for v in rad)
+        except (TypeError, ValueError):
+            raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}") from None
+        if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0:
+            raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale > 0 "
+                                  "(reflectance = value * scale + offset)")
+        if scene.dtype.kind in "iu" and radiometry is None and cfg.radiometry_scale == 1.0 and cfg.radiometry_offset == 0.0:
+            raise ImplausibleRadiometryError(
+                f"integer scene ({scene.dtype}) without a radiometry scale would be read as reflectance; pass "
+                "radiometry=(scale, offset) with reflectance = DN * scale + offset (e.g. (1e-4, 0.0) for Sentinel-2 "
+                "L1C, (2e-5, -0.1) for Landsat-8) or set radiometry_scale/radiometry_offset in the gate config")
+        self._check_backing_file(scene)
+        # model_input = (value * scale + offset) * in_gain + in_offset, clipped to the backend's input range
+        in_gain, in_offset = self.backend.input_affine
+        q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
+        return _InputMap(np.float32(scale * in_gain), np.float32(offset * in_gain + in_offset), np.float32(in_offset),
+                         np.float32(min(q_lo, q_hi)), np.float32(max(q_lo, q_hi)), (scale, offset))
+
+    def _scan(self, scene, h, w, nx, n_tiles, src_idx, imap, mask_out, valid_mask, previous, t0) -> _Scan:
+        """Visit the tiles in a spread order until all are done, the estimate is certain enough (early
+        exit: both ends of the confidence bound in one policy band, valid share certainly enough), or the
+        deadline passes. Per-tile counts land in self._t_*; scene totals in the returned _Scan."""
+        cfg, est, step = self.config, self._est, self._step
+        est.reset(n_tiles, step * step, h * w)
+        self._t_done[:n_tiles] = False
+        scan = _Scan()
+        early_ok = cfg.early_exit.enabled and mask_out is None
+        stride = _golden_step(n_tiles)
+        deadline = t0 + cfg.deadline_s
+        for k in range(n_tiles):                          # bounded by the tile count
+            idx = (k * stride) % n_tiles
+            self._visit_tile(scene, idx, nx, h, w, src_idx, imap, mask_out, valid_mask, scan)
+            est.add(int(self._t_cloud[idx]), int(self._t_valid[idx]))
+            if est.n < n_tiles and early_ok and est.n >= cfg.early_exit.min_tiles:
+                c_lo, c_hi, valid_lo = est.bounds()
+                scan.bound = (c_lo, c_hi)
+                band = policy_band(c_lo, cfg.policy, previous)
+                if band == policy_band(c_hi, cfg.policy, previous) != "mid" and valid_lo >= cfg.policy.min_valid_fraction:
+                    scan.early = True
+                    break
+            if self._clock.monotonic() > deadline and est.n < n_tiles:
+                scan.deadline = True
+                break
+        if mask_out is not None and est.n < n_tiles:      # deadline: no decision where no tile was visited
+            for idx in range(n_tiles):                    # bounded by the tile count
+                if not self._t_done[idx]:
+                    ty, tx = divmod(idx, nx)
+                    mask_out[ty * step:min(ty * step + step, h), tx * step:min(tx * step + step, w)] = INVALID
+        return scan
+
+    def _visit_tile(self, scene, idx, nx, h, w, src_idx, imap, mask_out, valid_mask, scan: _Scan) -> None:
+        """Load, infer and count tile idx: its core's counts go to self._t_*[idx] and into scan."""
+        step, half, t = self._step, self._half, self._tile
+        ty, tx = divmod(idx, nx)
+        cy0, cx0 = ty * step, tx * step
+        cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
+        wy0 = min(max(cy0 - half, 0), max(h - t, 0))
+        wx0 = min(max(cx0 - half, 0), max(w - t, 0))
+        self._load_tile(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)
+        ti = self._clock.perf_counter()
+        self.backend.infer(self._planes, self._mask)
+        scan.infer_s += self._clock.perf_counter() - ti
+        ry0, ry1, rx0, rx1 = cy0 - wy0, cy1 - wy0, cx0 - wx0, cx1 - wx0
+        m, v, hit = self._mask[ry0:ry1, rx0:rx1], self._valid[ry0:ry1, rx0:rx1], self._tmp[ry0:ry1, rx0:rx1]
+        nv = int(np.count_nonzero(v))
+        np.logical_and(self._oor[ry0:ry1, rx0:rx1], v, out=hit)
+        scan.oor_px += int(np.count_nonzero(hit))
+        np.equal(m, CLOUD, out=hit)
+        np.logical_and(hit, v, out=hit)
+        nc = int(np.count_nonzero(hit))
+        np.equal(m, SHADOW, out=hit)
+        np.logical_and(hit, v, out=hit)
+        scan.shadow_px += int(np.count_nonzero(hit))
+        if mask_out is not None:
+            dst = mask_out[cy0:cy1, cx0:cx1]
+            np.copyto(dst, m)
+            np.logical_not(v, out=hit)
+            np.copyto(dst, INVALID, where=hit)
+        self._release_pages(scene, wy0, min(wy0 + t, h))
+        area = (cy1 - cy0) * (cx1 - cx0)
+        self._t_cloud[idx], self._t_valid[idx], self._t_area[idx], self._t_done[idx] = nc, nv, area, True
+        scan.cloud_px += nc
+        scan.valid_px += nv
+        scan.area_px += area
+
+    @staticmethod
+    def _check_scan(scan: _Scan, scene_id, imap: _InputMap, full: bool) -> None:
+        """Scenes that must not be decided on: nothing valid anywhere, or not reflectance at all."""
+        if scan.valid_px == 0 and full:
+            raise AllInvalidSceneError(f"scene {scene_id!r}: every pixel is no-data, NaN/Inf or masked invalid")
+        if scan.oor_px > IMPLAUSIBLE_SHARE * scan.valid_px:
+            rs, ro = imap.radiometry
+            raise ImplausibleRadiometryError(
+                f"{scan.oor_px / scan.valid_px:.0%} of the valid pixels have a reflectance outside "
+                f"{PLAUSIBLE_REFLECTANCE} after radiometry (scale={rs:g}, offset={ro:g}): the scene is not "
+                "reflectance; pass the sensor's radiometry=(scale, offset) (reflectance = value * scale + offset) "
+                "or fix the config's radiometry_scale/radiometry_offset")
+
+    def _downlink_bytes(self, pd, scene_bytes: int, nx: int, scene_area: int) -> int:
+        if pd.action != "downlink":
+            return 0
+        if not pd.partial:
+            return scene_bytes
+        clear_area = sum(int(self._t_area[r * nx + c]) for r, c, _ in pd.clear_tiles)
+        return int(round(scene_bytes * (clear_area / scene_area)))
+
+    # ------------------------------------------------------------------ faults and the log
+    def _fault(self, scene, scene_id, target_id, priority, code, reason, t0) -> Decision:
         """A fault decision; arguments that failed validation are recorded in a loggable form."""
         self.faults += 1
         scene_id = scene_id[:MAX_ID_CHARS] if isinstance(scene_id, str) else ""
         target_id = target_id[:MAX_ID_CHARS] if isinstance(target_id, str) else None
         ok_priority = (isinstance(priority, (int, np.integer)) and not isinstance(priority, (bool, np.bool_))
                        and _PRIORITY_RANGE[0] <= priority <= _PRIORITY_RANGE[1])
-        return Decision(action="fault", cloud_fraction=0.0, valid_fraction=0.0, fault=reason, fault_code=code,
-                        scene_id=scene_id, target_id=target_id, priority=int(priority) if ok_priority else 0,
-                        latency_s=time.monotonic() - t0, model_name=self.card.name, model_sha256=self.card.sha256_of_loaded,
-                        backend=self.backend.name, policy_version=self.config.policy.version)
+        try:
+            scene_bytes = int(scene.nbytes) if isinstance(scene, np.ndarray) else 0
+        except Exception:                                 # a caller's odd ndarray subclass
+            scene_bytes = 0
+        return Decision(action="fault", rule="fault", reason=f"fault {code}: {reason}"[:2000], cloud_fraction=0.0,
+                        valid_fraction=0.0, fault=reason, fault_code=code, scene_id=scene_id, target_id=target_id,
+                        priority=int(priority) if ok_priority else 0, scene_bytes=scene_bytes,
+                        latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
+                        model_sha256=self.card.sha256_of_loaded, backend=self.backend.name,
+                        policy_version=self.config.policy.version, tile_pixels=self._tile * self._tile,
+                        core_pixels=self._step)
 
     def _record(self, d: Decision) -> None:
         if self.log is None:
@@ -276,8 +533,9 @@ class CloudGate:
             d.log_seq = self.log.append(d.to_record())
         except Exception as e:  # disk full, short write, refused record, ...: keep gating, count it, say so
             self.log_failures += 1
-            d.degraded = ((d.degraded + "; ") if d.degraded else "") + f"decision log write failed: {e}"
+            d.degraded.append(event("log_write_failed", f"decision log write failed: {e}"))
 
+    # ------------------------------------------------------------------ input checks and tile loading
     def _check(self, scene, band_names, mask_out, valid_mask):
         if not isinstance(scene, np.ndarray):
             raise SceneShapeError(f"scene must be a numpy array or memmap (H, W, C), got {type(scene).__name__}")
@@ -302,7 +560,7 @@ class CloudGate:
                 raise ArgumentError(f"band_names must be strings of <= {_MAX_BAND_NAME} characters, got "
                                     f"{type(n).__name__} {n!r:.40}")
             try:
-                canon.append(canonical_band(n))
+                canon.append(canonical_band(n, self.config.sensor))
             except ValueError:
                 canon.append(n.lower())
         missing = [b for b in self.bands if b not in canon]
@@ -350,23 +608,6 @@ class CloudGate:
             raise SceneFileError(f"the file backing the memmap scene ({name}) shrank to {size} bytes under a "
                                  f"{need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
 
-    def _bound(self, n: int, N: int, s_x: float, ss_x: float) -> float:
-        """Half-width of a (1 - delta/2) finite-population bound on the mean of n of N values in [0,1]."""
-        if n >= N:
-            return 0.0
-        ee = self.config.early_exit
-        delta = (1.0 - ee.confidence) / 2.0
-        mean = s_x / n
-        var = max(ss_x / n - mean * mean, 0.0)
-        if ee.method == "normal":
-            sd = max(math.sqrt(var * n / max(n - 1, 1)), ee.sd_floor)
-            return self._z * sd / math.sqrt(n) * math.sqrt(1.0 - n / N)
-        rho = (1.0 - (n - 1) / N) if n <= N / 2 else (1.0 - n / N) * (1.0 + 1.0 / n)
-        lg = math.log(5.0 / delta)
-        return math.sqrt(var) * math.sqrt(2.0 * rho * lg / n) + _KAPPA * lg / n
-
-    def _band(self, f: float, prev: str | None) -> str:
-        return policy_band(f, self.config.policy, prev)
 
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
         """Drop already-read rows of a read-only memmap from our resident set (the page cache keeps them),
@@ -384,12 +625,13 @@ class CloudGate:
         if a1 > a0:
             _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), _MADV_DONTNEED)
 
-    def _load_tile(self, scene, wy0, wx0, h, w, src_idx, scale, offset, fill, valid_mask, p_lo, p_hi) -> tuple[int, int]:
+    def _load_tile(self, scene, wy0, wx0, h, w, src_idx, imap: _InputMap, valid_mask) -> tuple[int, int]:
         """Fill self._planes (in the backend's input units) and self._valid from the scene window at
         (wy0, wx0); returns its (rows, cols)."""
         t = self._tile
         rh, rw = min(t, h - wy0), min(t, w - wx0)
         planes = self._planes
+        scale, offset, fill, p_lo, p_hi = imap.scale, imap.offset, imap.fill, imap.plausible_lo, imap.plausible_hi
         vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
         vsub.fill(True)
         nz.fill(False)
@@ -441,177 +683,3 @@ class CloudGate:
         self._valid[rh:, :] = False
         self._valid[:, rw:] = False
 
-    def _process(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0) -> Decision:
-        cfg = self.config
-        h, w, src_idx = self._check(scene, band_names, mask_out, valid_mask)
-        rad = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
-        try:
-            scale, offset = (float(v) for v in rad)
-        except (TypeError, ValueError):
-            raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}") from None
-        if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0:
-            raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale > 0 "
-                                  "(reflectance = value * scale + offset)")
-        if scene.dtype.kind in "iu" and radiometry is None and cfg.radiometry_scale == 1.0 and cfg.radiometry_offset == 0.0:
-            raise ImplausibleRadiometryError(
-                f"integer scene ({scene.dtype}) without a radiometry scale would be read as reflectance; pass "
-                "radiometry=(scale, offset) with reflectance = DN * scale + offset (e.g. (1e-4, 0.0) for Sentinel-2 "
-                "L1C, (2e-5, -0.1) for Landsat-8) or set radiometry_scale/radiometry_offset in the gate config")
-        self._check_backing_file(scene)
-        rad_scale, rad_offset = scale, offset
-        # fold radiometry and the model's input quantization into one affine map per value:
-        # model_input = ((value * scale + offset) * a + b), clipped to the backend's input range
-        a, b = self.backend.input_affine
-        scale, offset = np.float32(scale * a), np.float32(offset * a + b)
-        fill = np.float32(b)                             # what an invalid pixel (reflectance 0) becomes
-        q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * a + b), (PLAUSIBLE_REFLECTANCE[1] * a + b)
-        p_lo, p_hi = np.float32(min(q_lo, q_hi)), np.float32(max(q_lo, q_hi))
-        step, half, t = self._step, self._half, self._tile
-        ny, nx = -(-h // step), -(-w // step)
-        n_tiles = ny * nx
-        if n_tiles > cfg.max_tiles:
-            raise SceneShapeError(f"scene {h}x{w} needs {n_tiles} tiles > max_tiles={cfg.max_tiles}; "
-                                  "raise max_tiles in the gate config")
-        key = target_id                                  # hysteresis only for a named target
-        prev = self._history.get(key) if key is not None else None
-        ee = cfg.early_exit.enabled and mask_out is None
-        g = _golden_step(n_tiles)
-        core_full = step * step
-        tc, tv, ts, ta, td = self._t_cloud, self._t_valid, self._t_shadow, self._t_area, self._t_done
-        td[:n_tiles] = False
-        s_c = s_v = ss_c = ss_v = 0.0
-        cloud_px = valid_px = shadow_px = area_px = oor_px = 0
-        total_area = h * w
-        n = 0
-        infer_s = 0.0
-        bound = (0.0, 1.0)
-        degraded = None
-        early = False
-        deadline = t0 + cfg.deadline_s
-        for k in range(n_tiles):                          # bounded by the tile count
-            idx = (k * g) % n_tiles
-            ty, tx = divmod(idx, nx)
-            cy0, cx0 = ty * step, tx * step
-            cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
-            wy0 = min(max(cy0 - half, 0), max(h - t, 0))
-            wx0 = min(max(cx0 - half, 0), max(w - t, 0))
-            self._load_tile(scene, wy0, wx0, h, w, src_idx, scale, offset, fill, valid_mask, p_lo, p_hi)
-            ti = time.perf_counter()
-            self.backend.infer(self._planes, self._mask)
-            infer_s += time.perf_counter() - ti
-            ry0, ry1, rx0, rx1 = cy0 - wy0, cy1 - wy0, cx0 - wx0, cx1 - wx0
-            m, v, b = self._mask[ry0:ry1, rx0:rx1], self._valid[ry0:ry1, rx0:rx1], self._tmp[ry0:ry1, rx0:rx1]
-            nv = int(np.count_nonzero(v))
-            np.logical_and(self._oor[ry0:ry1, rx0:rx1], v, out=b)
-            oor_px += int(np.count_nonzero(b))
-            np.equal(m, CLOUD, out=b)
-            np.logical_and(b, v, out=b)
-            nc = int(np.count_nonzero(b))
-            np.equal(m, SHADOW, out=b)
-            np.logical_and(b, v, out=b)
-            ns = int(np.count_nonzero(b))
-            if mask_out is not None:
-                dst = mask_out[cy0:cy1, cx0:cx1]
-                np.copyto(dst, m)
-                np.logical_not(v, out=b)
-                np.copyto(dst, INVALID, where=b)
-            self._release_pages(scene, wy0, min(wy0 + t, h))
-            tc[idx], tv[idx], ts[idx], ta[idx], td[idx] = nc, nv, ns, (cy1 - cy0) * (cx1 - cx0), True
-            cloud_px += nc; valid_px += nv; shadow_px += ns; area_px += int(ta[idx])
-            xc, xv = nc / core_full, nv / core_full
-            s_c += xc; ss_c += xc * xc; s_v += xv; ss_v += xv * xv
-            n += 1
-            if n < n_tiles and ee and n >= cfg.early_exit.min_tiles:
-                bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v)
-                lo_b, hi_b = self._band(bound[0], prev), self._band(bound[1], prev)
-                vlo = self._valid_lower(n, n_tiles, s_v, ss_v, total_area, core_full)
-                if lo_b == hi_b != "mid" and vlo >= cfg.policy.min_valid_fraction:
-                    early = True
-                    break
-            if time.monotonic() > deadline and n < n_tiles:
-                degraded = f"deadline {cfg.deadline_s}s reached after {n}/{n_tiles} tiles"
-                break
-        if mask_out is not None and n < n_tiles:          # deadline: no decision where no tile was visited
-            for idx in range(n_tiles):                    # bounded by the tile count
-                if not td[idx]:
-                    ty, tx = divmod(idx, nx)
-                    mask_out[ty * step:min(ty * step + step, h), tx * step:min(tx * step + step, w)] = INVALID
-        if valid_px == 0:
-            if n == n_tiles:
-                raise AllInvalidSceneError(f"scene {scene_id!r}: every pixel is no-data, NaN/Inf or masked invalid")
-        if oor_px > IMPLAUSIBLE_SHARE * valid_px:
-            raise ImplausibleRadiometryError(
-                f"{oor_px / valid_px:.0%} of the valid pixels have a reflectance outside {PLAUSIBLE_REFLECTANCE} after "
-                f"radiometry (scale={rad_scale:g}, offset={rad_offset:g}): the scene is not reflectance; pass the "
-                "sensor's radiometry=(scale, offset) (reflectance = value * scale + offset) or fix the config's "
-                "radiometry_scale/radiometry_offset")
-        full = n == n_tiles
-        cf = cloud_px / valid_px if valid_px else 0.0
-        vf = valid_px / area_px if area_px else 0.0
-        if full:
-            bound = (cf, cf)
-        elif not early:
-            bound = self._fraction_bound(n, n_tiles, s_c, ss_c, s_v, ss_v)
-        action, partial, clear, why = self._decide(cf, vf, priority, prev, n_tiles, nx, full)
-        if why:
-            degraded = f"{degraded}; {why}" if degraded else why
-        hysteresis = None
-        if prev is not None and self._band(cf, prev) != self._band(cf, None):
-            alone = self._decide(cf, vf, priority, None, n_tiles, nx, full)
-            if (alone[0], alone[1]) != (action, partial):
-                hysteresis = (f"hysteresis: target's previous action {prev} changed {alone[0]}"
-                              f"{' (partial)' if alone[1] else ''} to {action}{' (partial)' if partial else ''}"
-                              f" at cloud fraction {cf:.3f}")
-        if key is not None:
-            if len(self._history) >= cfg.policy.max_targets and key not in self._history:
-                self._history.popitem(last=False)
-            self._history[key] = action
-            self._history.move_to_end(key)
-        scene_bytes = int(scene.nbytes)
-        if action == "downlink":
-            down = int(round(scene_bytes * (sum(int(ta[r * nx + c]) for r, c, _ in clear) / total_area))) if partial else scene_bytes
-        else:
-            down = 0
-        return Decision(
-            action=action, cloud_fraction=float(cf), valid_fraction=float(vf), shadow_fraction=shadow_px / valid_px if valid_px else 0.0,
-            tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
-            clear_tiles=clear, partial=partial, early_exit=early, latency_s=time.monotonic() - t0,
-            model_name=self.card.name, model_sha256=self.card.sha256_of_loaded, backend=self.backend.name,
-            policy_version=cfg.policy.version, degraded=degraded, scene_id=str(scene_id), target_id=target_id,
-            priority=int(priority), grid=(ny, nx), scene_bytes=scene_bytes, downlink_bytes=down, infer_s=infer_s,
-            tile_pixels=t * t, hysteresis=hysteresis)
-
-    def _fraction_bound(self, n, N, s_c, ss_c, s_v, ss_v) -> tuple[float, float]:
-        ec, ev = self._bound(n, N, s_c, ss_c), self._bound(n, N, s_v, ss_v)
-        # cloud fraction = mean cloud per tile / mean valid per tile (both in core-area units)
-        mc, mv = s_c / n, s_v / n
-        v_lo, v_hi = max(mv - ev, 1e-12), min(mv + ev, 1.0)
-        c_lo, c_hi = max(mc - ec, 0.0), min(mc + ec, v_hi)
-        return min(c_lo / v_hi, 1.0), min(c_hi / v_lo, 1.0)
-
-    def _valid_lower(self, n, N, s_v, ss_v, total_area, core_full) -> float:
-        ev = self._bound(n, N, s_v, ss_v)
-        return max(s_v / n - ev, 0.0) * N * core_full / total_area
-
-    def _decide(self, cf, vf, priority, prev, n_tiles, nx, full):
-        p = self.config.policy
-        high_priority = priority >= p.reacquire_priority
-        if vf < p.min_valid_fraction:
-            return ("reacquire" if high_priority else "discard"), False, [], \
-                f"valid fraction {vf:.3f} < min_valid_fraction {p.min_valid_fraction}"
-        band = self._band(cf, prev)
-        if band == "low":
-            return "downlink", False, [], None
-        if band == "high":
-            return ("reacquire" if high_priority else "discard"), False, [], None
-        # between the thresholds: prune cloudy tiles, downlink the clear ones
-        clear = []
-        for idx in range(n_tiles):                        # bounded by the tile count
-            if self._t_done[idx] and self._t_valid[idx] > 0 and self._t_cloud[idx] <= p.tile_clear_max * self._t_valid[idx]:
-                clear.append((idx // nx, idx % nx, round(float(self._t_cloud[idx] / self._t_valid[idx]), 4)))
-        why = None if full else "partial-downlink list covers visited tiles only"
-        if high_priority and cf >= p.reacquire_min_cloud:
-            return "reacquire", bool(clear), clear, why
-        if not clear:
-            return "discard", False, [], why
-        return "downlink", True, clear, why

@@ -1,10 +1,23 @@
-"""Decision-log summary for mission planners (ground-side tool; matplotlib only for --png)."""
+"""Decision-log summary for mission planners (ground-side tool; matplotlib only for --png).
+
+    python -m flight log summary FILE [--action A] [--reason R] [--limit N] [--png OUT.png]
+
+Counts per action and rule, the data volume (see BYTES_MEANING), latency, sequence gaps, then one line
+per frame (filtered by action and by rule / fault code / reason text) saying what was decided and why.
+Field meanings: docs/decision-log.md (flight.logschema).
+"""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 from .decisionlog import read_log
+from .policy import ACTIONS, RULES
+
+BYTES_MEANING = ('"bytes" = in-memory size of each scene array as passed to the gate (every band at its dtype, '
+                 "e.g. 13-band float32), not the size of a downlink product")
+_COLORS = {"downlink": "tab:green", "discard": "tab:gray", "reacquire": "tab:orange", "fault": "tab:red"}
 
 
 def _pct(values, q):
@@ -15,42 +28,108 @@ def _pct(values, q):
     return v[i]
 
 
-def summarize(path: str | Path, png: str | None = None) -> str:
+def matches(rec: dict, action: str | None = None, reason: str | None = None) -> bool:
+    """Filter: action exactly; reason = a rule name, a fault code, or text contained in the reason."""
+    if action and rec.get("action") != action:
+        return False
+    if reason and reason not in (rec.get("rule"), rec.get("fault_code")) and reason not in (rec.get("reason") or ""):
+        return False
+    return True
+
+
+def _volume(recs) -> list[str]:
+    total = sum(int(r.get("scene_bytes", 0)) for r in recs)
+    down = sum(int(r.get("downlink_bytes", 0)) for r in recs)
+    faulted = [r for r in recs if r.get("action") == "fault"]
+    f_bytes = sum(int(r.get("scene_bytes", 0)) for r in faulted)
+    f_unknown = sum(1 for r in faulted if not r.get("scene_bytes"))
+    lines = [f"data volume ({BYTES_MEANING}):"]
+    if not total:
+        return lines + ["  no scene sizes recorded"]
+    lines.append(f"  {total / 2**20:.1f} MiB acquired in {len(recs)} frames, {down / 2**20:.1f} MiB to downlink, "
+                 f"{(total - down) / 2**20:.1f} MiB saved ({100 * (total - down) / total:.1f} %)")
+    lines.append(f"  of which {len(faulted)} faulted frame(s): {f_bytes / 2**20:.1f} MiB, not gated, nothing "
+                 f"downlinked{f'; {f_unknown} of unknown size (not counted)' if f_unknown else ''}")
+    return lines
+
+
+def _frame_line(r: dict) -> str:
+    tiles = f"{r.get('tiles_processed', 0)}/{r.get('tiles_total', 0)}"
+    why = r.get("reason") or r.get("fault") or ""
+    return (f"  {r.get('seq', '-'):>6} {r.get('utc', '')[:19]:19s} {r.get('scene_id', '')[:32]:32s} "
+            f"{r.get('action', '?'):9s} {r.get('rule', '') or '-':18s} cloud={r.get('cloud_fraction', 0):.3f} "
+            f"valid={r.get('valid_fraction', 0):.3f} tiles={tiles:7s} {why}")
+
+
+def summarize(path: str | Path, png: str | None = None, action: str | None = None, reason: str | None = None,
+              limit: int = 50) -> str:
+    """The summary text (and the PNG when asked). limit: frames listed (0 = all)."""
     res = read_log(path)
     recs = res.records
     counts = Counter(r.get("action", "?") for r in recs)
-    total = sum(int(r.get("scene_bytes", 0)) for r in recs)
-    down = sum(int(r.get("downlink_bytes", 0)) for r in recs)
+    rules = Counter(r.get("rule") or "-" for r in recs)
     lat = [float(r.get("latency_s", 0.0)) * 1e3 for r in recs]
     lines = [f"decision log {path}: {len(recs)} intact records, {len(res.problems)} skipped lines"]
     for p in res.problems[:20]:
         lines.append(f"  skipped {Path(p.file).name}:{p.line}: {p.reason}")
-    lines.append("actions: " + ", ".join(f"{k}={counts.get(k, 0)}" for k in ("downlink", "discard", "reacquire", "fault")))
-    partial = sum(1 for r in recs if r.get("partial"))
-    lines.append(f"partial downlinks: {partial}; early exits: {sum(1 for r in recs if r.get('early_exit'))}; "
-                 f"degraded: {sum(1 for r in recs if r.get('degraded'))}")
-    if total:
-        lines.append(f"data volume: {total / 2**20:.1f} MiB acquired, {down / 2**20:.1f} MiB to downlink, "
-                     f"{(total - down) / 2**20:.1f} MiB saved ({100 * (total - down) / total:.1f} %)")
+    lines.append("actions: " + ", ".join(f"{k}={counts.get(k, 0)}" for k in ACTIONS))
+    lines.append("rules: " + ", ".join(f"{k}={rules[k]}" for k in (*RULES, "-") if rules.get(k)))
+    lines.append(f"partial downlinks: {sum(1 for r in recs if r.get('partial'))}; early exits: "
+                 f"{sum(1 for r in recs if r.get('early_exit'))}; degraded: {sum(1 for r in recs if r.get('degraded'))}")
+    lines += _volume(recs)
     if lat:
         lines.append(f"latency ms: p50={_pct(lat, 50):.1f} p90={_pct(lat, 90):.1f} p99={_pct(lat, 99):.1f} max={max(lat):.1f}")
     seqs = [r.get("seq") for r in recs if isinstance(r.get("seq"), int)]
     gaps = sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
     lines.append(f"sequence: {seqs[0] if seqs else '-'}..{seqs[-1] if seqs else '-'}, {gaps} gap(s)")
+    sel = [r for r in recs if matches(r, action, reason)]
+    shown = sel if limit <= 0 else sel[:limit]
+    flt = ", ".join(f for f in (f"action={action}" if action else "", f"reason={reason}" if reason else "") if f)
+    lines.append(f"frames{f' ({flt})' if flt else ''}: {len(sel)}{f', first {len(shown)} shown (--limit 0: all)' if len(shown) < len(sel) else ''}")
+    lines.append(f"  {'seq':>6} {'utc':19s} {'scene_id':32s} {'action':9s} {'rule':18s} fractions, tiles, reason")
+    lines += [_frame_line(r) for r in shown]
     if png and recs:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        colors = {"downlink": "tab:green", "discard": "tab:gray", "reacquire": "tab:orange", "fault": "tab:red"}
-        fig, ax = plt.subplots(figsize=(10, 3))
-        x = list(range(len(recs)))
-        ax.scatter(x, [r.get("cloud_fraction", 0) for r in recs], c=[colors.get(r.get("action"), "k") for r in recs], s=12)
-        ax.set_xlabel("record (log order)"); ax.set_ylabel("cloud fraction"); ax.set_ylim(-0.05, 1.05)
-        for k, c in colors.items():
-            ax.scatter([], [], c=c, label=k)
-        ax.legend(loc="upper right", fontsize=7, ncol=4)
-        fig.tight_layout(); fig.savefig(png, dpi=90); plt.close(fig)
+        _plot(recs, png)
         lines.append(f"timeline written to {png}")
     return "\n".join(lines)
+
+
+def _time_axis(recs):
+    try:
+        return [datetime.strptime(r["utc"], "%Y-%m-%dT%H:%M:%S.%fZ") for r in recs], "UTC (record written)"
+    except (KeyError, TypeError, ValueError):
+        return [r.get("seq", i) for i, r in enumerate(recs)], "record seq (no usable UTC)"
+
+
+def _plot(recs, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, xlabel = _time_axis(recs)
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for act, col in _COLORS.items():
+        idx = [i for i, r in enumerate(recs) if r.get("action") == act]
+        if act == "fault":                               # no cloud fraction: drawn above the axis, never as clear
+            ax.scatter([x[i] for i in idx], [1.08] * len(idx), c=col, marker="x", s=20, label="fault (no fraction)")
+        else:
+            ax.scatter([x[i] for i in idx], [recs[i].get("cloud_fraction", 0) for i in idx], c=col, s=14, label=act)
+    for key, style in (("downlink_max_cloud", "--"), ("discard_min_cloud", ":")):
+        pts = [(x[i], r["thresholds"][key]) for i, r in enumerate(recs) if key in (r.get("thresholds") or {})]
+        if pts:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="k", lw=0.8, ls=style,
+                    label=f"{key} in force")
+    if len(recs) <= 40:                                  # scene ids readable only on short logs
+        for i, r in enumerate(recs):
+            y = 1.08 if r.get("action") == "fault" else r.get("cloud_fraction", 0)
+            ax.annotate(str(r.get("scene_id", ""))[:24], (x[i], y), fontsize=5, rotation=45, xytext=(2, 2),
+                        textcoords="offset points")
+    ax.set_xlabel(xlabel); ax.set_ylabel("cloud fraction (of valid pixels)"); ax.set_ylim(-0.05, 1.15)
+    if x and isinstance(x[0], datetime):
+        import matplotlib.dates as mdates
+
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M:%S"))
+        fig.autofmt_xdate()
+    ax.legend(loc="center left", fontsize=7, bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout(); fig.savefig(png, dpi=90); plt.close(fig)

@@ -8,7 +8,20 @@ from pathlib import Path
 
 from .errors import ModelError, ModelIntegrityError, ModelMissingError
 
-MODELS_DIR = Path(os.environ.get("CLOUDGATE_MODELS", Path(__file__).resolve().parents[1] / "models"))
+_BUNDLED = Path(__file__).resolve().parent / "_models"        # written by setup.py into built packages
+_CHECKOUT = Path(__file__).resolve().parents[1] / "models"    # a source checkout (editable install, tests)
+
+
+def resolve_models_dir() -> Path:
+    """Where the default model is looked up: $CLOUDGATE_MODELS, else the model shipped inside the installed
+    package (flight/_models, present in wheels and non-editable installs), else the checkout's models/."""
+    env = os.environ.get("CLOUDGATE_MODELS")
+    if env:
+        return Path(env)
+    return _BUNDLED if _BUNDLED.is_dir() else _CHECKOUT
+
+
+MODELS_DIR = resolve_models_dir()
 
 
 @dataclass

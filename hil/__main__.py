@@ -12,11 +12,14 @@ from pathlib import Path
 def _print_decisions(out: Path, limit: int = 60) -> None:
     frames = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines() if x.strip()]
     frames = [f for f in frames if "action" in f]
-    print(f"{'frame':>5} {'scene':42s} {'action':9s} {'expected':9s} {'cloud':>6} {'tiles':>7} {'host ms':>8} faults")
+    # "injected" = fault classes the harness injected into the frame; "gate fault" = the gate's fault_code
+    # for a frame it refused (full text in decisions.jsonl / report.md)
+    print(f"{'frame':>5} {'scene':42s} {'action':9s} {'expected':9s} {'cloud':>6} {'tiles':>7} {'host ms':>8} "
+          f"{'gate fault':22s} injected")
     for f in frames[:limit]:
         print(f"{f['frame']:5d} {f.get('scene_id') or Path(f['source']).stem:42.42s} {f['action']:9s} "
               f"{f.get('expected') or '':9s} {f.get('cloud_fraction', 0):6.3f} {f.get('tiles', 0):>3}/{f.get('tiles_total', 0):<3} "
-              f"{1e3 * f.get('latency_s', 0):8.1f} {','.join(f.get('faults', [])) or (f.get('fault') or '')[:60]}")
+              f"{1e3 * f.get('latency_s', 0):8.1f} {f.get('fault_code') or '-':22s} {','.join(f.get('faults', [])) or '-'}")
     if len(frames) > limit:
         print(f"... {len(frames) - limit} more in {out}/report.md")
 
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
 
     boards = all_boards() if a.board == "all" else [a.board]
     ok = True
+    reports = []
     for b in boards:
         out = Path(a.out) / b if len(boards) > 1 else Path(a.out)
         try:
@@ -75,6 +79,13 @@ def main(argv=None) -> int:
             if not q["passed"]:
                 print(f"  FAILED: {q['requirement']}: {q['detail']}")
         ok &= rep["passed"]
+        reports.append((rep, out))
+    if len(reports) > 1:
+        from .report import combined_table
+
+        table = combined_table(reports)
+        (Path(a.out) / "report.md").write_text(table + "\n")
+        print(table)
     return 0 if ok else 1
 
 

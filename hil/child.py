@@ -35,25 +35,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _WallClockShim:
-    """Stands in for the `time` module inside flight.decisionlog to emulate wall-clock jumps."""
-
-    def __init__(self, real, offset_s: float):
-        self._real, self.offset = real, offset_s
-
-    def time(self):
-        return self._real.time() + self.offset
-
-    def gmtime(self, secs=None):
-        return self._real.gmtime(self.time() if secs is None else secs)
-
-    def strftime(self, fmt, t=None):
-        return self._real.strftime(fmt, t) if t is not None else self._real.strftime(fmt, self.gmtime())
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", required=True, help="job.json written by hil.runner")
@@ -67,16 +48,18 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
 
-    import flight.decisionlog as dlog
     from flight import CloudGate, ModelIntegrityError
     from flight.model import default_card, load_card
 
-    from .faults import apply_frame_faults, apply_radiometry_fault, flip_bit_in_bytes, flip_bits
+    from .faults import (FaultBackendFactory, FaultClock, apply_frame_faults, apply_radiometry_fault,
+                         flip_bit_in_bytes, flip_bits)
     from .streams import StreamItem, load_item
 
-    gate = CloudGate.from_model(job.get("model"), backend=job["backend"], threads=threads,
-                                deadline_s=job["deadline_s"], log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
-    real_time = dlog.time
+    # fault injectors enter through the gate's ports (flight.ports), never by patching flight internals
+    clock, backends = FaultClock(), FaultBackendFactory()
+    gate = CloudGate.from_model(job.get("model"), clock=clock, backend_factory=backends, backend=job["backend"],
+                                threads=threads, deadline_s=job["deadline_s"],
+                                log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
     baseline_vms = _status_kib("VmSize")
     limit = (baseline_vms * 1024 + int(job["budget_mib"] * 2**20) + int(job["frame_headroom_mib"] * 2**20))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -127,25 +110,15 @@ def main(argv=None) -> int:
                 except ModelIntegrityError:
                     rec["model_file_refused"] = True
             if "seu_weights" in faults:
-                rec["weights_flipped_at"] = flip_bit_in_bytes(gate._model_bytes, rng)
-            dlog.time = _WallClockShim(real_time, float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6]))) \
-                if "clock_jump" in faults else real_time
+                rec["weights_flipped_at"] = flip_bit_in_bytes(backends.model_image, rng)
+            clock.wall_offset_s = float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6])) if "clock_jump" in faults else 0.0
             ballast = None
             if "memory_pressure" in faults:
                 try:
                     ballast = np.ones(int(job["budget_mib"] * 0.9 * 2**20), np.uint8)
                 except MemoryError:
                     rec["ballast_failed"] = True
-            original_infer = None
-            if "deadline_overrun" in faults:
-                original_infer = gate.backend.infer
-                stall = job["deadline_s"] / 2
-
-                def slow(t, m, _f=original_infer, _s=stall):
-                    time.sleep(_s)
-                    _f(t, m)
-
-                gate.backend.infer = slow
+            backends.stall_s = job["deadline_s"] / 2 if "deadline_overrun" in faults else 0.0
             rss_before = _status_kib("VmRSS")
             _reset_peak_rss()
             fsize = None
@@ -160,7 +133,7 @@ def main(argv=None) -> int:
                 rec.update(action=d.action, cloud_fraction=d.cloud_fraction, valid_fraction=d.valid_fraction,
                            latency_s=d.latency_s, infer_s=d.infer_s, tiles=d.tiles_processed, tiles_total=d.tiles_total,
                            tile_pixels=d.tile_pixels, seq=d.log_seq, fault_code=d.fault_code, fault=d.fault,
-                           degraded=d.degraded, early_exit=d.early_exit, scene_id=d.scene_id,
+                           degraded=d.degraded, rule=d.rule, early_exit=d.early_exit, scene_id=d.scene_id,
                            log_failed=d.log_seq is None)
             except BaseException as e:      # the payload loop must survive; count it as a crash
                 if isinstance(e, KeyboardInterrupt):
@@ -169,9 +142,7 @@ def main(argv=None) -> int:
             finally:
                 if fsize is not None:
                     resource.setrlimit(resource.RLIMIT_FSIZE, fsize)
-                if original_infer is not None:
-                    gate.backend.infer = original_infer
-                dlog.time = real_time
+                backends.stall_s, clock.wall_offset_s = 0.0, 0.0
             peak = _status_kib("VmHWM")
             rec["gate_peak_growth_mib"] = max(peak - rss_before, 0) / 1024
             rec["rss_mib"] = _status_kib("VmRSS") / 1024

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 
 import numpy as np
+
+from flight.ports import SystemClock
 
 FAULT_CLASSES = (
     "seu_frame",        # single-event upsets: bit flips in the frame bytes
@@ -125,3 +128,46 @@ def apply_frame_faults(scene: dict, faults: list[str], rng: np.random.Generator)
         bands = bands[..., : max(1, c - int(rng.integers(1, c + 1)))]
     s["bands"] = bands
     return s
+
+
+# ---------------------------------------------------------------- injectors plugged into the gate's ports
+class FaultClock(SystemClock):
+    """The gate's clock port (flight.ports.Clock): the host's clocks, plus a wall-clock offset the HIL
+    arms per frame (clock_jump). Monotonic clocks never jump."""
+
+    def __init__(self):
+        self.wall_offset_s = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.wall_offset_s
+
+
+class FaultBackendFactory:
+    """The gate's backend-factory port: opens the real runtime (flight.backends.open_backend) behind a
+    wrapper whose infer() can be stalled per frame (deadline_overrun), and keeps the verified model bytes
+    the gate handed over (model_image), where seu_weights flips a bit as an upset in RAM would."""
+
+    def __init__(self):
+        self.stall_s = 0.0
+        self.model_image: bytes | None = None
+
+    def __call__(self, path, model_bytes, kind, threads, tile, n_bands):
+        from flight.backends import open_backend
+
+        self.model_image = model_bytes
+        return _StallableBackend(open_backend(path, model_bytes, kind, threads, tile, n_bands), self)
+
+
+class _StallableBackend:
+    """A backend (flight.backends.Backend) that sleeps factory.stall_s before each inference."""
+
+    def __init__(self, inner, factory: FaultBackendFactory):
+        self._inner, self._factory = inner, factory
+
+    def __getattr__(self, name):                 # name, tile, n_bands, input_affine, input_range, planes
+        return getattr(self._inner, name)
+
+    def infer(self, planes, mask_out) -> None:
+        if self._factory.stall_s:
+            time.sleep(self._factory.stall_s)
+        self._inner.infer(planes, mask_out)

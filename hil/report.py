@@ -65,7 +65,7 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
                                 "outcomes": {"killed_and_restarted": events["hard_kills"]}}
     refused = [f["model_file_refused"] for f in frames if "model_file_refused" in f]
-    scrubbed = [bool(f.get("degraded") and "scrub" in f["degraded"]) for f in processed if "seu_weights" in f.get("faults", [])]
+    scrubbed = ["model_scrub_repaired" in _event_codes(f) for f in processed if "seu_weights" in f.get("faults", [])]
     n_faults = sum(s["injected"] for s in fault_stats.values())
     implausible = [f for f in processed if "implausible_radiometry" in f.get("faults", [])]
     implausible_gated = [f for f in implausible if f["action"] != "fault"]
@@ -127,6 +127,14 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     return report
 
 
+def _event_codes(frame: dict) -> set[str]:
+    """Codes of a frame's degraded events (frames.jsonl carries Decision.degraded; schema-1 text is read too)."""
+    deg = frame.get("degraded") or []
+    if isinstance(deg, str):
+        return {"model_scrub_repaired"} if "scrub" in deg else {"legacy"}
+    return {e.get("code") for e in deg if isinstance(e, dict)}
+
+
 def _job(out: Path) -> dict:
     try:
         return json.loads((out / "job.json").read_text())
@@ -173,11 +181,15 @@ def _markdown(r: dict, processed: list[dict]) -> str:
     if r["faults_injected"]:
         L += [f"Faults injected: {r['faults_injected']}; events {r['events']}.", "", "| fault class | injected | what the gate did |", "|---|---|---|"]
         L += [f"| {c} | {s['injected']} | {s['outcomes']} |" for c, s in r["fault_classes"].items() if s["injected"]]
-    L += ["", "| frame | source | expected | action | cloud | valid | tiles | host ms | emulated ms | faults |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "Per frame: *injected faults* are what the harness injected; *gate fault* is the gate's fault_code "
+          "when it refused the frame.", "",
+          "| frame | source | expected | action | cloud | valid | tiles | host ms | emulated ms | injected faults | gate fault |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in processed[:200]:
         L.append(f"| {f['frame']} | {Path(f['source']).name} | {f.get('expected') or ''} | {f['action']} | "
                  f"{f.get('cloud_fraction', 0):.3f} | {f.get('valid_fraction', 0):.3f} | {f.get('tiles', 0)}/{f.get('tiles_total', 0)} | "
-                 f"{f.get('latency_s', 0) * 1e3:.1f} | {f['emulated_latency_s'] * 1e3:.1f} | {','.join(f.get('faults', []))} |")
+                 f"{f.get('latency_s', 0) * 1e3:.1f} | {f['emulated_latency_s'] * 1e3:.1f} | {','.join(f.get('faults', []))} | "
+                 f"{f.get('fault_code') or ''} |")
     return "\n".join(L) + "\n"
 
 
@@ -195,14 +207,33 @@ def _plots(board: Board, frames: list[dict], out: Path) -> None:
     ax[1].plot(x, [f.get("gate_peak_growth_mib", 0) for f in frames], ".", label="gate peak growth")
     ax[1].axhline(board.gate_budget_mib, color="r", label="budget"); ax[1].set_ylabel("MiB"); ax[1].legend(fontsize=7)
     colors = {"downlink": "tab:green", "discard": "tab:gray", "reacquire": "tab:orange", "fault": "tab:red", "crash": "k"}
-    ax[2].scatter(x, [f.get("cloud_fraction", 0) for f in frames], c=[colors.get(f["action"], "b") for f in frames], s=10)
-    ax[2].set_ylabel("cloud fraction (colour = action)")
+    for act, col in colors.items():                      # faults and crashes have no cloud fraction: drawn at the top
+        sel = [f for f in frames if f["action"] == act]
+        y = [1.05 if act in ("fault", "crash") else f.get("cloud_fraction", 0) for f in sel]
+        ax[2].scatter([f["frame"] for f in sel], y, c=col, s=10, marker="x" if act in ("fault", "crash") else "o",
+                      label=act if act not in ("fault", "crash") else f"{act} (no fraction)")
+    ax[2].set_ylabel("cloud fraction"); ax[2].set_ylim(-0.05, 1.1); ax[2].legend(fontsize=7, ncol=5)
     acts = ["downlink", "discard", "reacquire", "fault", "crash"]
     lab = [f for f in frames if f.get("expected")]
     ax[3].scatter([f["frame"] for f in lab], [acts.index(f["expected"]) for f in lab], marker="o", facecolors="none", edgecolors="b", label="expected")
     ax[3].scatter([f["frame"] for f in lab], [acts.index(f["action"]) if f["action"] in acts else 4 for f in lab], marker="x", c="r", label="got")
     ax[3].set_yticks(range(len(acts))); ax[3].set_yticklabels(acts); ax[3].legend(fontsize=7)
-    ax[4].bar(x, [f["energy_j"] for f in frames]); ax[4].set_ylabel("energy J (emulated)"); ax[4].set_xlabel("frame")
+    ax[3].set_title("labelled frames: expected vs decided action", fontsize=8)
+    ax[4].bar(x, [f["energy_j"] for f in frames], label=f"energy per frame (emulated {board.name})")
+    ax[4].set_ylabel("energy J (emulated)"); ax[4].set_xlabel("frame"); ax[4].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=70)
     plt.close(fig)
+
+
+def combined_table(reports: list[tuple[dict, Path]]) -> str:
+    """One table over several board runs (python -m hil run --board all)."""
+    L = ["| board | result | frames | actions | injected faults | host p95 | emulated p95 | failed requirements | report |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r, out in reports:
+        failed = "; ".join(q["requirement"] for q in r["requirements"] if not q["passed"]) or "-"
+        L.append(f"| {r['board']} | {'PASS' if r['passed'] else 'FAIL'} | {r['frames_processed']}/{r['frames_planned']} | "
+                 f"{', '.join(f'{k}={v}' for k, v in sorted(r['actions'].items()))} | {r['faults_injected']} | "
+                 f"{_fmt(r['host_measured_latency_s']['p95'], scale=1e3)} | "
+                 f"{_fmt(r['emulated_board_latency_s']['p95'], scale=1e3)} | {failed} | {out / 'report.md'} |")
+    return "\n".join(L)

@@ -11,6 +11,7 @@ import pytest
 
 from flight import DecisionLog, read_log
 from flight.decisionlog import encode_record
+from flight.logschema import SCHEMA_VERSION
 
 
 def _write(path, n, **kw):
@@ -26,7 +27,7 @@ def test_roundtrip_and_sequence_resumes(tmp_path):
     res = read_log(p)
     assert not res.problems
     assert [r["seq"] for r in res.records] == list(range(8))
-    assert all(r["schema"] == 1 and r["utc"].endswith("Z") for r in res.records)
+    assert all(r["schema"] == SCHEMA_VERSION and r["utc"].endswith("Z") for r in res.records)
 
 
 def test_truncated_mid_record_is_reported_and_skipped(tmp_path):
@@ -157,7 +158,7 @@ def test_short_writes_never_ack_a_torn_record(tmp_path):
     out = _json.loads(r.stdout.strip().splitlines()[-1])
     acked = [s for s, _ in out if s is not None]
     failed = [deg for s, deg in out if s is None]
-    assert failed and all("decision log write failed" in (deg or "") for deg in failed)
+    assert failed and all([e["code"] for e in deg] == ["log_write_failed"] for deg in failed)
     res = read_log(p)
     assert res.problems == []                       # the torn tail was repaired, nothing glued
     logged = [r["seq"] for r in res.records]
@@ -250,7 +251,7 @@ def test_reader_and_startup_never_raise_on_file_content(tmp_path, line, reason):
     assert len(res.records) == 3 and len(res.problems) == 1 and reason in res.problems[0].reason
     assert "3 intact records, 1 skipped" in summarize(p)
     with DecisionLog(p) as log:                                 # start-up: seq resumes from the last good record
-        assert log.next_seq == 3
+        assert log.append({"action": "downlink"}) == 3
 
 
 def test_last_seq_found_behind_a_large_last_record(tmp_path):
@@ -261,7 +262,7 @@ def test_last_seq_found_behind_a_large_last_record(tmp_path):
         log.append({"action": "downlink", "clear_tiles": [[i, i, 0.01] for i in range(8000)]})   # > 64 KiB
     assert p.stat().st_size > 100_000
     with DecisionLog(p) as log:
-        assert log.next_seq == 5
+        assert log.append({"action": "downlink"}) == 5
 
 
 def test_log_bounds_field_sizes(tmp_path):

@@ -19,9 +19,15 @@ def model_copy(tmp_path):
 
 
 def test_default_model_loads_and_card_matches(gate_litert, gate_ort):
-    for g in (gate_litert, gate_ort):
-        assert g.card.name and len(g.card.sha256_of_loaded) == 64
-        assert g.bands == ("blue", "green", "red", "nir")
+    """The sha256 the gate reports is the hash of the artifact file it loaded, as listed in the card."""
+    import hashlib
+
+    for g, key in ((gate_litert, "tflite_int8"), (gate_ort, "onnx_int8")):
+        entry = g.card.artifacts[key]
+        artifact = g.card.path.parent / entry["file"]
+        assert hashlib.sha256(artifact.read_bytes()).hexdigest() == entry["sha256"] == g.card.sha256_of_loaded
+        assert g.card.path == default_card() and g.card.name
+        assert g.bands == tuple(g.card.raw["bands"]) == ("blue", "green", "red", "nir")
 
 
 @pytest.mark.parametrize("key", ["tflite_int8", "onnx_int8"])

@@ -1,0 +1,199 @@
+"""The decision-log record schema: the one table every writer and reader uses.
+
+FIELDS lists every field of a record (name, JSON types, unit, meaning, who writes it). Decision.to_record
+writes exactly the "decision" fields; DecisionLog.append adds the "log" fields; read_log validates
+against FIELD_TYPES and returns records upgraded to SCHEMA_VERSION (upgrade()). docs/decision-log.md is
+rendered from this table (render_markdown(); tests/test_decision_log.py checks the file matches).
+
+Version history
+  1  degraded was free text ("; "-joined); no rule / reason / thresholds
+  2  degraded is a list of coded events {code, severity, text}; rule, reason, thresholds added
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+SCHEMA_VERSION = 2
+MAX_ID_CHARS = 256               # scene_id / target_id
+
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+
+
+@dataclass(frozen=True)
+class EventCode:
+    code: str
+    severity: str
+    meaning: str
+
+
+# Events a decision can carry in "degraded" (F Prime style: a code and a severity per event).
+EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
+    EventCode("deadline", "warning", "the deadline stopped the tile scan; the decision uses the visited tiles only"),
+    EventCode("partial_list_incomplete", "info", "the partial-downlink list covers the visited tiles only"),
+    EventCode("low_valid_fraction", "warning", "valid fraction below policy.min_valid_fraction: too little data to judge"),
+    EventCode("model_scrub_repaired", "warning", "the loaded model image failed its sha256 scrub and was reloaded"),
+    EventCode("log_write_failed", "error", "this decision could not be written to the decision log"),
+    EventCode("legacy", "warning", "free-text note from a schema-1 log (read back as one event per '; ' part)"),
+)}
+
+
+def event(code: str, text: str) -> dict:
+    """A degraded-event record {code, severity, text}; code must be in EVENT_CODES."""
+    return {"code": code, "severity": EVENT_CODES[code].severity, "text": text}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    types: tuple
+    unit: str
+    meaning: str
+    writer: Literal["log", "decision"] = "decision"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("schema", (int,), "-", "record schema version (this table: 2)", "log"),
+    Field("seq", (int,), "-", "record sequence number, +1 per record across rotations and restarts", "log"),
+    Field("utc", (str,), "ISO 8601 UTC", "wall-clock time the record was written (may jump; use mono_ns to order)",
+          "log"),
+    Field("mono_ns", (int,), "ns", "monotonic clock when the record was written (this boot only)", "log"),
+    Field("log_recreated", (bool,), "-", "present and true on the first record after the log file was deleted or "
+                                         "replaced under the writer", "log"),
+    Field("action", (str,), "-", "downlink | discard | reacquire | fault"),
+    Field("rule", (str,), "-", "which rule decided: threshold | hysteresis | min_valid_fraction | early_exit | "
+                               "deadline | fault"),
+    Field("reason", (str,), "-", "one sentence: the comparison that decided (values and thresholds)"),
+    Field("thresholds", (dict,), "fraction 0..1 (reacquire_priority: int)",
+          "policy thresholds in force for this frame, the target's hysteresis applied: downlink_max_cloud, "
+          "discard_min_cloud, min_valid_fraction, reacquire_priority, reacquire_min_cloud, tile_clear_max "
+          "(empty for a fault)"),
+    Field("cloud_fraction", _NUM, "fraction 0..1", "cloud pixels / valid pixels of the visited tiles"),
+    Field("valid_fraction", _NUM, "fraction 0..1", "valid pixels / scene pixels of the visited tiles"),
+    Field("shadow_fraction", _NUM, "fraction 0..1", "cloud-shadow pixels / valid pixels of the visited tiles"),
+    Field("confidence_bound", (list,), "fraction 0..1",
+          "[low, high] bound on the scene cloud fraction (equal to cloud_fraction when every tile was visited)"),
+    Field("tiles_processed", (int,), "tiles", "tiles inferred"),
+    Field("tiles_total", (int,), "tiles", "tiles in the scene (grid rows x cols)"),
+    Field("grid", (list,), "tiles", "[rows, cols] of the tile grid"),
+    Field("tile_pixels", (int,), "pixels", "model input window of one tile (tile x tile, overlap included)"),
+    Field("core_pixels", (int,), "pixels", "side of a tile core in scene pixels (tile - overlap): clear_tiles "
+                                           "row/col index the scene in steps of this many pixels"),
+    Field("clear_tiles", (list,), "[row, col] in tile cores; fraction 0..1",
+          "[[row, col, cloud fraction]] of the clear tiles to downlink when partial (tile (r, c) covers scene "
+          "rows r*core_pixels.. and cols c*core_pixels..)"),
+    Field("partial", (bool,), "-", "only clear_tiles are to be downlinked (or kept, when reacquiring)"),
+    Field("early_exit", (bool,), "-", "the scan stopped early on a confidence bound"),
+    Field("latency_s", _NUM, "s", "wall time inside process() (monotonic clock)"),
+    Field("infer_s", _NUM, "s", "of which inside the inference runtime"),
+    Field("scene_bytes", (int,), "bytes", "in-memory size of the scene array passed to process() (every band, "
+                                          "its dtype), not the size of a downlink product; 0 when unknown"),
+    Field("downlink_bytes", (int,), "bytes", "share of scene_bytes to downlink (scene_bytes x clear-tile area / "
+                                             "scene area when partial; 0 for discard, reacquire, fault)"),
+    Field("model_name", (str,), "-", "model card name"),
+    Field("model_sha256", (str,), "hex", "sha256 of the loaded model artifact (from its card)"),
+    Field("backend", (str,), "-", "litert | onnxruntime"),
+    Field("policy_version", (str,), "-", "policy.version of the gate config"),
+    Field("degraded", (list,), "-", "events [{code, severity, text}] (codes in the event table below); empty "
+                                    "when nothing was degraded"),
+    Field("fault", _OPT_STR, "-", "why the frame faulted (free text), else null"),
+    Field("fault_code", _OPT_STR, "-", "error code of the fault (flight.errors), else null"),
+    Field("scene_id", (str,), "-", f"caller's scene id (<= {MAX_ID_CHARS} characters)"),
+    Field("target_id", _OPT_STR, "-", f"caller's ground-target id (<= {MAX_ID_CHARS} characters); hysteresis "
+                                      "applies per named target"),
+    Field("priority", (int,), "-", "caller's priority (>= reacquire_priority: reacquire instead of discard)"),
+    Field("hysteresis", _OPT_STR, "-", "set when the target's previous action changed this action (as reason)"),
+)
+FIELD_TYPES: dict[str, tuple] = {f.name: f.types for f in FIELDS}
+DECISION_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer == "decision")
+LOG_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer == "log")
+_V1_TYPES = dict(FIELD_TYPES, degraded=_OPT_STR)
+
+
+def validate_record(rec) -> str | None:
+    """None if rec satisfies the record schema (of its own version), else the reason."""
+    if not isinstance(rec, dict):
+        return f"record is a JSON {type(rec).__name__}, not an object"
+    seq = rec.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return f"record without a valid seq (got {seq!r:.40})"
+    types_of = _V1_TYPES if rec.get("schema", 1) == 1 else FIELD_TYPES
+    for k, types in types_of.items():
+        if k in rec:
+            v = rec[k]
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                return f"field {k!r} has type {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}"
+    for k in ("scene_id", "target_id"):
+        if isinstance(rec.get(k), str) and len(rec[k]) > MAX_ID_CHARS:
+            return f"field {k!r} is {len(rec[k])} characters long (max {MAX_ID_CHARS})"
+    deg = rec.get("degraded")
+    if isinstance(deg, list) and not all(isinstance(e, dict) and isinstance(e.get("code"), str)
+                                         and e.get("severity") in SEVERITIES for e in deg):
+        return "field 'degraded' must be a list of {code, severity, text} events"
+    return None
+
+
+def upgrade(rec: dict) -> dict:
+    """A valid record of any version as a SCHEMA_VERSION record (a copy when anything changes): schema-1
+    free-text degraded notes become "legacy" events; missing rule/reason/thresholds are filled."""
+    if rec.get("schema", 1) >= SCHEMA_VERSION:
+        return rec
+    r = dict(rec)
+    text = r.get("degraded")
+    r["degraded"] = [event("legacy", part) for part in text.split("; ") if part] if text else []
+    r.setdefault("rule", "fault" if r.get("action") == "fault" else "")
+    r.setdefault("reason", r.get("fault") or "")
+    r.setdefault("thresholds", {})
+    return r
+
+
+def degraded_text(events) -> str:
+    """Events as one line ("code: text; ..."), for consoles."""
+    return "; ".join(f"{e['code']}: {e['text']}" for e in events or ())
+
+
+def render_markdown() -> str:
+    """docs/decision-log.md, from this table."""
+    out = [
+        "# Decision log format",
+        "",
+        "<!-- generated from flight/logschema.py by `python -m flight log schema`; "
+        "tests/test_decision_log.py checks it matches -->",
+        "",
+        f"Schema version: **{SCHEMA_VERSION}**. One JSON object per line: "
+        '`{"crc32": <int>, "record": {...}}`, where crc32 is zlib.crc32 of the record serialised with sorted '
+        "keys and compact separators. Files rotate by size: FILE.N (oldest) ... FILE.1, FILE. Read them with "
+        "`flight.read_log` (validates, skips and reports damaged lines, upgrades older records) or "
+        "`python -m flight log summary FILE`.",
+        "",
+        "## Record fields",
+        "",
+        "| field | type | unit | meaning | written by |",
+        "|---|---|---|---|---|",
+    ]
+    for f in FIELDS:
+        types = " or ".join("null" if t is type(None) else {"int": "integer", "float": "number", "str": "string",
+                                                             "bool": "boolean", "list": "array",
+                                                             "dict": "object"}[t.__name__] for t in f.types)
+        if f.types == _NUM:
+            types = "number"
+        out.append(f"| `{f.name}` | {types} | {f.unit} | {f.meaning.replace('|', chr(92) + '|')} | "
+                   f"{'DecisionLog.append' if f.writer == 'log' else 'Decision.to_record'} |")
+    out += ["", "## Degraded events", "", "| code | severity | meaning |", "|---|---|---|"]
+    out += [f"| `{e.code}` | {e.severity} | {e.meaning} |" for e in EVENT_CODES.values()]
+    out += ["", "## Rules", "",
+            "`rule` names what decided the action: `threshold` (cloud fraction against the thresholds in force), "
+            "`hysteresis` (the target's previous action widened its band and that changed the action), "
+            "`min_valid_fraction` (too little valid data), `early_exit` (the threshold rule on a confidence bound "
+            "after a sample of the tiles), `deadline` (the threshold rule on the tiles visited before the "
+            "deadline), `fault` (no decision; see `fault_code`).",
+            "", "## Versions", "",
+            "- 1: `degraded` was free text joined by \"; \"; no `rule`, `reason`, `thresholds`, `core_pixels`. "
+            "Readers upgrade such records: each part becomes a `legacy` event.",
+            f"- {SCHEMA_VERSION}: `degraded` is a list of coded events; `rule`, `reason`, `thresholds`, "
+            "`core_pixels` added.", ""]
+    return "\n".join(out)
