@@ -169,6 +169,12 @@ def _golden_step(n: int) -> int:
     return 1
 
 
+def _mark_no_decision(mask_out) -> None:
+    """A faulted frame's mask says 'no decision' (255) everywhere, never stale or half-written classes."""
+    if isinstance(mask_out, np.ndarray) and mask_out.dtype == np.uint8 and mask_out.flags.writeable:
+        mask_out.fill(255)
+
+
 class CloudGate:
     """On-board cloud gate. See README 'flight', docs/sdd.md and docs/decision-log.md for the contract.
 
@@ -325,6 +331,8 @@ class CloudGate:
             if strict:
                 raise
             d = self._fault(scene, scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
+        if d.action == "fault":
+            _mark_no_decision(mask_out)
         if note:
             d.degraded.append(event("model_scrub_repaired", note))
         self._record(d)
@@ -399,6 +407,8 @@ class CloudGate:
     def _input_map(self, scene, radiometry) -> _InputMap:
         cfg = self.config
         rad = radiometry if radiometry is not None else (cfg.radiometry_scale, cfg.radiometry_offset)
+        if isinstance(rad, (str, bytes)) or any(isinstance(v, (str, bytes)) for v in (rad if isinstance(rad, (tuple, list)) else ())):
+            raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}")
         try:
             scale, offset = (float(v) for v in rad)
         except (TypeError, ValueError):
@@ -548,6 +558,9 @@ class CloudGate:
             raise SceneDtypeError(f"scene dtype {scene.dtype} unsupported; use float (reflectance) or integer DN")
         if isinstance(band_names, (str, bytes)):
             raise ArgumentError("band_names must be a sequence of band names, not a single string")
+        if isinstance(band_names, (set, frozenset, dict)):  # no defined order: band i would be a hash accident
+            raise ArgumentError(f"band_names must be an ordered sequence (list or tuple) in the scene's band order, "
+                                f"got a {type(band_names).__name__}")
         try:
             names = list(band_names) if band_names is not None else []
         except Exception as e:

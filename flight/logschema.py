@@ -121,12 +121,18 @@ def validate_record(rec) -> str | None:
     seq = rec.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         return f"record without a valid seq (got {seq!r:.40})"
-    types_of = _V1_TYPES if rec.get("schema", 1) == 1 else FIELD_TYPES
+    version = rec.get("schema", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        return f"unknown schema version {version!r:.40} (this reader knows 1..{SCHEMA_VERSION})"
+    types_of = _V1_TYPES if version == 1 else FIELD_TYPES
     for k, types in types_of.items():
         if k in rec:
             v = rec[k]
             if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
                 return f"field {k!r} has type {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}"
+    for k, v in rec.items():  # numbers a reader can do arithmetic on (no 400-digit integers)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**63:
+            return f"field {k!r} is an integer out of range"
     for k in ("scene_id", "target_id"):
         if isinstance(rec.get(k), str) and len(rec[k]) > MAX_ID_CHARS:
             return f"field {k!r} is {len(rec[k])} characters long (max {MAX_ID_CHARS})"

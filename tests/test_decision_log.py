@@ -238,6 +238,9 @@ def test_log_file_vanishing_is_detected_and_recreated(tmp_path):
     (encode_record({"seq": "7"}), "seq"),
     (encode_record({"seq": 3, "scene_bytes": "lots"}), "scene_bytes"),
     (b'{"crc32":"x","record":{"seq":1}}\n', "crc32"),
+    (encode_record({"seq": 3, "schema": 0, "degraded": [{"code": "x", "severity": "warning", "text": ""}]}), "schema"),
+    (encode_record({"seq": 3, "schema": 99}), "schema"),
+    (encode_record({"seq": 3, "scene_bytes": 10 ** 400}), "range"),
 ])
 def test_reader_and_startup_never_raise_on_file_content(tmp_path, line, reason):
     """Issue 9 item 3: NaN, deep nesting, non-object or seq-less records: reported and skipped everywhere."""

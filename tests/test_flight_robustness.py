@@ -272,3 +272,24 @@ def test_memmap_file_shrunk_under_the_mapping_is_a_fault_not_sigbus(tmp_path):
     assert lines[0] != "fault"
     assert lines[1] == "fault scene_file_truncated" and lines[2] == "fault scene_file_truncated"
     assert lines[3] != "fault"
+
+
+def test_unordered_band_names_are_refused_not_hash_ordered():
+    """A set has no order: accepting it made the action depend on PYTHONHASHSEED (outside review)."""
+    g = CloudGate.from_model(backend="onnxruntime")
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    d = g.process(scene, {"blue", "green", "red", "nir"})
+    assert d.action == "fault" and d.fault_code == "bad_argument" and "ordered" in d.fault
+
+
+def test_faulted_frame_mask_is_no_decision_everywhere():
+    g = CloudGate.from_model(backend="onnxruntime")
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    for kwargs in ({"priority": 1.5}, {"radiometry": ("1", "0")}, {"radiometry": "12"}):
+        mask = np.full((64, 64), 7, np.uint8)
+        d = g.process(scene, ("blue", "green", "red", "nir"), mask_out=mask, **kwargs)
+        assert d.action == "fault", kwargs
+        assert (mask == 255).all(), kwargs
+    mask = np.full((64, 64), 7, np.uint8)                     # implausible radiometry: no class pixels left behind
+    d = g.process(scene * 10000, ("blue", "green", "red", "nir"), mask_out=mask)
+    assert d.action == "fault" and (mask == 255).all()
