@@ -168,17 +168,11 @@ class DecisionLog:
         self._lock = None
         self._dirty = False            # a failed write may have left a partial record after self._size
         self._recreated = False
+        self._user_closed = False
         self.recreations = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path.with_name(self.path.name + ".lock"), "ab")
-            try:
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                raise DecisionLogBusyError(
-                    f"decision log {self.path} is held by another writer (lock {self._lock.name}); one writer per "
-                    "log: close the other gate/DecisionLog or give this one its own log path") from None
+            self._take_lock()
             self._seq = _last_seq(self.path) + 1
             self._open()
             self._terminate_torn_tail()
@@ -187,6 +181,31 @@ class DecisionLog:
         except OSError as e:
             self.close()
             raise DecisionLogError(f"cannot open decision log {self.path}: {e}; check the directory exists and is writable") from e
+
+    def _take_lock(self) -> None:
+        lock = open(self.path.with_name(self.path.name + ".lock"), "ab")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DecisionLogBusyError(
+                f"decision log {self.path} is held by another writer (lock {lock.name}); one writer per "
+                "log: close the other gate/DecisionLog or give this one its own log path") from None
+        if self._lock is not None and not self._lock.closed:
+            self._lock.close()
+        self._lock = lock
+        st = os.fstat(lock.fileno())
+        self._lock_ino = (st.st_dev, st.st_ino)
+
+    def _ensure_lock(self) -> None:
+        """The lock file deleted or replaced under us would admit a second writer: take it again (or stop)."""
+        try:
+            st = os.stat(self._lock.name)
+            same = (st.st_dev, st.st_ino) == self._lock_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._take_lock()
 
     def _open(self) -> None:
         self._fh = open(self.path, "ab", buffering=0)
@@ -217,22 +236,37 @@ class DecisionLog:
             self._dirty = False
 
     def _ensure_file(self) -> None:
-        """Reopen (recreate) the log if its file was deleted or replaced under us."""
+        """Reopen (recreate) the log if its file was deleted or replaced under us, reopen after a failed
+        reopen, and follow a file truncated under us back to its last whole record."""
+        if self._fh is None or self._fh.closed:       # an earlier reopen/rotation failed: try again
+            self._open()
+            self._terminate_torn_tail()
+            return
         try:
             st = os.stat(self.path)
             same = (st.st_dev, st.st_ino) == self._ino
         except FileNotFoundError:
             same = False
         if not same:
-            self._fh.close()
             self._dirty = False
+            old, self._fh = self._fh, None
+            old.close()
             self._open()
             self._terminate_torn_tail()
             self._recreated = True
             self.recreations += 1
+            return
+        real = os.fstat(self._fh.fileno()).st_size
+        if real < self._size:                          # truncated under us: cut to its last whole record
+            with open(self.path, "rb") as r:
+                keep = _newline_before(r, real) + 1
+            os.ftruncate(self._fh.fileno(), keep)
+            self._size = keep
+            self._dirty = False
 
     def _rotate(self) -> None:
-        self._fh.close()
+        old, self._fh = self._fh, None                 # a failed rename/open is retried by _ensure_file
+        old.close()
         for i in range(self.keep - 1, 0, -1):
             src = self.path.with_name(f"{self.path.name}.{i}")
             if src.exists():
@@ -243,7 +277,7 @@ class DecisionLog:
     def append(self, record: dict) -> int:
         """Write one record (the schema fields are added here); returns its sequence number once the
         whole line is written. Raises DecisionLogError (and consumes no seq) when it is not."""
-        if self._fh is None or self._fh.closed:
+        if self._user_closed:
             raise DecisionLogError(f"decision log {self.path} is closed")
         seq = self._seq
         wall = self.clock.wall()
@@ -261,8 +295,9 @@ class DecisionLog:
             raise DecisionLogError(f"record refused by the decision log: {len(line)} bytes is too large "
                                    f"(max {MAX_RECORD_BYTES})")
         try:
-            self._repair()
+            self._ensure_lock()
             self._ensure_file()
+            self._repair()
             if self._recreated:
                 full["log_recreated"] = True
                 line = encode_record(full)
@@ -275,7 +310,8 @@ class DecisionLog:
                 self._since_sync = -1
         except OSError as e:
             try:
-                self._repair()          # drop the partial record now; retried before the next append
+                if self._fh is not None and not self._fh.closed:
+                    self._repair()      # drop the partial record now; retried before the next append
             except OSError:
                 pass
             raise DecisionLogError(f"decision log write failed, record seq {seq} not written: {e}") from e
@@ -287,6 +323,7 @@ class DecisionLog:
         return seq
 
     def close(self) -> None:
+        self._user_closed = True
         try:
             if self._fh is not None and not self._fh.closed:
                 try:

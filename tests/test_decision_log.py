@@ -281,3 +281,50 @@ def test_log_bounds_field_sizes(tmp_path):
             log.append({"blob": "x" * MAX_RECORD_BYTES})
         assert log.append({"scene_id": "x" * MAX_ID_CHARS}) == 0
     assert [r["seq"] for r in read_log(p).records] == [0]
+
+
+def test_log_truncated_under_the_writer_loses_no_acknowledged_record(tmp_path):
+    """Outside review: a file cut under a running writer glued the next acked record onto the torn line."""
+    p = tmp_path / "d.jsonl"
+    log = DecisionLog(p, fsync="never")
+    for i in range(3):
+        log.append({"action": "downlink"})
+    os.truncate(p, p.stat().st_size - 20)                       # the last record is now torn
+    acked = [log.append({"action": "discard"}), log.append({"action": "discard"})]
+    res = read_log(p)
+    assert [r["seq"] for r in res.records][-2:] == acked and not res.problems
+    os.truncate(p, 0)                                            # cut to nothing
+    acked = [log.append({"action": "reacquire"})]
+    log.close()
+    res = read_log(p)
+    assert [r["seq"] for r in res.records] == acked and not res.problems and b"\0" not in p.read_bytes()
+
+
+def test_removing_the_lock_file_does_not_admit_a_second_writer(tmp_path):
+    from flight import DecisionLogError
+
+    p = tmp_path / "d.jsonl"
+    log = DecisionLog(p, fsync="never")
+    log.append({"action": "downlink"})
+    (tmp_path / "d.jsonl.lock").unlink()
+    log.append({"action": "downlink"})                           # the writer takes its lock again
+    with pytest.raises(DecisionLogError):
+        DecisionLog(p, fsync="never")
+    log.close()
+    assert [r["seq"] for r in read_log(p).records] == [0, 1]
+
+
+def test_a_failed_recreate_is_retried_not_fatal(tmp_path):
+    from flight import DecisionLogError
+
+    p = tmp_path / "d.jsonl"
+    log = DecisionLog(p, fsync="never")
+    log.append({"action": "downlink"})
+    p.unlink()
+    p.mkdir()                                                    # the path is briefly not a file
+    with pytest.raises(DecisionLogError):
+        log.append({"action": "discard"})
+    p.rmdir()
+    seq = log.append({"action": "discard"})                      # the writer recovers
+    log.close()
+    assert [r["seq"] for r in read_log(p).records] == [seq]
