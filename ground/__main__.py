@@ -8,6 +8,12 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "real_kd.yaml"
 
 
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ground", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -68,7 +74,12 @@ def main(argv=None) -> int:
 
             ab, base = load_ablation(args.config)
             if args.report:
-                print(report(ab, Path(args.report)))
+                teacher = None
+                from flight.model import default_card
+
+                card = yaml_load(default_card())
+                teacher = card.get("metrics", {}).get("real_evaluation_part", {}).get("teacher_4b")
+                print(report(ab, Path(args.report), teacher))
                 return 0
             only = set(args.only.split(",")) if args.only else None
             seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None

@@ -48,3 +48,34 @@ def synthetic_scene(seed: int, size: int, kind: str):
 
     s = generate_scene(kind, seed, size)
     return s["bands"], s["label"]
+
+
+class BrightnessBackend:
+    """A test backend for the gate's backend port: cloud where blue + green + red > 0.9 reflectance
+    (synthetic scenes' clouds are bright, their land dark), allocation-free. Policy, early-exit and
+    hysteresis tests use it so they test the gate's mechanics on an oracle whose output is known,
+    not the shipped model's accuracy on procedural scenes (which tests/test_flight_real_scenes.py and
+    the card score on real ones)."""
+
+    name = "brightness-test"
+
+    def __init__(self, tile: int, n_bands: int):
+        import numpy as np
+
+        self.tile, self.n_bands = tile, n_bands
+        self.input_affine, self.input_range = (1.0, 0.0), (-1.0, 4.0)
+        self.planes = np.zeros((n_bands, tile, tile), np.float32)
+        self._sum = np.empty((tile, tile), np.float32)
+        self._cloud = np.empty((tile, tile), bool)
+
+    def infer(self, planes, mask_out) -> None:
+        import numpy as np
+
+        np.add(planes[0], planes[1], out=self._sum)
+        np.add(self._sum, planes[2], out=self._sum)
+        np.greater(self._sum, 0.9, out=self._cloud)
+        np.copyto(mask_out, self._cloud, casting="unsafe")
+
+
+def brightness_backend(path, model_bytes, kind, threads, tile, n_bands):
+    return BrightnessBackend(tile, n_bands)

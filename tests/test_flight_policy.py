@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import synthetic_scene
+from conftest import brightness_backend, synthetic_scene
 from flight import CloudGate, PolicyConfig
 from flight.policy import TargetHistory, TileCounts, decide, policy_band
 
@@ -19,7 +19,10 @@ def bench_scenes():
 
 @pytest.fixture(scope="module")
 def gates():
-    return (CloudGate.from_model(early_exit={"enabled": True}), CloudGate.from_model(early_exit={"enabled": False}))
+    # the brightness oracle behind the backend port: these tests check the gate's early exit and
+    # policy mechanics, not the shipped model's reading of procedural scenes
+    return (CloudGate.from_model(early_exit={"enabled": True}, backend_factory=brightness_backend),
+            CloudGate.from_model(early_exit={"enabled": False}, backend_factory=brightness_backend))
 
 
 def test_early_exit_same_action_and_3x_fewer_tiles(bench_scenes, gates):
@@ -122,7 +125,7 @@ def test_gate_uses_the_public_policy_with_target_history():
 
 
 def test_partial_downlink_lists_clear_tiles():
-    g = CloudGate.from_model(early_exit={"enabled": False})
+    g = CloudGate.from_model(early_exit={"enabled": False}, backend_factory=brightness_backend)
     refl_clear, _ = synthetic_scene(7, 480, "clear")
     refl_cloud, _ = synthetic_scene(8, 480, "overcast")
     scene = np.concatenate([refl_clear, refl_cloud], axis=1)   # left half clear, right half overcast

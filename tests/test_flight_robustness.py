@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import synthetic_scene
+from conftest import brightness_backend, synthetic_scene
 from flight import CloudGate, ConfigError, config_from_dict, read_log
 
 BANDS = ("blue", "green", "red", "nir")
@@ -136,7 +136,7 @@ def test_hysteresis_only_with_target_id_and_recorded(tmp_path):
     policy = {"hysteresis": 0.19}
     clear, _ = synthetic_scene(7, 480, "clear")
     mid = None
-    probe = CloudGate.from_model(early_exit={"enabled": False}, policy=policy)
+    probe = CloudGate.from_model(early_exit={"enabled": False}, policy=policy, backend_factory=brightness_backend)
     for cw in range(120, 400, 20):                 # a frame with cf in (0.30, 0.49]: mid band without history
         s = _composite(480, cw)
         d = probe.process(s, BANDS)
@@ -144,7 +144,8 @@ def test_hysteresis_only_with_target_id_and_recorded(tmp_path):
             mid, fresh = s, d
             break
     assert mid is not None
-    gate = CloudGate.from_model(early_exit={"enabled": False}, policy=policy, log={"path": str(tmp_path / "d.jsonl")})
+    gate = CloudGate.from_model(early_exit={"enabled": False}, policy=policy, log={"path": str(tmp_path / "d.jsonl")},
+                                backend_factory=brightness_backend)
     assert gate.process(clear, BANDS).action == "downlink"
     d = gate.process(mid, BANDS)                     # no target_id: same as a fresh gate
     assert (d.action, d.partial, d.hysteresis) == (fresh.action, fresh.partial, None) and not gate._history
