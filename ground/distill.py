@@ -97,11 +97,12 @@ class KDModel(nn.Module):
     def __init__(self, spec: StudentSpec, teachers: list[str]):
         super().__init__()
         self.student = build_student(spec)
+        self.feature_pool = max(1, 8 // spec.stem_stride)  # student grid -> the teacher feature grid (1/8)
         self.adapters = nn.ModuleDict({t: nn.Conv2d(spec.widths[0], spec.feature_channels, 1) for t in teachers})
 
     def forward(self, x):
         logits, feat = self.student.forward_with_features(x)
-        pooled = nn.functional.avg_pool2d(feat, 2)
+        pooled = nn.functional.avg_pool2d(feat, self.feature_pool)
         return logits, feat, {t: a(pooled) for t, a in self.adapters.items()}
 
     def native_logits(self, feat):
