@@ -8,12 +8,6 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "real_kd.yaml"
 
 
-def yaml_load(path):
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ground", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -74,10 +68,9 @@ def main(argv=None) -> int:
 
             ab, base = load_ablation(args.config)
             if args.report:
-                teacher = None
-                from flight.model import default_card
+                from flight.model import default_card, load_card
 
-                card = yaml_load(default_card())
+                card = load_card(default_card()).raw   # the teacher's row on the same scenes, as the card scored it
                 teacher = card.get("metrics", {}).get("real_evaluation_part", {}).get("teacher_4b")
                 print(report(ab, Path(args.report), teacher))
                 return 0

@@ -61,20 +61,21 @@ def choose_cloud_bias(logits_fn, scenes, grid=BIAS_GRID, check=None) -> dict:
 
 
 def _table(logits_fn, scenes, grid) -> list[dict]:
+    """Per bias: the same scene-level scores ground.evaluate gives the gate's masks."""
+    from .evaluate import scene_row, summarise
+
     logits = [(sid, _scene_logits(logits_fn, img), lab) for sid, img, lab in scenes]
     rows = []
     for b in grid:
-        errs, inter, union = [], 0, 0
-        for _, lg, lab in logits:
+        scored = {}
+        for sid, lg, lab in logits:
             adj = lg.copy()
             adj[..., CLOUD] += b
-            pred = adj.argmax(-1) == CLOUD
-            v = lab != INVALID
-            g = lab == CLOUD
-            errs.append(abs(float(pred[v].mean()) - float(g[v].mean())))
-            inter += int(np.count_nonzero(pred & g & v)); union += int(np.count_nonzero((pred | g) & v))
-        rows.append({"bias": b, "mean_abs_cf_error": round(float(np.mean(errs)), 4),
-                     "pooled_cloud_iou": round(inter / union if union else 1.0, 4)})
+            mask = adj.argmax(-1).astype(np.uint8)
+            cf = float((mask[lab != INVALID] == CLOUD).mean())
+            scored[sid] = scene_row(mask, cf, "", lab)
+        s = summarise(scored)
+        rows.append({"bias": b, "mean_abs_cf_error": s["mean_abs_cf_error"], "pooled_cloud_iou": s["pooled_cloud_iou"]})
     return rows
 
 
