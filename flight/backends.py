@@ -110,7 +110,8 @@ class OrtBackend:
             raise ModelIntegrityError(f"onnxruntime refused {path}: {e}") from e
         inp, out = self.sess.get_inputs()[0], self.sess.get_outputs()[0]
         if inp.shape[1] != n_bands:
-            raise ModelError(f"{path.name} takes {inp.shape[1]} bands, model card says {n_bands}")
+            raise ModelIntegrityError(f"{path.name} takes {inp.shape[1]} input channels, model card says {n_bands}; "
+                                      "the card does not belong to this model")
         self.tile, self.n_bands = tile, n_bands
         self.input_affine = (1.0, 0.0)                  # float reflectance in; QDQ quantizes inside
         self.input_range = (-1.0, 4.0)

@@ -29,8 +29,8 @@ from .backends import Backend, open_backend
 from .config import GateConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
-                     ConfigError, ImplausibleRadiometryError, SceneDtypeError, SceneFileError, SceneShapeError,
-                     ValidMaskError)
+                     ConfigError, ImplausibleRadiometryError, ModelIntegrityError, SceneDtypeError, SceneFileError,
+                     SceneShapeError, ValidMaskError)
 from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
 from .model import read_verified, resolve_model
@@ -141,6 +141,7 @@ class _InputMap(NamedTuple):
     scale: np.float32
     offset: np.float32
     fill: np.float32             # what an invalid pixel (reflectance 0) becomes
+    one: np.float32              # reflectance 1.0 in model-input units (the presence flag when set)
     plausible_lo: np.float32     # PLAUSIBLE_REFLECTANCE in model-input units
     plausible_hi: np.float32
     radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
@@ -190,8 +191,10 @@ class CloudGate:
         self._open_backend = backend_factory or open_backend
         self.card, self._model_path, self._model_bytes = resolve_model(cfg.model, cfg.backend)
         self.bands = tuple(self.card.bands)
+        self.optional_bands = tuple(self.card.optional_bands)
         self.backend: Backend = self._open_backend(self._model_path, self._model_bytes, cfg.backend, cfg.threads,
-                                                   cfg.tile, len(self.bands))
+                                                   cfg.tile, self.card.input_channels)
+        self._check_backend_channels()
         self._model_ok = True
         self._scenes = 0
         t = cfg.tile
@@ -265,10 +268,21 @@ class CloudGate:
         entry = next(a for a in self.card.artifacts.values() if a.get("file") == self._model_path.name)
         data = read_verified(self._model_path, entry["sha256"], self.card.path)
         self.backend = self._open_backend(self._model_path, data, self.config.backend, self.config.threads,
-                                          self.config.tile, len(self.bands))
+                                          self.config.tile, self.card.input_channels)
+        self._check_backend_channels()
         self._planes = self.backend.planes               # the new backend owns a new input buffer
         self._model_bytes, self._model_ok = data, True
         return "model image failed its scrub (sha256); reloaded from the verified file"
+
+    def _check_backend_channels(self) -> None:
+        """The runtime's input width must be what the card's bands say (LiteRT would run a mismatched
+        model silently, reading the wrong planes)."""
+        n = getattr(self.backend, "n_bands", None)
+        if n is not None and int(n) != self.card.input_channels:
+            raise ModelIntegrityError(f"{self._model_path.name} takes {n} input channels but card {self.card.path.name} "
+                                      f"says {self.card.input_channels} (bands {list(self.bands)}"
+                                      f"{', + presence flag' if self.optional_bands else ''}); the card does not "
+                                      "belong to this model")
 
     # ------------------------------------------------------------------ public API
     def process(self, scene, band_names, scene_id: str = "", mask_out: np.ndarray | None = None,
@@ -426,7 +440,7 @@ class CloudGate:
         in_gain, in_offset = self.backend.input_affine
         q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
         return _InputMap(np.float32(scale * in_gain), np.float32(offset * in_gain + in_offset), np.float32(in_offset),
-                         np.float32(min(q_lo, q_hi)), np.float32(max(q_lo, q_hi)), (scale, offset))
+                         np.float32(in_gain + in_offset), np.float32(min(q_lo, q_hi)), np.float32(max(q_lo, q_hi)), (scale, offset))
 
     def _scan(self, scene, h, w, nx, n_tiles, src_idx, imap, mask_out, valid_mask, previous, t0) -> _Scan:
         """Visit the tiles in a spread order until all are done, the estimate is certain enough (early
@@ -576,9 +590,12 @@ class CloudGate:
                 canon.append(canonical_band(n, self.config.sensor))
             except ValueError:
                 canon.append(n.lower())
-        missing = [b for b in self.bands if b not in canon]
+        missing = [b for b in self.bands if b not in canon and b not in self.optional_bands]
         if missing:
             raise BandMismatchError(missing, canon)
+        # optional bands (SWIR) count only when all are there; -1 = absent (plane 0, presence flag 0)
+        present = all(b in canon for b in self.optional_bands)
+        src_idx = [canon.index(b) if (present or b not in self.optional_bands) else -1 for b in self.bands]
         if mask_out is not None:
             if not isinstance(mask_out, np.ndarray) or mask_out.shape != (h, w) or mask_out.dtype != np.uint8:
                 raise SceneShapeError(f"mask_out must be a uint8 array of shape {(h, w)}, got "
@@ -595,7 +612,9 @@ class CloudGate:
                                          f"(range {valid_mask.min()}..{valid_mask.max()}); pass a bool mask")
             elif kind != "b":
                 raise ValidMaskError(f"valid_mask must be bool (or 0/1 integers), got dtype {valid_mask.dtype}")
-        return h, w, [canon.index(b) for b in self.bands]
+        if self.optional_bands:
+            src_idx.append(-2 if present else -1)     # the presence flag channel: -2 = 1.0, -1 = 0.0
+        return h, w, src_idx
 
     @staticmethod
     def _check_backing_file(scene: np.ndarray) -> None:
@@ -650,6 +669,9 @@ class CloudGate:
         nz.fill(False)
         floating = scene.dtype.kind == "f"               # integer DN are always finite
         for ci, si in enumerate(src_idx):                # bounded by the model's band count
+            if si < 0:                                   # absent optional band (0) or presence flag (1)
+                planes[ci].fill(imap.one if si == -2 else imap.fill)
+                continue
             p = planes[ci, :rh, :rw]
             np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, si], scale, out=p, dtype=np.float32, casting="unsafe")
             if floating:                                 # every band finite: NaN fails both comparisons
@@ -663,23 +685,29 @@ class CloudGate:
         np.logical_and(vsub, nz, out=vsub)
         if valid_mask is not None:
             np.logical_and(vsub, valid_mask[wy0:wy0 + rh, wx0:wx0 + rw], out=vsub)
-        sub = planes[:, :rh, :rw]
-        if offset:
-            np.add(sub, offset, out=sub)
+        lo, hi = self.backend.input_range
         oor = self._oor[:rh, :rw]                        # any band outside the plausible reflectance range
         oor.fill(False)
-        for ci in range(len(src_idx)):
+        for ci, si in enumerate(src_idx):
+            if si < 0:
+                continue
             p = planes[ci, :rh, :rw]
+            if offset:
+                np.add(p, offset, out=p)
             np.less(p, p_lo, out=tsub)
             np.logical_or(oor, tsub, out=oor)
             np.greater(p, p_hi, out=tsub)
             np.logical_or(oor, tsub, out=oor)
-        if not vsub.all():                               # NaN/Inf/no-data never reach the model
+        invalid = not vsub.all()
+        if invalid:                                      # NaN/Inf/no-data never reach the model
             np.logical_not(vsub, out=tsub)
-            for ci in range(len(src_idx)):
-                np.copyto(planes[ci, :rh, :rw], fill, where=tsub)
-        lo, hi = self.backend.input_range
-        np.clip(sub, lo, hi, out=sub)                    # saturated or absurd values stay in range
+        for ci, si in enumerate(src_idx):
+            if si < 0:
+                continue
+            p = planes[ci, :rh, :rw]
+            if invalid:
+                np.copyto(p, fill, where=tsub)
+            np.clip(p, lo, hi, out=p)                    # saturated or absurd values stay in range
         if rh < t or rw < t:
             self._pad(rh, rw)
         return rh, rw

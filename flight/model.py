@@ -34,6 +34,12 @@ class ModelCard:
     path: Path
     raw: dict
     sha256_of_loaded: str = ""
+    optional_bands: tuple[str, ...] = ()   # used when the scene has all of them; else 0 and the flag 0
+
+    @property
+    def input_channels(self) -> int:
+        """Model input channels: the bands, plus the presence flag of the optional bands when there are any."""
+        return len(self.bands) + (1 if self.optional_bands else 0)
 
 
 def load_card(path: Path) -> ModelCard:
@@ -43,11 +49,19 @@ def load_card(path: Path) -> ModelCard:
         raise ModelMissingError(f"model card {path} not found")
     try:
         raw = yaml.safe_load(path.read_text())
-        return ModelCard(name=raw["name"], bands=tuple(raw["bands"]), classes=tuple(raw["output"]["classes"]),
-                         tile=int(raw["tile"]), artifacts=raw["artifacts"], path=path, raw=raw)
+        card = ModelCard(name=raw["name"], bands=tuple(raw["bands"]), classes=tuple(raw["output"]["classes"]),
+                         tile=int(raw["tile"]), artifacts=raw["artifacts"], path=path, raw=raw,
+                         optional_bands=tuple(raw.get("optional_bands") or ()))
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise ModelIntegrityError(f"model card {path} is unreadable or incomplete ({e}); regenerate it with "
                                   "python -m ground export") from e
+    if not card.bands or not all(isinstance(b, str) for b in card.bands + card.optional_bands):
+        raise ModelIntegrityError(f"model card {path}: bands and optional_bands must be lists of band names")
+    stray = [b for b in card.optional_bands if b not in card.bands]
+    if stray or len(card.optional_bands) >= len(card.bands):
+        raise ModelIntegrityError(f"model card {path}: optional_bands {list(card.optional_bands)} must be a proper "
+                                  f"subset of bands {list(card.bands)}")
+    return card
 
 
 def _runtime_available(mod: str) -> bool:

@@ -20,8 +20,9 @@ BIAS_GRID = tuple(round(float(b), 2) for b in np.arange(-1.5, 1.51, 0.25))
 INVALID = 255
 
 
-def training_part_scenes(bands) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(scene id, reflectance (H,W,C in bands), label)] of the labelled training-part scenes that have `bands`."""
+def training_part_scenes(spec) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(scene id, model input (H,W,spec.in_channels), label)] of the labelled training-part scenes that
+    have the spec's required bands (optional bands used where the scene has them all)."""
     from .sceneio import load_npz, real_scene_paths
     from .split import training_scenes
 
@@ -30,8 +31,10 @@ def training_part_scenes(bands) -> list[tuple[str, np.ndarray, np.ndarray]]:
     for p in real_scene_paths():
         if p.stem in names:
             sc = load_npz(p)
-            if sc.labelled and all(b in sc.band_names for b in bands):
-                out.append((p.stem, np.nan_to_num(sc.reflectance(tuple(bands))), sc.mask))
+            have = [b for b in spec.bands if b in sc.band_names]
+            if sc.labelled and all(b in have for b in spec.bands if b not in spec.optional_bands):
+                x = np.nan_to_num(sc.reflectance(tuple(have)))
+                out.append((p.stem, spec.model_input(x, have, True), sc.mask))
     return out
 
 
@@ -79,19 +82,18 @@ def _table(logits_fn, scenes, grid) -> list[dict]:
     return rows
 
 
-def probe_views(ts: dict, teachers: list[str], bands) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(id, view (T,T,C in bands), teachers' consensus mask)] of the pool's probe views."""
+def probe_views(ts: dict, teachers: list[str], spec) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(id, model input (T,T,spec.in_channels), teachers' consensus mask)] of the pool's probe views."""
     import torch
 
     from . import losses as L
     from .synth import SYNTH_BANDS
 
-    idx = [SYNTH_BANDS.index(b) for b in bands]
     out = []
     for i in ts["probe"]:
         batch = {"t_probs": {t: torch.from_numpy(ts["t_probs"][t][i][None].astype(np.float32) / 255.0) for t in teachers}}
         target, _ = L.confidence_weighted_target(batch, teachers)
-        out.append((f"probe_{int(i)}", np.asarray(ts["X"][i])[..., idx].astype(np.float32),
+        out.append((f"probe_{int(i)}", spec.model_input(np.asarray(ts["X"][i], np.float32), SYNTH_BANDS, ts["swir"][i]),
                     target.argmax(1)[0].numpy().astype(np.uint8)))
     return out
 

@@ -73,7 +73,7 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
         raise ConfigError(f"data: train_views + candidate_views + probe_views = {n_train + n_cand + n_probe} "
                           f"> pool.views = {len(pool['X'])}")
     keys = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
-    ts = {"X": pool["X"], "Y": pool["Y"], "key": pool["key"], "meta": pool["meta"],
+    ts = {"X": pool["X"], "Y": pool["Y"], "swir": pool["swir"], "key": pool["key"], "meta": pool["meta"],
           "train": np.arange(n_train), "candidates": np.arange(n_train, n_train + n_cand),
           "probe": np.arange(n_train + n_cand, n_train + n_cand + n_probe),
           "t_probs": {n: pool["t_probs"][k] for n, k in keys.items()},
@@ -81,6 +81,7 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
     if sup is not None:  # appended after the pool; every supplement view is a training view
         n = len(pool["X"])
         ts["X"], ts["Y"] = np.concatenate([pool["X"], sup["X"]]), np.concatenate([pool["Y"], sup["Y"]])
+        ts["swir"] = np.concatenate([pool["swir"], sup["swir"]])
         for part in ("t_probs", "t_feats"):
             ts[part] = {nm: np.concatenate([ts[part][nm], sup[part][k]]) for nm, k in keys.items()}
         ts["train"] = np.concatenate([ts["train"], np.arange(n, n + len(sup["X"]))])
@@ -130,10 +131,16 @@ def _augment(rng: np.random.Generator, arrays: list[np.ndarray]) -> list[np.ndar
     return out
 
 
-def _batch(ts: dict, idx, band_idx, rng, augment=True) -> dict:
+def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout: float = 0.0) -> dict:
+    """Views idx as one training batch in model-input order. A view whose source has the optional bands
+    (SWIR) loses them with probability optional_dropout (planes 0, presence flag 0), so one student
+    learns both the with-SWIR and the VNIR-only input it meets in flight."""
     xs, ys, tps, tfs = [], [], {t: [] for t in ts["t_probs"]}, {t: [] for t in ts["t_feats"]}
     for i in idx:
-        arrs = [ts["X"][i].transpose(2, 0, 1)[band_idx].astype(np.float32), ts["Y"][i]]
+        present = bool(ts["swir"][i]) and not (optional_dropout > 0 and rng is not None
+                                               and rng.random() < optional_dropout)
+        x = spec.model_input(np.asarray(ts["X"][i], np.float32), SYNTH_BANDS, present)
+        arrs = [x.transpose(2, 0, 1), ts["Y"][i]]
         arrs += [ts["t_probs"][t][i].astype(np.float32) / 255.0 for t in tps]
         arrs += [ts["t_feats"][t][i].astype(np.float32) for t in tfs]
         if augment:
@@ -174,8 +181,13 @@ def _sample(cfg: dict, ts: dict, train_idx: np.ndarray, step: int, batch: int) -
                            rng.choice(train_idx, batch - n_lab, replace=batch - n_lab > len(train_idx))])
 
 
+def optional_dropout(cfg: dict) -> float:
+    """Share of SWIR-carrying training views shown without their optional bands (data.optional_band_dropout)."""
+    return float(cfg["data"].get("optional_band_dropout", 0.0))
+
+
 @torch.no_grad()
-def precise_bn(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, band_idx, n_batches: int) -> None:
+def precise_bn(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, spec: StudentSpec, n_batches: int) -> None:
     """Re-estimate every BatchNorm's running statistics as a plain average over n_batches transfer
     batches with the final weights (bright scenes are fragile under the EMA of the last few hundred
     steps; the exported graphs fold exactly these statistics)."""
@@ -188,7 +200,8 @@ def precise_bn(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, ban
     model.train()
     for b in range(n_batches):
         idx = _sample({**cfg, "seed": cfg["seed"] + 7919}, ts, train_idx, b, cfg["train"]["batch"])
-        model(_batch(ts, idx, band_idx, np.random.default_rng([cfg["seed"], b, 7919]))["x"])
+        model(_batch(ts, idx, spec, np.random.default_rng([cfg["seed"], b, 7919]),
+                     optional_dropout=optional_dropout(cfg))["x"])
     for m in bns:
         m.momentum = 0.1
     model.eval()
@@ -232,7 +245,6 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         step = state["step"]
         log(f"[{label}] resuming from step {step} ({ckpt})")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
     per_rank = tr["batch"] // world
 
     def save():
@@ -256,7 +268,8 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     try:
         while step < steps:
             idx = _sample(cfg, ts, train_idx, step, tr["batch"])[rank * per_rank:(rank + 1) * per_rank]
-            batch = _batch(ts, idx, band_idx, np.random.default_rng([cfg["seed"], step, rank]))
+            batch = _batch(ts, idx, spec, np.random.default_rng([cfg["seed"], step, rank]),
+                           optional_dropout=optional_dropout(cfg))
             model.train()
             logits, feat, adapted = net(batch["x"])
             out = {"logits": logits, "feat": feat, "adapted": adapted}
@@ -292,7 +305,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             signal.signal(signal.SIGTERM, old)
     bar.close()
     save()
-    precise_bn(model.student, cfg, ts, train_idx, band_idx, int(tr.get("precise_bn_batches", 0)))
+    precise_bn(model.student, cfg, ts, train_idx, spec, int(tr.get("precise_bn_batches", 0)))
     if world > 1:  # DDP invariant: every rank ends with the same weights
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -323,13 +336,12 @@ def disagreement(model, cfg: dict, ts: dict, idx: np.ndarray, batch: int = 16) -
     """Per view: share of pixels where the student's cloud call differs from the teachers' confidence-
     weighted cloud call (the target every KD term distils)."""
     spec = model.spec
-    band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
     names = [t["name"] for t in cfg["teachers"]]
     out = np.empty(len(idx), np.float64)
     model.eval()
     for s in range(0, len(idx), batch):
         ii = idx[s:s + batch]
-        b = _batch(ts, ii, band_idx, None, augment=False)
+        b = _batch(ts, ii, spec, None, augment=False)
         target, _ = L.confidence_weighted_target(b, names)
         pred = model(b["x"]).argmax(1) == 1
         out[s:s + len(ii)] = (pred != (target.argmax(1) == 1)).float().mean((1, 2)).numpy()

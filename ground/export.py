@@ -34,11 +34,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def quantization_tiles(ts: dict, bands, n: int = 128) -> np.ndarray:
+def quantization_tiles(ts: dict, spec, n: int = 128) -> np.ndarray:
     """Representative tiles for INT8 calibration: the first n training views of the real-view pool
-    (training part of the split only), NHWC float32 in `bands` order."""
-    idx = [SYNTH_BANDS.index(b) for b in bands]
-    return np.ascontiguousarray(np.asarray(ts["X"][ts["train"][:n]])[..., idx].astype(np.float32))
+    (training part of the split only), NHWC float32 in model-input order (optional bands as the view has them)."""
+    idx = ts["train"][:n]
+    return np.ascontiguousarray(np.stack([spec.model_input(np.asarray(ts["X"][i], np.float32), SYNTH_BANDS, ts["swir"][i])
+                                          for i in idx]))
 
 
 def calibrate_students(cfg: dict, students: dict, ts: dict) -> dict:
@@ -58,8 +59,8 @@ def calibrate_students(cfg: dict, students: dict, ts: dict) -> dict:
             return run
 
         teachers = [t["name"] for t in cfg["teachers"]]
-        chosen = {name: choose_cloud_bias(logits_fn(m), probe_views(ts, teachers, sp.bands),
-                                          check=training_part_scenes(sp.bands)) for name, (sp, m) in students.items()}
+        chosen = {name: choose_cloud_bias(logits_fn(m), probe_views(ts, teachers, sp),
+                                          check=training_part_scenes(sp)) for name, (sp, m) in students.items()}
     for name, (_, m) in students.items():
         apply_cloud_bias(m, chosen[name]["cloud_logit_bias"])
     return chosen
@@ -68,7 +69,7 @@ def calibrate_students(cfg: dict, students: dict, ts: dict) -> dict:
 def export_onnx_fp32(model, spec, path: Path) -> None:
     import torch
 
-    x = torch.zeros(1, len(spec.bands), TILE, TILE)
+    x = torch.zeros(1, spec.in_channels, TILE, TILE)
     torch.onnx.export(model.eval(), x, str(path), dynamo=False, opset_version=17,
                       input_names=["reflectance"], output_names=["logits"],
                       dynamic_axes={"reflectance": {2: "height", 3: "width"}, "logits": {2: "height", 3: "width"}})
@@ -160,8 +161,10 @@ def model_card(spec, name: str, artifacts: dict, quant: dict, default: bool, **e
         "default": bool(default),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "bands": list(spec.bands),
+        **({"optional_bands": list(spec.optional_bands),
+            "input_channels": list(spec.bands) + ["optional_bands_present"]} if spec.optional_bands else {}),
         "units": "TOA reflectance (Level-1C), float, nominal 0..1; DN must be rescaled (reflectance = DN*scale + offset)",
-        "input_scaling": {"onnx": "float32 reflectance, NCHW (1, 4, H, W); INT8 QDQ quantization inside the graph",
+        "input_scaling": {"onnx": f"float32 reflectance, NCHW (1, {spec.in_channels}, H, W); INT8 QDQ quantization inside the graph",
                           "tflite": {"layout": "NHWC", "dtype": "int8", "scale": quant["input_scale"],
                                      "zero_point": quant["input_zero_point"],
                                      "rule": "q = clip(round(reflectance / scale) + zero_point, -128, 127)"}},
@@ -198,7 +201,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     ts = build_transfer_set(cfg)
     calibration = calibrate_students(cfg, students, ts)
     name = spec.name
-    calib = quantization_tiles(ts, spec.bands)
+    calib = quantization_tiles(ts, spec)
     teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
                  "license": "Apache-2.0"} for t in cfg["teachers"]]
     split = load_split()
@@ -213,7 +216,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     if baseline:  # its own carded model: scored through the gate like the student; flight never defaults to it
         bspec, bmodel = students["baseline"]
         bname = f"{name}-nokd"
-        b_art, b_q = export_artifacts(bspec, bmodel, out_dir, bname, quantization_tiles(ts, bspec.bands))
+        b_art, b_q = export_artifacts(bspec, bmodel, out_dir, bname, quantization_tiles(ts, bspec))
         base_card = out_dir / f"{bname}.yaml"
         base_card.write_text(yaml.safe_dump(model_card(bspec, bname, b_art, b_q, False, role="no-KD baseline (labels only)",
                                                        calibration=calibration["baseline"], data=data, command=command),

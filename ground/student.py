@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,10 @@ class StudentSpec:
     stem_stride: int = 4
     widths: tuple[int, ...] = (12, 20, 32)
     feature_channels: int = 64  # teacher feature width the SSLKD adapters project onto
+    # Bands the student uses when the scene has them (SWIR separates snow/ice from cloud, which VNIR
+    # alone cannot) and runs without otherwise: their planes are 0 and one extra input channel, the
+    # presence flag, says whether they are real (1.0) or absent (0.0). Empty: every band is required.
+    optional_bands: tuple[str, ...] = ()
 
     @staticmethod
     def from_dict(d: dict) -> "StudentSpec":
@@ -33,24 +38,49 @@ class StudentSpec:
         if unknown:
             raise ValueError(f"student spec: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
-        for k in ("bands", "classes", "widths"):
+        for k in ("bands", "classes", "widths", "optional_bands"):
             if k in d:
                 d[k] = tuple(d[k])
         spec = StudentSpec(**d)
         if len(spec.widths) < 2:
             raise ValueError("student spec: widths needs at least 2 levels")
+        stray = [b for b in spec.optional_bands if b not in spec.bands]
+        if stray:
+            raise ValueError(f"student spec: optional_bands {stray} must also be listed in bands {list(spec.bands)}")
+        if len(spec.optional_bands) == len(spec.bands):
+            raise ValueError("student spec: at least one band must be required (not in optional_bands)")
         return spec
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("bands", "classes", "widths"):
+        for k in ("bands", "classes", "widths", "optional_bands"):
             d[k] = list(d[k])
         return d
+
+    @property
+    def in_channels(self) -> int:
+        """Model input channels: every band, plus the presence flag when some bands are optional."""
+        return len(self.bands) + (1 if self.optional_bands else 0)
+
+    def model_input(self, x: np.ndarray, names, optional_present: bool) -> np.ndarray:
+        """(..., C) float reflectance whose last axis is named by `names` -> (..., in_channels) float32 in
+        model-input order. Optional bands count as present only when all of them are in `names` and
+        `optional_present` is true; absent ones are 0 and the flag channel is 0."""
+        names = list(names)
+        present = bool(optional_present) and all(b in names for b in self.optional_bands)
+        out = np.zeros(x.shape[:-1] + (self.in_channels,), np.float32)
+        for c, b in enumerate(self.bands):
+            if b in self.optional_bands and not present:
+                continue
+            out[..., c] = x[..., names.index(b)]
+        if self.optional_bands:
+            out[..., -1] = 1.0 if present else 0.0
+        return out
 
     def conv_layers(self) -> list[tuple[int, int, int, int]]:
         """(kernel, c_in, c_out, downsample factor of the output grid) for every conv, in order."""
         s, w = self.stem_stride, self.widths
-        layers = [(s, len(self.bands), w[0], s), (3, w[0], w[0], s)]
+        layers = [(s, self.in_channels, w[0], s), (3, w[0], w[0], s)]
         for i in range(1, len(w)):
             f = s * 2**i
             layers += [(3, w[i - 1], w[i], f), (3, w[i], w[i], f)]
@@ -84,7 +114,7 @@ class StudentUNet(nn.Module):
         super().__init__()
         self.spec = spec
         w, s = spec.widths, spec.stem_stride
-        self.stem = nn.Sequential(_ConvBNReLU(len(spec.bands), w[0], k=s, stride=s), _ConvBNReLU(w[0], w[0]))
+        self.stem = nn.Sequential(_ConvBNReLU(spec.in_channels, w[0], k=s, stride=s), _ConvBNReLU(w[0], w[0]))
         self.down = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), _ConvBNReLU(w[i - 1], w[i]), _ConvBNReLU(w[i], w[i]))
             for i in range(1, len(w))
@@ -145,7 +175,7 @@ def build_keras(spec: StudentSpec, model: StudentUNet, tile: int):
         return y
 
     w, s = spec.widths, spec.stem_stride
-    inp = tf.keras.Input((tile, tile, len(spec.bands)), batch_size=1, name="reflectance")
+    inp = tf.keras.Input((tile, tile, spec.in_channels), batch_size=1, name="reflectance")
     x = conv(inp, s, stride=s)
     skips = [conv(x, 3)]
     for _ in range(1, len(w)):
