@@ -41,6 +41,7 @@ __all__ = ["ACTIONS", "Action", "CloudGate", "Decision"]
 CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
 _SUPPORTED_KINDS = "biuf"
 _MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21   # Linux >= 5.4: reclaim now, contents kept (dirty shared pages written back, private copies kept)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 # Radiometry plausibility: reflectance (after radiometry) outside this range on more than this share of
 # the valid pixels means the caller's radiometry is wrong (DN passed as reflectance, a x10000 scale, ...).
@@ -642,9 +643,15 @@ class CloudGate:
 
 
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
-        """Drop already-read rows of a read-only memmap from our resident set (the page cache keeps them),
-        so RSS stays flat whatever the scene size."""
-        if _libc is None or not isinstance(scene, np.memmap) or getattr(scene, "mode", "") not in ("r", "readonly"):
+        """Drop already-read rows of a memmap from our resident set, so RSS stays flat whatever the scene
+        size. Read-only maps: MADV_DONTNEED (the page cache keeps the data). Writable (r+, w+) and
+        copy-on-write (c) maps: MADV_PAGEOUT, which reclaims without discarding anything -- DONTNEED on a
+        copy-on-write map would throw away the caller's in-memory changes to the scene."""
+        if _libc is None or not isinstance(scene, np.memmap):
+            return
+        mode = getattr(scene, "mode", "")
+        advice = _MADV_DONTNEED if mode in ("r", "readonly") else _MADV_PAGEOUT if mode in ("r+", "w+", "c") else None
+        if advice is None:
             return
         row = scene.strides[0]
         if row <= 0:
@@ -655,7 +662,7 @@ class CloudGate:
         a1 = scene.ctypes.data + y1 * row
         a1 -= a1 % page
         if a1 > a0:
-            _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), _MADV_DONTNEED)
+            _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), advice)  # a hint: failure changes nothing
 
     def _load_tile(self, scene, wy0, wx0, h, w, src_idx, imap: _InputMap, valid_mask) -> tuple[int, int]:
         """Fill self._planes (in the backend's input units) and self._valid from the scene window at
