@@ -49,14 +49,20 @@ def teacher_mask(refl: np.ndarray, bands, threads: int = 2) -> np.ndarray:
 class GateContender:
     """A carded model run through `flight.CloudGate` exactly as on board (full pass with mask_out)."""
 
-    def __init__(self, model: str | Path | None = None, backend: str = "auto", threads: int = 2):
-        """model: a card, .tflite or .onnx path; None = the shipped default."""
+    def __init__(self, model: str | Path | None = None, backend: str = "auto", threads: int = 2,
+                 only_bands: tuple[str, ...] | None = None):
+        """model: a card, .tflite or .onnx path; None = the shipped default. only_bands: hand the gate only
+        these bands of each scene (e.g. VNIR, to score a SWIR-optional model as a VNIR-only payload runs it)."""
         from flight import CloudGate
 
         self.gate = CloudGate.from_model(None if model is None else str(model), backend=backend, threads=threads)
+        self.only_bands = tuple(only_bands) if only_bands else None
 
     def __call__(self, fs: dict, scene) -> tuple[np.ndarray, float, str]:
         mask = np.empty(fs["bands"].shape[:2], np.uint8)
+        if self.only_bands:
+            keep = [i for i, b in enumerate(fs["band_names"]) if b in self.only_bands]
+            fs = {**fs, "bands": fs["bands"][..., keep], "band_names": [fs["band_names"][i] for i in keep]}
         # target_id = scene id: every scene is its own target, so no hysteresis from another scene
         d = self.gate.process(fs["bands"], fs["band_names"], scene_id=fs["scene_id"], target_id=fs["scene_id"],
                               valid_mask=fs["valid_mask"], radiometry=fs["radiometry"], mask_out=mask)
@@ -174,7 +180,7 @@ def score_synthetic(contenders: dict, n: int = 48, seed: int = 99) -> dict:
             continue
         rows = {}
         for i in range(n):
-            fs = {"bands": X[i][..., [SYNTH_BANDS.index(b) for b in BANDS4]], "band_names": BANDS4,
+            fs = {"bands": X[i], "band_names": SYNTH_BANDS,   # all six: the gate takes what its card uses
                   "scene_id": f"synth_{seed}_{i}", "valid_mask": None, "radiometry": (1.0, 0.0)}
             rows[i] = scene_row(*c(fs, None), Y[i])
         out[name] = summarise(rows)
@@ -249,6 +255,10 @@ def card_contenders(card_path: Path) -> dict:
     a = card["artifacts"]
     out = {"student_int8_tflite": GateContender(d / a["tflite_int8"]["file"], "litert"),
            "student_int8_onnx": GateContender(d / a["onnx_int8"]["file"], "onnxruntime")}
+    if card.get("optional_bands"):  # the same student as a payload without its optional bands (VNIR only) runs it
+        required = tuple(b for b in card["bands"] if b not in card["optional_bands"])
+        out["student_int8_tflite_without_optional_bands"] = GateContender(d / a["tflite_int8"]["file"], "litert",
+                                                                           only_bands=required)
     base = card.get("baseline_card")
     if base and (d / base).exists():
         out["baseline_nokd_int8_tflite"] = GateContender(d / base, "litert")

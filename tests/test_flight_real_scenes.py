@@ -45,11 +45,19 @@ def evaluation_scores():
     missing = [s for s in load_split()["evaluation"] if s not in present]
     if missing:
         pytest.skip(f"evaluation scenes absent: {missing}")
-    gate = GateContender(None, "litert")
+    from flight.model import default_card, load_card
+
+    card = load_card(default_card())
+    base = card.raw.get("baseline_card")
+    gates = {"student": GateContender(None, "litert")}
+    if base:  # the no-KD baseline carded beside the shipped student (same views, steps; labels only)
+        base_card = load_card(card.path.parent / base)
+        gates["baseline_nokd"] = GateContender(card.path.parent / base_card.artifacts["tflite_int8"]["file"], "litert")
     try:
-        res = score_real({"student": gate, "teacher_4b": MaskContender(teacher_mask, BANDS4)}, parts=("evaluation",))
+        res = score_real({**gates, "teacher_4b": MaskContender(teacher_mask, BANDS4)}, parts=("evaluation",))
     finally:
-        gate.close()
+        for g in gates.values():
+            g.close()
     return res["evaluation"]
 
 
@@ -75,6 +83,11 @@ def test_shipped_student_meets_real_scene_acceptance(evaluation_scores):
     assert s["action_agreement"] >= t["action_agreement"], msg
     assert s["mean_abs_cf_error"] <= t["mean_abs_cf_error"] + 0.02, msg
     assert s["pooled_cloud_iou"] >= 0.95 * t["pooled_cloud_iou"], msg
+    b = evaluation_scores["summary"]["baseline_nokd"]      # the KD student must beat labels alone
+    assert s["action_agreement"] > b["action_agreement"] or (
+        s["action_agreement"] == b["action_agreement"] and s["mean_abs_cf_error"] < b["mean_abs_cf_error"]), \
+        f"KD student {s} vs no-KD baseline {b}"
+    assert s["mean_abs_cf_error"] <= b["mean_abs_cf_error"], f"KD student {s} vs no-KD baseline {b}"
 
 
 def test_acceptance_metrics_are_computed_from_the_masks():
