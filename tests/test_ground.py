@@ -33,7 +33,7 @@ def test_default_student_budget():
     assert TEACHER_PARAMS / spec.parameters() >= 300
     assert spec.macs_per_pixel() <= 0.01 * TEACHER_MACS_PER_PIXEL
     for h, w in ((256, 256), (128, 192)):
-        assert model(torch.zeros(1, 4, h, w)).shape == (1, 3, h, w)
+        assert model(torch.zeros(1, spec.in_channels, h, w)).shape == (1, 3, h, w)
 
 
 def test_spec_rejects_unknown_keys():
