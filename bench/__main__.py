@@ -14,40 +14,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real"
-S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
+from hil.paths import REPO, SHARED_REAL
+
 BANDS4 = ("blue", "green", "red", "nir")
-
-
-def proc_status_mib(field: str) -> float:
-    """A /proc/self/status field (VmRSS, VmHWM) in MiB; the bench's child processes call it. VmHWM, not
-    ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(f"{field} not in /proc/self/status")
 
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------ contenders
-def s2cloudless_mask(refl13: np.ndarray) -> np.ndarray:
-    """s2cloudless 1.7.3 with its documented settings (threshold 0.4, average_over 4, dilation 2) on
-    Sentinel-2 L1C reflectance. CC BY-SA 4.0: evaluation only, never a training signal."""
-    from s2cloudless import S2PixelCloudDetector
-
-    det = S2PixelCloudDetector(threshold=0.4, average_over=4, dilation_size=2, all_bands=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return det.get_cloud_masks(refl13[None].astype(np.float32))[0].astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ accuracy
@@ -63,55 +40,15 @@ def accuracy(quick: bool) -> tuple[dict, dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------ cost
-_COST_CHILD = r"""
-import sys, time, json, statistics
-import numpy as np
-sys.path.insert(0, {repo!r})
-kind, threads, reps = {kind!r}, {threads}, {reps}
-z = np.load({scene!r})
-img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
-from bench.__main__ import proc_status_mib
-if kind == "teacher_ukis":
-    from ground.evaluate import teacher_mask
-    run = lambda: teacher_mask(img, ("blue", "green", "red", "nir"), threads)
-elif kind.startswith("cloudgate"):
-    from flight import CloudGate
-    g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={{"enabled": False}})
-    m = np.empty(img.shape[:2], np.uint8)
-    run = lambda: g.process(img, ("blue", "green", "red", "nir"), mask_out=m)
-elif kind == "s2cloudless":   # needs the S2 L1C bands: a real eo-learn L1C scene, tiled to 1024 x 1024
-    from bench.__main__ import S2C_BANDS, s2cloudless_mask
-    from ground.sceneio import load_npz
-    r13 = load_npz({s2_scene!r}).reflectance(S2C_BANDS)
-    img = np.ascontiguousarray(np.tile(r13, (-(-1024 // r13.shape[0]), -(-1024 // r13.shape[1]), 1))[:1024, :1024])
-    run = lambda: s2cloudless_mask(img)
-elif kind == "threshold":
-    from bench.threshold import threshold_mask
-    run = lambda: threshold_mask(img, ("blue", "green", "red", "nir"))
-elif kind == "invoke_only:litert":   # the runtime alone on pre-quantized 256² tiles: the ceiling for the gate
-    from flight.model import MODELS_DIR, default_card, load_card
-    from ai_edge_litert.interpreter import Interpreter
-    card = load_card(default_card())
-    it = Interpreter(model_path=str(MODELS_DIR / card.artifacts["tflite_int8"]["file"]), num_threads=threads)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-    tile = np.zeros((1, 256, 256, 4), np.int8)
-    def run():
-        for _ in range(16):              # 16 tiles of 256² = one 1024² scene, no overlap
-            it.set_tensor(i, tile); it.invoke(); it.get_tensor(o)
-else:
-    raise SystemExit(f"unknown cost kind {{kind!r}}")
-run()
-times = []
-for _ in range(reps):
-    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-print(json.dumps({{"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6),
-                  "peak_rss_mib": proc_status_mib("VmHWM")}}))
-"""
+def run_child(module: str, *args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """python -m <module> args in a fresh process importing this checkout (its peak RSS is its own)."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                               **(env or {})})
 
 
 def cost(quick: bool) -> dict:
-    scene = REAL / "ukis_csmask_tests/ukis_sentinel2.npz"
+    scene = SHARED_REAL / "ukis_csmask_tests/ukis_sentinel2.npz"
     tmp = Path(tempfile.mkdtemp()) / "scene.npz"
     with np.load(scene) as z:
         np.savez(tmp, bands=z["bands"])
@@ -123,11 +60,10 @@ def cost(quick: bool) -> dict:
         out[name] = {}
         for threads in (1, 2):
             reps = 1 if (quick or name == "teacher_ukis") else 5
-            code = _COST_CHILD.format(repo=str(REPO), kind=kind, threads=threads, reps=reps, scene=str(tmp),
-                                      s2_scene=str(REAL / "unlabeled_eolearn_s2_refscenes/eolearn_refscene_2.npz"))
             log(f"cost: {name} @ {threads} thread(s)")
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=1800)
+            r = run_child("bench.cost_child", "--kind", kind, "--threads", str(threads), "--reps", str(reps),
+                          "--scene", str(tmp), "--s2-scene", str(SHARED_REAL / "unlabeled_eolearn_s2_refscenes/eolearn_refscene_2.npz"),
+                          env={"OMP_NUM_THREADS": str(threads)}, timeout=1800)
             if r.returncode:
                 out[name][f"{threads}t"] = {"error": r.stderr[-500:]}
                 continue
@@ -137,34 +73,14 @@ def cost(quick: bool) -> dict:
     return out
 
 
-_MEMMAP_CHILD = r"""
-import sys, json, time
-import numpy as np
-sys.path.insert(0, {repo!r})
-from flight import CloudGate
-from bench.__main__ import proc_status_mib as status
-g = CloudGate.from_model(backend="litert", threads=2, max_tiles=4096, early_exit={{"enabled": {early}}})
-warm = np.full((256, 256, 4), 1000, np.uint16)
-g.process(warm, ("blue", "green", "red", "nir"), radiometry=(1e-4, 0.0))
-scene = np.load({path!r}, mmap_mode="r")
-base = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")
-t = time.perf_counter()
-d = g.process(scene, ("blue", "green", "red", "nir"), radiometry=(1e-4, 0.0))
-el = time.perf_counter() - t
-print(json.dumps({{"baseline_rss_mib": base, "peak_rss_mib": status("VmHWM"), "seconds": el, "action": d.action,
-                  "tiles": [d.tiles_processed, d.tiles_total], "cloud_fraction": d.cloud_fraction}}))
-"""
-
-
 def memmap_rss(size: int) -> dict:
     """Peak RSS of the gate on a size x size x 4 uint16 memmap (S2 tile: 10980²), decision only."""
-    from ground.sceneio import load_npz
+    from flight.scenefile import load_npz
 
     tmpdir = Path(tempfile.mkdtemp(dir=os.environ.get("CLOUDGATE_BENCH_TMP")))
     path = tmpdir / "big.npy"
     log(f"memmap: writing a {size}x{size}x4 uint16 scene ({size * size * 8 / 2**30:.2f} GiB)")
-    src = load_npz(REAL / "ukis_csmask_tests/ukis_sentinel2.npz").reflectance(BANDS4)
+    src = load_npz(SHARED_REAL / "ukis_csmask_tests/ukis_sentinel2.npz").reflectance(BANDS4)
     tile = (np.clip(src, 0, 6.5) * 10000).astype(np.uint16)
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(size, size, 4))
     for y in range(0, size, 512):
@@ -175,8 +91,7 @@ def memmap_rss(size: int) -> dict:
     out = {}
     try:
         for early in (False, True):
-            r = subprocess.run([sys.executable, "-c", _MEMMAP_CHILD.format(repo=str(REPO), path=str(path), early=early)],
-                               capture_output=True, text=True, timeout=3600)
+            r = run_child("bench.memmap_child", "--path", str(path), *(["--early-exit"] if early else []), timeout=3600)
             if r.returncode:
                 out["early_exit" if early else "full_pass"] = {"error": r.stderr[-800:]}
                 continue
@@ -207,7 +122,7 @@ def early_exit_savings(quick: bool) -> dict:
     clear_over = [r for r in rows if r["scene"].split("-")[1] in ("clear", "overcast")]
     return {"scenes": rows, "all_actions_match": all(r["action_full"] == r["action_early"] for r in rows),
             "tile_reduction_clear_overcast": round(sum(r["tiles_total"] for r in clear_over) / max(1, sum(r["tiles_early"] for r in clear_over)), 2),
-            "note": "synthetic 1920² scenes (64 tiles each), ground.synth kinds; early exit = normal finite-population bound, 99 %"}
+            "note": "synthetic 1920² scenes (64 tiles each), hil.synth kinds; early exit = normal finite-population bound, 99 %"}
 
 
 def cpu_int8_peak() -> dict:
@@ -321,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--memmap-size", type=int, default=None, help="default 10980 (2048 with --quick)")
     a = ap.parse_args(argv)
-    if not REAL.is_dir():
+    if not SHARED_REAL.is_dir():
         print("bench needs ../shared/data/real (the real scenes); not found", file=sys.stderr)
         return 2
     from flight.model import MODELS_DIR, default_card, load_card

@@ -3,6 +3,7 @@ bench), so "the action a cloud fraction implies" has one owner.
 
     policy_band(cf, policy, previous_action)        -> "low" | "mid" | "high"
     decide(cf, vf, priority, previous_action, tiles, policy) -> PolicyDecision
+    TileCounts.from_mask(cloud, valid, core)        a mask the gate did not make, counted as the gate does
     TargetHistory(max_targets)                      bounded per-target memory of the last action
 
 Nothing here reads a scene, a clock or a log: the gate measures (flight.estimate), this module decides.
@@ -29,10 +30,9 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 #   fault               no decision: the frame (or the gate) faulted; see fault_code
 Rule = Literal["threshold", "hysteresis", "min_valid_fraction", "early_exit", "deadline", "fault"]
 RULES: tuple[str, ...] = get_args(Rule)
+# What each band means for a priority-0 frame: low, downlink the whole frame; mid, prune cloudy tiles
+# (downlink with partial=True, or discard when no tile is clear); high, discard (Φsat-1's 70 % rule).
 PolicyBand = Literal["low", "mid", "high"]
-# What each band means for a priority-0 frame: downlink the whole frame, prune cloudy tiles (partial
-# downlink, or discard when no tile is clear), discard (Φsat-1's 70 % rule).
-BAND_ACTION = {"low": "downlink", "mid": "partial", "high": "discard"}
 
 
 def band_edges(policy: PolicyConfig, previous_action: str | None = None) -> tuple[float, float]:
@@ -54,12 +54,6 @@ def policy_band(cloud_fraction: float, policy: PolicyConfig, previous_action: st
     return "mid"
 
 
-def implied_action(cloud_fraction: float, policy: PolicyConfig | None = None) -> str:
-    """Scene-level action class a cloud fraction implies for a priority-0 frame without history:
-    'downlink', 'partial' or 'discard' (used to score any mask, labels included, on one scale)."""
-    return BAND_ACTION[policy_band(cloud_fraction, policy or PolicyConfig())]
-
-
 @dataclass(frozen=True)
 class TileCounts:
     """Per-tile pixel counts of one scene, indexed row-major on the tile grid (index = row * cols + col).
@@ -75,6 +69,22 @@ class TileCounts:
         """Every tile visited, fully valid, at the same cloud fraction (tests and scorers)."""
         return cls(cloud=np.full(n_tiles, int(round(cloud_fraction * pixels)), np.int64),
                    valid=np.full(n_tiles, pixels, np.int64), visited=np.ones(n_tiles, bool), n_tiles=n_tiles, cols=cols)
+
+    @classmethod
+    def from_mask(cls, cloud: np.ndarray, valid: np.ndarray, core: int) -> "TileCounts":
+        """Counts of a whole-scene (H, W) boolean cloud mask and valid mask on the gate's tile grid
+        (cores of `core` pixels per side, the last row/column clipped at the scene edge), every tile
+        visited: how the gate would count a mask it did not make (scorers; not used on board)."""
+        h, w = cloud.shape
+        rows, cols = -(-h // core), -(-w // core)
+
+        def per_tile(a: np.ndarray) -> np.ndarray:
+            padded = np.zeros((rows * core, cols * core), np.int64)
+            padded[:h, :w] = a
+            return padded.reshape(rows, core, cols, core).sum((1, 3)).reshape(-1)
+
+        return cls(cloud=per_tile(cloud & valid), valid=per_tile(valid), visited=np.ones(rows * cols, bool),
+                   n_tiles=rows * cols, cols=cols)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import ExperimentConfigError
+
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "real_kd.yaml"
 
 
@@ -88,15 +90,22 @@ def main(argv=None) -> int:
             from .split import SPLIT_FILE, draw_split, load_split
 
             if args.draw:
-                from .sceneio import load_npz, real_scene_paths
+                from flight.scenefile import load_npz
+                from hil.paths import real_scene_paths
 
                 print(yaml.safe_dump(draw_split([p.stem for p in real_scene_paths() if load_npz(p).labelled])))
             else:
                 print(f"{SPLIT_FILE}:\n" + yaml.safe_dump(load_split(), sort_keys=False))
     except KeyboardInterrupt:
         return 130
+    except ExperimentConfigError as e:
+        print(f"error: experiment config: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from flight.errors import ConfigError as GateConfigError
+
+        kind = "gate config (flight.CloudGate)" if isinstance(e, GateConfigError) else type(e).__name__
+        print(f"error: {kind}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -23,7 +23,8 @@ INVALID = 255
 def training_part_scenes(spec) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(scene id, model input (H,W,spec.in_channels), label)] of the labelled training-part scenes that
     have the spec's required bands (optional bands used where the scene has them all)."""
-    from .sceneio import load_npz, real_scene_paths
+    from flight.scenefile import load_npz
+    from hil.paths import real_scene_paths
     from .split import training_scenes
 
     names = training_scenes()
@@ -87,7 +88,7 @@ def probe_views(ts: dict, teachers: list[str], spec) -> list[tuple[str, np.ndarr
     import torch
 
     from . import losses as L
-    from .synth import SYNTH_BANDS
+    from hil.synth import SYNTH_BANDS
 
     out = []
     for i in ts["probe"]:

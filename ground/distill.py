@@ -19,16 +19,13 @@ import yaml
 from torch import nn
 
 from . import losses as L
+from .errors import ExperimentConfigError as ConfigError  # the experiment-config error (flight.errors.ConfigError is the gate's)
 from .student import StudentSpec, build_student
-from .synth import SYNTH_BANDS
+from hil.synth import SYNTH_BANDS
 from .teachers import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 _REQUIRED = ("experiment", "seed", "student", "teachers", "pool", "data", "train", "losses")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def load_config(path: str | Path) -> dict:
@@ -276,10 +273,10 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             out_kd = {"logits": model.native_logits(feat), "feat": feat, "adapted": adapted}
             batch_kd = kd_view(batch, spec.stem_stride)
             total = 0.0
-            parts = {}
+            parts, stats = {}, {}
             for term in terms:  # labels at full resolution; teacher terms at the native grid
                 full = term["type"] == "ce_labels"
-                v = L.LOSS_TERMS[term["type"]](out if full else out_kd, batch if full else batch_kd, term)
+                v = L.LOSS_TERMS[term["type"]](out if full else out_kd, batch if full else batch_kd, term, stats)
                 parts[L.term_name(term)] = float(v.detach())
                 total = total + term.get("weight", 1.0) * v
             total = total + 0.0 * sum(p.sum() for p in adapted.values())  # keep DDP's graph complete
@@ -290,7 +287,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
             step += 1
             bar.update(1)
             if step % 50 == 0:
-                history.append({"step": step, "loss": float(total.detach()), **parts, **batch_kd.get("_stats", {})})
+                history.append({"step": step, "loss": float(total.detach()), **parts, **stats})
             if step % tr.get("ckpt_every", 200) == 0 or interrupted["flag"]:
                 save()
             if interrupted["flag"]:

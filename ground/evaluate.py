@@ -6,11 +6,13 @@ what is scored. Teachers (ukis-csmask 4- and 6-band, run as their users run them
 threshold are scored on the same arrays beside them.
 
 Scene level first (what the payload loop acts on), pixels second:
-- action agreement: the action class implied by the contender's cloud fraction vs the one implied by
-  the human label (flight.policy.implied_action: downlink <= 0.30 < partial < 0.70 <= discard);
+- action agreement: the gate's policy band (flight.policy.policy_band, priority 0, no history: low
+  <= 0.30 < mid < 0.70 <= high, i.e. downlink the frame / prune cloudy tiles / discard) of the
+  contender's cloud fraction vs that of the human label's;
 - |cloud-fraction error| (the gate's own fraction for gate contenders);
 - clear scenes (label <= 0.05) discarded, and overcast scenes (label >= 0.95) downlinked, by the gate's
-  actual decision;
+  actual decision (for whole-scene mask contenders: flight.policy.decide on the mask's counts over the
+  gate's tile cores, so every contender's action is one the gate has);
 - pooled cloud IoU over the part, and a per-scene table.
 Real and synthetic numbers are never averaged together; the real labelled scenes are reported per part
 of the committed split (ground/data/split.yaml), the evaluation part first. L8 Biome thin cloud
@@ -24,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .sceneio import SHARED_REAL, load_npz, real_scene_paths
+from flight.scenefile import load_npz
+from hil.paths import SHARED_REAL, real_scene_paths
+
 from .split import load_split
 
 CLOUD, INVALID = 1, 255
@@ -86,9 +90,7 @@ class MaskContender:
         mask = self.fn(scene.reflectance(self.bands), self.bands).astype(np.uint8)
         valid = fs["valid_mask"] if fs["valid_mask"] is not None else np.ones(mask.shape, bool)
         cf = float(np.count_nonzero((mask == CLOUD) & valid) / max(np.count_nonzero(valid), 1))
-        from flight.policy import implied_action
-
-        return mask, cf, implied_action(cf)
+        return mask, cf, gate_policy_action(mask, valid, cf)
 
     def close(self):
         pass
@@ -105,9 +107,23 @@ def reference_contenders(with_teachers: bool = True) -> dict:
     return out
 
 
+def gate_policy_action(mask: np.ndarray, valid: np.ndarray, cf: float) -> str:
+    """The action the gate's policy (default config, priority 0, no history) takes on a whole-scene mask
+    that did not come from the gate: flight.policy.decide on the mask's counts over the gate's tile cores."""
+    from flight.config import GateConfig
+    from flight.policy import TileCounts, decide
+
+    g = GateConfig()
+    tiles = TileCounts.from_mask(mask == CLOUD, valid, g.tile - g.overlap)
+    return decide(cf, float(valid.mean()), 0, None, tiles, g.policy).action
+
+
 # ----------------------------------------------------------------------------------- scoring
 def scene_row(mask: np.ndarray, cf: float, action: str, label: np.ndarray) -> dict:
-    from flight.policy import implied_action
+    """One contender on one scene. action: the gate's action (GateContender) or the gate policy's on the
+    mask (MaskContender); band / label_band: the policy band of cf / of the label's cloud fraction."""
+    from flight.config import PolicyConfig
+    from flight.policy import policy_band
 
     lab = label != INVALID
     g = label[lab] == CLOUD
@@ -115,7 +131,7 @@ def scene_row(mask: np.ndarray, cf: float, action: str, label: np.ndarray) -> di
     ref = float(g.mean())
     inter, union = int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
     return {"cloud_fraction": round(cf, 4), "cloud_fraction_ref": round(ref, 4), "cf_error": round(cf - ref, 4),
-            "action": action, "implied_action": implied_action(cf), "label_action": implied_action(ref),
+            "action": action, "band": policy_band(cf, PolicyConfig()), "label_band": policy_band(ref, PolicyConfig()),
             "iou": round(inter / union, 4) if union else 1.0, "inter": inter, "union": union}
 
 
@@ -128,7 +144,7 @@ def summarise(rows: dict[str, dict]) -> dict:
     clear = [r for r in rs if r["cloud_fraction_ref"] <= CLEAR_MAX]
     over = [r for r in rs if r["cloud_fraction_ref"] >= OVERCAST_MIN]
     return {"scenes": len(rs),
-            "action_agreement": round(float(np.mean([r["implied_action"] == r["label_action"] for r in rs])), 4),
+            "action_agreement": round(float(np.mean([r["band"] == r["label_band"] for r in rs])), 4),
             "mean_abs_cf_error": round(float(np.mean([abs(r["cf_error"]) for r in rs])), 4),
             "clear_scenes_discarded": sum(r["action"] in ("discard", "reacquire") for r in clear),
             "clear_scenes": len(clear),
@@ -140,8 +156,6 @@ def summarise(rows: dict[str, dict]) -> dict:
 def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: Path | None = None,
                keep_masks: bool = False, log=None) -> dict:
     """Per-scene rows and per-part summaries for the labelled real scenes of the committed split."""
-    from flight.scenefile import read_npz_scene
-
     split = load_split()
     wanted = {s: part for part in parts for s in split[part]}
     out = {part: {"scenes": {}, "summary": {}} for part in parts}
@@ -150,7 +164,8 @@ def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: P
         part = wanted.get(p.stem)
         if part is None:
             continue
-        scene, fs = load_npz(p), read_npz_scene(p)
+        scene = load_npz(p)
+        fs = scene.frame()
         if log:
             log(f"scoring {p.stem} ({part})")
         row = {}
@@ -171,7 +186,7 @@ def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: P
 
 def score_synthetic(contenders: dict, n: int = 48, seed: int = 99) -> dict:
     """Held-out procedural tiles through the same contenders (reported apart from real scenes)."""
-    from .synth import SYNTH_BANDS, make_set
+    from hil.synth import SYNTH_BANDS, make_set
 
     X, Y, _ = make_set(n, seed=seed)
     out = {}
@@ -184,7 +199,7 @@ def score_synthetic(contenders: dict, n: int = 48, seed: int = 99) -> dict:
                   "scene_id": f"synth_{seed}_{i}", "valid_mask": None, "radiometry": (1.0, 0.0)}
             rows[i] = scene_row(*c(fs, None), Y[i])
         out[name] = summarise(rows)
-    return {"set": f"ground.synth.make_set(n={n}, seed={seed}), 256² tiles", **out}
+    return {"set": f"hil.synth.make_set(n={n}, seed={seed}), 256² tiles", **out}
 
 
 # ----------------------------------------------------------------------------------- report
@@ -210,12 +225,12 @@ def format_report(real: dict, synthetic: dict | None = None) -> str:
         title = {"evaluation": "Evaluation part (never trained, calibrated or chosen on)",
                  "training": "Training part (trained / calibrated on: not evidence of generalisation)"}.get(part, part)
         lines += [f"### {title}", "", *summary_table(res["summary"]), "",
-                  "| scene | contender | label CF | CF | CF err | action (label) | gate action | IoU |",
+                  "| scene | contender | label CF | CF | CF err | policy band (label's) | gate action | IoU |",
                   "|---|---|---|---|---|---|---|---|"]
         for sid, row in res["scenes"].items():
             for n, r in row.items():
                 lines.append(f"| {sid} | {n} | {r['cloud_fraction_ref']:.3f} | {r['cloud_fraction']:.3f} | {r['cf_error']:+.3f} | "
-                             f"{r['implied_action']} ({r['label_action']}) | {r['action']} | {r['iou']:.3f} |")
+                             f"{r['band']} ({r['label_band']}) | {r['action']} | {r['iou']:.3f} |")
         lines.append("")
     if synthetic:
         lines += [f"### Synthetic held-out set ({synthetic['set']}; never averaged with real)", "",

@@ -15,7 +15,7 @@ import yaml
 
 from .calibrate import apply_cloud_bias, choose_cloud_bias, probe_views, training_part_scenes
 from .distill import REPO, build_transfer_set, load_config, load_student
-from .synth import SYNTH_BANDS
+from hil.synth import SYNTH_BANDS
 
 TILE = 256
 DEVELOPMENT_NOTE = (

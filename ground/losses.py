@@ -1,9 +1,11 @@
 """KD loss terms, each a named, weighted term selected from the experiment YAML.
 
-Every term has the signature term(out, batch, cfg) -> scalar tensor, where
+Every term has the signature term(out, batch, cfg, stats=None) -> scalar tensor, where
   out   = {"logits": (B,3,H,W), "feat": (B,w0,H/4,W/4), "adapted": {teacher: (B,64,H/8,W/8)}}
   batch = {"x", "labels" (B,H,W) long with 255 = unlabelled, "labelled" (B,) bool,
            "t_probs": {teacher: (B,3,H,W)}, "t_feats": {teacher: (B,64,H/8,W/8)}}
+  stats = a dict the caller passes to collect a term's diagnostics (label_conflict_px, dkd_kept,
+          pseudo_px: shares of the batch), or None; terms never write statistics into the batch.
 """
 from __future__ import annotations
 
@@ -25,18 +27,23 @@ def _kl_map(student_logits, target_probs, temperature: float):
     return (tp * (torch.log(tp.clamp_min(EPS)) - log_s)).sum(1) * t * t
 
 
-def label_trust(batch, target_probs, cfg):
+def _record(stats: dict | None, key: str, value) -> None:
+    if stats is not None:
+        stats[key] = float(value)
+
+
+def label_trust(batch, target_probs, cfg, stats=None):
     """(B,H,W) weight for a KD term: 0 where a human label exists and the teacher's argmax contradicts
     it (do not distill the teacher's mistakes), 1 elsewhere; all ones unless reject_label_conflicts."""
     labels = batch["labels"]
     if not cfg.get("reject_label_conflicts", False):
         return torch.ones_like(labels, dtype=target_probs.dtype)
     conflict = (labels != IGNORE) & (target_probs.argmax(1) != labels)
-    batch.setdefault("_stats", {})["label_conflict_px"] = float(conflict.float().mean())
+    _record(stats, "label_conflict_px", conflict.float().mean())
     return (~conflict).to(target_probs.dtype)
 
 
-def ce_labels(out, batch, cfg):
+def ce_labels(out, batch, cfg, stats=None):
     """Supervised cross entropy on human labels (training-part real scenes); unlabelled pixels ignored."""
     labels = batch["labels"]
     if not (labels != IGNORE).any():
@@ -46,10 +53,10 @@ def ce_labels(out, batch, cfg):
     return F.cross_entropy(out["logits"], labels, weight=weight, ignore_index=IGNORE)
 
 
-def kl_soft(out, batch, cfg):
+def kl_soft(out, batch, cfg, stats=None):
     """Pixel-wise KL to one teacher's soft mask (nnU-Net -> compact U-Net distillation)."""
     tp = batch["t_probs"][cfg["teacher"]]
-    return (_kl_map(out["logits"], tp, cfg.get("temperature", 1.0)) * label_trust(batch, tp, cfg)).mean()
+    return (_kl_map(out["logits"], tp, cfg.get("temperature", 1.0)) * label_trust(batch, tp, cfg, stats)).mean()
 
 
 def confidence(probs, measure: str):
@@ -75,11 +82,11 @@ def _confidence_weighted_target(batch, teachers, measure, sharpness):
     return (w.unsqueeze(2) * probs).sum(0), w
 
 
-def confidence_weighted_kl(out, batch, cfg):
+def confidence_weighted_kl(out, batch, cfg, stats=None):
     """Dynamic multi-teacher KD: per pixel, trust the more confident teacher (softmax over confidences)."""
     target, _ = confidence_weighted_target(batch, cfg["teachers"], cfg.get("measure", "entropy"),
                                            cfg.get("sharpness", 10.0))
-    return (_kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg)).mean()
+    return (_kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg, stats)).mean()
 
 
 def _select_samples(kl_per_sample, batch, target_probs, cfg):
@@ -100,11 +107,11 @@ def _select_samples(kl_per_sample, batch, target_probs, cfg):
     return keep
 
 
-def dkd(out, batch, cfg):
+def dkd(out, batch, cfg, stats=None):
     """DKD adapted to segmentation: foreground (cloud) / background-decoupled KL, each averaged over
     its own area so small clouds are not drowned by clear sky, plus dynamic sample selection."""
     target, _ = confidence_weighted_target(batch, cfg["teachers"], cfg.get("measure", "entropy"))
-    kl = _kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg)  # (B,H,W)
+    kl = _kl_map(out["logits"], target, cfg.get("temperature", 1.0)) * label_trust(batch, target, cfg, stats)  # (B,H,W)
     labels = batch["labels"]
     fg = torch.where(labels != IGNORE, labels == 1, target.argmax(1) == 1).float()
     bg = 1.0 - fg
@@ -112,13 +119,13 @@ def dkd(out, batch, cfg):
     kl_bg = (kl * bg).sum((1, 2)) / (bg.sum((1, 2)) + 1.0)
     per_sample = cfg.get("fg_weight", 1.0) * kl_fg + cfg.get("bg_weight", 0.5) * kl_bg
     keep = _select_samples(per_sample.detach(), batch, target, cfg)
-    batch.setdefault("_stats", {})["dkd_kept"] = float(keep.float().mean())
+    _record(stats, "dkd_kept", keep.float().mean())
     if not keep.any():
         return per_sample.sum() * 0.0
     return per_sample[keep].mean()
 
 
-def sslkd_feature(out, batch, cfg):
+def sslkd_feature(out, batch, cfg, stats=None):
     """SSLKD backbone-feature alignment through 1x1 adapters: per-pixel cosine distance to each teacher."""
     loss = 0.0
     for t in cfg["teachers"]:
@@ -128,14 +135,14 @@ def sslkd_feature(out, batch, cfg):
     return loss / len(cfg["teachers"])
 
 
-def sslkd_probability(out, batch, cfg):
+def sslkd_probability(out, batch, cfg, stats=None):
     """SSLKD probability alignment: KL to each teacher, averaged."""
     t = cfg.get("temperature", 1.0)
-    return sum((_kl_map(out["logits"], batch["t_probs"][k], t) * label_trust(batch, batch["t_probs"][k], cfg)).mean()
+    return sum((_kl_map(out["logits"], batch["t_probs"][k], t) * label_trust(batch, batch["t_probs"][k], cfg, stats)).mean()
                for k in cfg["teachers"]) / len(cfg["teachers"])
 
 
-def sslkd_pseudo(out, batch, cfg):
+def sslkd_pseudo(out, batch, cfg, stats=None):
     """SSLKD label-level distillation with cross-model supervision: on unlabelled pixels, hard
     pseudo-labels where both teachers agree and each is confident above `threshold`."""
     thr = cfg.get("threshold", 0.8)
@@ -148,7 +155,7 @@ def sslkd_pseudo(out, batch, cfg):
     if not ok.any():
         return out["logits"].sum() * 0.0
     target = torch.where(ok, pseudo, torch.full_like(pseudo, IGNORE))
-    batch.setdefault("_stats", {})["pseudo_px"] = float(ok.float().mean())
+    _record(stats, "pseudo_px", ok.float().mean())
     return F.cross_entropy(out["logits"], target, ignore_index=IGNORE)
 
 

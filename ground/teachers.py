@@ -77,7 +77,7 @@ def run_teachers_cached(X6: np.ndarray, cache: Path, teachers: list[Teacher], ba
     Stores per teacher: probabilities (N, 3, 256, 256) float16 and the decoder feature avg-pooled to
     1/8 resolution (N, 64, 32, 32) float16. The cache key is the caller's file name.
     """
-    from .synth import SYNTH_BANDS
+    from hil.synth import SYNTH_BANDS
 
     if cache.exists():
         z = np.load(cache)

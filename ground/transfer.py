@@ -7,7 +7,7 @@ through every geometric step) and all unlabelled real scenes. Each view is one 2
   random crop at a random scale (0.6-1.6 x 256 px, resized; small scenes mirror-padded), flips/rot90,
   scene gain 0.8-1.2 and per-band gain 0.92-1.08 and offset +-0.015 (sensor calibration, sun angle,
   L1C vs L2A), smooth haze, sensor noise, 8-bit saturation, mixup and cutmix between real views, and
-  procedural clouds composited on real clear crops (ground.synth) as a supplement of configurable share.
+  procedural clouds composited on real clear crops (hil.synth) as a supplement of configurable share.
 Human labels survive flips, crops, cutmix and gain; mixup and synthetic composites carry none.
 
 The pool (views + both teachers' soft masks and 1/8-resolution decoder features) is deterministic in
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flight.scenefile import load_npz
+from hil.paths import SHARED_REAL, real_scene_paths
+from hil.synth import SYNTH_BANDS, make_scene, saturation_levels
+
 from .losses import IGNORE
-from .sceneio import SHARED_REAL, load_npz, real_scene_paths
 from .split import load_split
-from .synth import SYNTH_BANDS, make_scene, saturation_levels
 
 GENERATOR_VERSION = "views-1"
 TILE = 256
@@ -124,7 +126,7 @@ def _radiometry(rng, v: np.ndarray, cfg: dict) -> np.ndarray:
 
 
 def snow_view(rng, size: int, cfg: dict):
-    """A procedural snow/ice landscape (ground.synth kind 'snow': snow, vegetation, soil, water end
+    """A procedural snow/ice landscape (hil.synth kind 'snow': snow, vegetation, soil, water end
     members, fBm texture, terrain-like shading, 0-40 % cloud) with exact labels -- snow is clear. The
     snow's NIR/VIS ratio is drawn from 0.78-1.1 (fresh to old snow at TOA, as seen in real L8 snow
     scenes) so bright flat VNIR alone never means cloud."""

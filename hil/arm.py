@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from .paths import REPO, SHARED_REAL
+
 DEFAULT_ROOT = Path(os.environ.get("CLOUDGATE_ARM_ROOT", Path.home() / ".cache" / "cloudgate" / "arm64-root"))
 QEMU_CPU = "cortex-a57"
 WHEELS = ["numpy", "pyyaml", "onnxruntime", "ai-edge-litert"]
@@ -156,10 +157,7 @@ def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert",
     if not root_ready(root):
         print(f"arm-check: no aarch64 root at {root}; run: python -m hil arm-setup", file=sys.stderr)
         return 2
-    from .streams import REPO as _R
-
-    real = _R.parent / "shared" / "data" / "real"
-    scenes = [real / s for s in CHECK_SCENES[:n_scenes] if (real / s).exists()]
+    scenes = [SHARED_REAL / s for s in CHECK_SCENES[:n_scenes] if (SHARED_REAL / s).exists()]
     if not scenes:
         print("arm-check: ../shared/data/real is absent", file=sys.stderr)
         return 2

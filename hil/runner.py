@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .boards import Board, load_board
 from .faults import parse_rates, plan
-from .streams import REPO, load_stream, missing_real_scenes
+from .paths import REPO
+from .streams import load_stream, missing_real_scenes
 
 
 def _read_frames(path: Path) -> list[dict]:

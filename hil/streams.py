@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .paths import REPO
 GEN_BANDS = ("blue", "green", "red", "nir")
 GEN_KINDS = ("clear", "partly", "overcast", "snow", "haze", "urban", "water", "cirrus", "broken")
 
@@ -40,9 +40,9 @@ class StreamItem:
 
 
 def generate_scene(kind: str, seed: int, size: int, swath_edge: bool = False) -> dict:
-    """A labelled 4-band reflectance scene of size² built from 256² generator tiles (ground.synth,
+    """A labelled 4-band reflectance scene of size² built from 256² generator tiles (hil.synth,
     numpy only). swath_edge blanks a slanted band of no-data (all bands zero) on one side."""
-    from ground.synth import make_scene
+    from .synth import make_scene
 
     if kind not in GEN_KINDS:
         raise StreamError(f"generate.kind {kind!r}: choose one of {GEN_KINDS}")

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REAL = ROOT.parent / "shared" / "data" / "real"
+from hil.paths import SHARED_REAL as REAL  # noqa: E402  (this checkout's hil, after the path insert)
 
 
 def real_scene(rel: str) -> Path:
@@ -43,7 +43,7 @@ def gate_ort():
 
 
 def synthetic_scene(seed: int, size: int, kind: str):
-    """A labelled synthetic 4-band scene (hil.streams.generate_scene: tiled ground.synth scenes)."""
+    """A labelled synthetic 4-band scene (hil.streams.generate_scene: tiled hil.synth scenes)."""
     from hil.streams import generate_scene
 
     s = generate_scene(kind, seed, size)

@@ -1,4 +1,5 @@
-"""bench --quick: one smoke run writes the JSON, Markdown and PNGs with every contender measured."""
+"""bench --quick: one smoke run writes the JSON, Markdown and PNGs with every contender measured; the
+child processes are modules of their own; whole-scene mask contenders act by the gate's policy."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
+from conftest import brightness_backend
+
 ROOT = Path(__file__).resolve().parents[1]
+BANDS4 = ("blue", "green", "red", "nir")
 
 
 @pytest.mark.slow
@@ -34,3 +40,54 @@ def test_quick_bench_writes_outputs(real_dir, tmp_path):
     assert "growth_mib" in res["memmap"]["full_pass"]
     for suffix in (".md", "_pareto.png", "_masks.png"):
         assert (tmp_path / (js[0].stem + suffix)).stat().st_size > 500
+
+
+def _child(module: str, *args: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_bench_children_are_modules_run_with_dash_m(tmp_path):
+    """Issue 12 item 10: no program embedded in a format string, nothing imports bench.__main__."""
+    from hil.streams import generate_scene
+
+    src = (ROOT / "bench" / "__main__.py").read_text()
+    assert "bench.__main__" not in src and '"-c"' not in src
+    s = generate_scene("partly", 3, 512)
+    np.savez(tmp_path / "scene.npz", bands=s["bands"])
+    for kind in ("threshold", "cloudgate:litert"):
+        m = _child("bench.cost_child", "--kind", kind, "--threads", "1", "--reps", "1", "--scene", str(tmp_path / "scene.npz"))
+        assert m["s_per_mpx"] > 0 and m["peak_rss_mib"] > 0, kind
+    np.save(tmp_path / "big.npy", (np.clip(s["bands"], 0, 6.5) * 10000).astype(np.uint16))
+    m = _child("bench.memmap_child", "--path", str(tmp_path / "big.npy"))
+    assert m["action"] in ("downlink", "discard") and m["tiles"][0] == m["tiles"][1] > 1
+    assert m["peak_rss_mib"] >= m["baseline_rss_mib"] > 0
+
+
+def test_mask_contenders_take_the_action_the_gate_would():
+    """Issue 12 item 10: a teacher/threshold mask is scored with the gate's policy on the gate's tile
+    cores (flight.policy.decide), never with an action the gate does not have ("partial")."""
+    from flight import ACTIONS, CloudGate
+    from ground.evaluate import gate_policy_action
+
+    gate = CloudGate.from_model(early_exit={"enabled": False}, backend_factory=brightness_backend)
+    core = gate.config.tile - gate.config.overlap
+    valid = np.ones((2 * core, 2 * core), bool)
+    cases = {}
+    for name, rows in (("top half cloud: prune", slice(0, core)), ("clear", slice(0, 0)),
+                       ("all cloud", slice(0, 2 * core))):
+        cloud = np.zeros_like(valid)
+        cloud[rows] = True
+        cases[name] = cloud
+    speckled = np.zeros_like(valid)
+    speckled[::2] = True                                    # 50 % cloud in every tile: no clear tile
+    cases["speckled: no clear tile"] = speckled
+    seen = set()
+    for name, cloud in cases.items():
+        scene = np.where(cloud[..., None], 0.5, 0.05).astype(np.float32) * np.ones(4, np.float32)
+        d = gate.process(scene, BANDS4)
+        action = gate_policy_action(cloud.astype(np.uint8), valid, float(cloud.mean()))
+        assert action == d.action and action in ACTIONS, (name, action, d.action, d.reason)
+        seen.add((d.action, d.partial))
+    assert seen == {("downlink", True), ("downlink", False), ("discard", False)}

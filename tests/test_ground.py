@@ -1,5 +1,6 @@
-"""Ground: student spec and cost, Keras twin parity, KD loss terms, synthetic data, configs,
-resumable training and DDP (2 processes end with identical weights)."""
+"""Ground: student spec and cost, Keras twin parity, KD loss terms, configs, resumable training and DDP
+(2 processes end with identical weights). The synthetic generator (hil.synth) is tested torch-free in
+tests/test_synth.py."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch", reason="ground tests need the [ground] extr
 
 from ground import losses as L  # noqa: E402
 from ground.student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS, StudentSpec, build_student  # noqa: E402
-from ground.synth import make_scene, make_set  # noqa: E402
+from hil.synth import make_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CFG = ROOT / "ground/configs/real_kd.yaml"
@@ -32,7 +33,7 @@ def test_default_student_budget():
     assert TEACHER_PARAMS / spec.parameters() >= 300
     assert spec.macs_per_pixel() <= 0.01 * TEACHER_MACS_PER_PIXEL
     for h, w in ((256, 256), (128, 192)):
-        assert model(torch.zeros(1, 4, h, w)).shape == (1, 3, h, w)
+        assert model(torch.zeros(1, spec.in_channels, h, w)).shape == (1, 3, h, w)
 
 
 def test_spec_rejects_unknown_keys():
@@ -95,8 +96,9 @@ def test_dkd_rejects_teachers_that_contradict_labels():
     wrong = _probs(1, 0.95)                             # says cloud where the label says clear
     b = _batch(labels, wrong, wrong)
     logits = torch.zeros(2, 3, 16, 16, requires_grad=True)
-    loss = L.dkd({"logits": logits}, b, {"teachers": ["a", "b"], "min_label_agreement": 0.7})
-    assert b["_stats"]["dkd_kept"] == 0.5               # sample 0 rejected, sample 1 kept
+    stats = {}
+    loss = L.dkd({"logits": logits}, b, {"teachers": ["a", "b"], "min_label_agreement": 0.7}, stats)
+    assert stats["dkd_kept"] == 0.5                     # sample 0 rejected, sample 1 kept
     loss.backward()
     assert float(logits.grad[0].abs().sum()) == 0 and float(logits.grad[1].abs().sum()) > 0
 
@@ -117,8 +119,32 @@ def test_pseudo_labels_need_agreement_and_confidence():
     b_[:, :, :8] = _probs(2, 0.95)[:, :, :8]            # teachers disagree on the top half
     b = _batch(torch.full((2, 16, 16), 255), a, b_)
     logits = torch.zeros(2, 3, 16, 16)
-    L.sslkd_pseudo({"logits": logits}, b, {"teachers": ["a", "b"], "threshold": 0.8})
-    assert b["_stats"]["pseudo_px"] == pytest.approx(0.5)
+    stats = {}
+    L.sslkd_pseudo({"logits": logits}, b, {"teachers": ["a", "b"], "threshold": 0.8}, stats)
+    assert stats["pseudo_px"] == pytest.approx(0.5)
+
+
+def test_loss_terms_report_statistics_to_the_sink_not_the_batch():
+    """Issue 12 item 11: diagnostics go to the stats dict the caller passes; the batch is not written
+    (but for the per-batch target memo), and without a sink nothing is recorded."""
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[1] = 255
+    wrong = _probs(1, 0.95)
+    logits = {"logits": torch.zeros(2, 3, 16, 16)}
+    cfg = {"teachers": ["a", "b"], "teacher": "a", "reject_label_conflicts": True, "threshold": 0.8}
+    for name, term in L.LOSS_TERMS.items():
+        b = _batch(labels, wrong, wrong)
+        keys = set(b)
+        stats = {}
+        out = {**logits, "adapted": {"a": torch.ones(2, 64, 2, 2), "b": torch.ones(2, 64, 2, 2)}}
+        term(out, b, cfg, stats)
+        assert set(b) - {"_cache"} == keys, name
+        term(out, _batch(labels, wrong, wrong), cfg)               # no sink: fine, nothing recorded
+        if name in ("kl_soft", "confidence_weighted_kl", "dkd", "sslkd_probability"):
+            assert stats["label_conflict_px"] == pytest.approx(0.5), name   # sample 0 contradicts its label
+    stats = {}
+    L.dkd(logits, _batch(labels, wrong, wrong), {"teachers": ["a", "b"]}, stats)
+    assert set(stats) == {"dkd_kept"}
 
 
 def test_feature_alignment_is_zero_when_aligned():
@@ -135,19 +161,14 @@ def test_loss_term_validation():
         L.validate_terms([{"type": "kl_soft", "teacher": "z"}], ["a"])
 
 
-def test_synthetic_scenes_are_deterministic_and_exact():
-    X1, Y1, k1 = make_set(6, seed=3)
-    X2, Y2, k2 = make_set(6, seed=3)
-    assert np.array_equal(X1, X2) and np.array_equal(Y1, Y2) and k1 == k2
-    over = make_scene(5, kind="overcast")
-    clear = make_scene(5, kind="clear")
-    assert (over.mask == 1).mean() > 0.8
-    assert (clear.mask == 1).mean() < 0.2              # only occasional cirrus
-    assert over.reflectance.shape == (256, 256, 6) and set(np.unique(over.mask)) <= {0, 1, 2}
-
-
 def test_experiment_config_errors_name_the_key(tmp_path):
-    from ground.distill import ConfigError, load_config
+    import flight
+    from ground.distill import load_config
+    from ground.errors import ExperimentConfigError as ConfigError
+
+    import ground.distill
+    assert ground.distill.ConfigError is ConfigError and issubclass(ConfigError, ValueError)
+    assert not issubclass(ConfigError, flight.ConfigError) and not issubclass(flight.ConfigError, ConfigError)
 
     cfg = yaml.safe_load(DEFAULT_CFG.read_text())
     del cfg["train"]["lr"]
@@ -167,13 +188,33 @@ def test_experiment_config_errors_name_the_key(tmp_path):
         load_config(p)
 
 
+def test_ground_cli_names_which_config_was_bad(tmp_path, capsys, monkeypatch):
+    """Issue 12 item 11: an experiment config error and a gate config error are reported apart."""
+    import flight
+    import ground.evaluate
+    from ground.__main__ import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\n")
+    assert main(["pool", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: experiment config: ") and "missing key(s)" in err
+
+    def gate_refuses(*_):
+        raise flight.ConfigError("policy.hysteresis", "must be in [0, 0.2)")
+
+    monkeypatch.setattr(ground.evaluate, "evaluate_cli", gate_refuses)
+    assert main(["evaluate", "--model", "models/x.yaml"]) == 2
+    assert capsys.readouterr().err.startswith("error: gate config (flight.CloudGate): config key 'policy.hysteresis'")
+
+
 def test_cloud_bias_is_exact_in_the_head_and_chosen_on_scene_cf_error():
     from ground.calibrate import apply_cloud_bias, choose_cloud_bias
 
     spec = StudentSpec.from_dict(yaml.safe_load(DEFAULT_CFG.read_text())["student"])
     torch.manual_seed(0)
     model = build_student(spec).eval()
-    x = torch.rand(1, 4, 64, 64)
+    x = torch.rand(1, spec.in_channels, 64, 64)
     with torch.no_grad():
         before = model(x)
         apply_cloud_bias(model, 1.25)

@@ -1,4 +1,7 @@
-"""Deterministic procedural generator of labelled 6-band TOA-reflectance scenes.
+"""Deterministic procedural generator of labelled 6-band TOA-reflectance scenes (numpy only).
+
+One place for HIL streams, bench, the tests and ground's training supplement: importing it pulls in
+neither torch nor ground/ (ground imports it, never the other way round).
 
 Layers (all physically motivated, all exact labels):
   background  procedural land cover from 1/f noise with end-member spectra (vegetation, soil, sand,

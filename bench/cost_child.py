@@ -1,0 +1,107 @@
+"""python -m bench.cost_child --kind KIND --threads N --reps R --scene SCENE.npz [--s2-scene S2.npz]
+
+One contender's cost in a fresh process (so peak RSS is its own): the median time of R runs on the
+first four bands of SCENE tiled to 1024 x 1024, printed as one JSON line {s_per_mpx, peak_rss_mib}.
+KIND: teacher_ukis | cloudgate:litert | cloudgate:onnxruntime | s2cloudless | threshold | invoke_only:litert."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .procstat import proc_status_mib
+
+KINDS = ("teacher_ukis", "cloudgate:litert", "cloudgate:onnxruntime", "s2cloudless", "threshold", "invoke_only:litert")
+BANDS4 = ("blue", "green", "red", "nir")
+S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
+
+
+def s2cloudless_mask(refl13: np.ndarray) -> np.ndarray:
+    """s2cloudless 1.7.3 with its documented settings (threshold 0.4, average_over 4, dilation 2) on
+    Sentinel-2 L1C reflectance. CC BY-SA 4.0: evaluation only, never a training signal."""
+    from s2cloudless import S2PixelCloudDetector
+
+    det = S2PixelCloudDetector(threshold=0.4, average_over=4, dilation_size=2, all_bands=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return det.get_cloud_masks(refl13[None].astype(np.float32))[0].astype(np.uint8)
+
+
+def _invoke_only(threads: int):
+    """The runtime alone on pre-quantized 256² tiles: the ceiling for the gate."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from flight.model import MODELS_DIR, default_card, load_card
+
+    card = load_card(default_card())
+    it = Interpreter(model_path=str(MODELS_DIR / card.artifacts["tflite_int8"]["file"]), num_threads=threads)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    tile = np.zeros((1, 256, 256, 4), np.int8)
+
+    def run():
+        for _ in range(16):              # 16 tiles of 256² = one 1024² scene, no overlap
+            it.set_tensor(i, tile)
+            it.invoke()
+            it.get_tensor(o)
+    return run
+
+
+def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
+    """(run, image) for one cost kind; run() processes the whole image once."""
+    if kind == "teacher_ukis":
+        from ground.evaluate import teacher_mask
+
+        return (lambda: teacher_mask(img, BANDS4, threads)), img
+    if kind.startswith("cloudgate:"):
+        from flight import CloudGate
+
+        g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={"enabled": False})
+        m = np.empty(img.shape[:2], np.uint8)
+        return (lambda: g.process(img, BANDS4, mask_out=m)), img
+    if kind == "s2cloudless":        # needs the S2 L1C bands: a real eo-learn L1C scene, tiled to 1024 x 1024
+        from flight.scenefile import load_npz
+
+        if not s2_scene:
+            raise SystemExit("s2cloudless needs --s2-scene (a 13-band Sentinel-2 L1C scene)")
+        r13 = load_npz(s2_scene).reflectance(S2C_BANDS)
+        img13 = np.ascontiguousarray(np.tile(r13, (-(-1024 // r13.shape[0]), -(-1024 // r13.shape[1]), 1))[:1024, :1024])
+        return (lambda: s2cloudless_mask(img13)), img13
+    if kind == "threshold":
+        from .threshold import threshold_mask
+
+        return (lambda: threshold_mask(img, BANDS4)), img
+    if kind == "invoke_only:litert":
+        return _invoke_only(threads), img
+    raise SystemExit(f"unknown cost kind {kind!r}; choose one of {KINDS}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.cost_child", description=__doc__)
+    ap.add_argument("--kind", required=True, choices=KINDS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--scene", required=True, help=".npz with 'bands' (H, W, >= 4) reflectance")
+    ap.add_argument("--s2-scene", default=None)
+    a = ap.parse_args(argv)
+    with np.load(a.scene) as z:
+        img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
+    run, img = contender(a.kind, a.threads, img, a.s2_scene)
+    run()
+    times = []
+    for _ in range(a.reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6),
+                      "peak_rss_mib": proc_status_mib("VmHWM")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
