@@ -44,7 +44,10 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     crashes = [f for f in processed if f["action"] == "crash"]
     labelled_all = [f for f in processed if f.get("expected")]
     labelled = [f for f in labelled_all if not f.get("faults")]          # a fault may legitimately change the action
+    known = [f for f in labelled if f.get("known_miss")]                   # tracked model misses, reported apart
+    labelled = [f for f in labelled if not f.get("known_miss")]
     wrong = [f for f in labelled if f["action"] != f["expected"]]
+    known_now_right = [f for f in known if f["action"] == f["expected"]]
     stream_has_labels = any(it.get("expected_action") for it in _job(out).get("items", []))
     gated = [f for f in processed if f["action"] != "crash"]              # every frame the gate answered, faults too
     misses = [f for f in gated if f["emulated_latency_s"] > board.deadline_s]
@@ -93,6 +96,13 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
         reqs.append(("labelled scenes: expected action", bool(labelled) and not wrong,
                      f"{len(labelled) - len(wrong)}/{len(labelled)} correct ({len(labelled_all) - len(labelled)} "
                      f"labelled frames not checked: faults injected)"))
+        if known:
+            reqs.append(("known model misses still as tracked (a fixed one must lose its known_miss mark)",
+                         not known_now_right,
+                         f"{len(known) - len(known_now_right)}/{len(known)} still missed: " +
+                         "; ".join(sorted({f"{Path(f['source']).stem}: {f['known_miss']}" for f in known}))[:400] +
+                         (f"; now right, remove the mark: {sorted({Path(f['source']).stem for f in known_now_right})}"
+                          if known_now_right else "")))
     reqs += [
         ("emulated deadline misses within allowance",
          bool(gated) and len(misses) <= board.deadline_miss_allowance * len(gated),

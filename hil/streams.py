@@ -5,6 +5,9 @@ Manifest entries:
     acquired_utc: 2026-11-22T10:00:00Z
     priority: 0
     expected_action: downlink             # optional; scored when present
+    known_miss: "issue 8: ..."            # optional, with expected_action: the shipped model is known to get
+                                          # this frame wrong; reported apart, and a known miss that comes out
+                                          # right fails the run (strict, like pytest's xfail(strict=True))
   - generate: {kind: overcast, seed: 3, size: 768, swath_edge: false}
     priority: 2
     expected_action: reacquire
@@ -35,6 +38,7 @@ class StreamItem:
     priority: int = 0
     expected_action: str | None = None
     generate: dict | None = None
+    known_miss: str | None = None     # why the shipped model is expected to miss expected_action (tracked issue)
     path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -100,14 +104,17 @@ def load_stream(spec: str | Path) -> tuple[str, list[StreamItem]]:
         exp = e.get("expected_action")
         if exp not in (None, "downlink", "discard", "reacquire", "fault"):
             raise StreamError(f"{where}.expected_action {exp!r}: use downlink, discard, reacquire or fault")
+        known = e.get("known_miss")
+        if known is not None and (not isinstance(known, str) or not known.strip() or exp is None):
+            raise StreamError(f"{where}.known_miss must be a non-empty reason string beside an expected_action")
         acq = str(e.get("acquired_utc", f"2026-01-01T00:00:{i % 60:02d}Z"))
         if "path" in e:
             q = (REPO / e["path"]).resolve() if not Path(e["path"]).is_absolute() else Path(e["path"])
-            items.append(StreamItem(i, str(e["path"]), acq, int(e.get("priority", 0)), exp, path=str(q)))
+            items.append(StreamItem(i, str(e["path"]), acq, int(e.get("priority", 0)), exp, path=str(q), known_miss=known))
         else:
             g = dict(e["generate"])
             src = f"generate:{g.get('kind')}:{g.get('seed', 0)}:{g.get('size', 512)}{':edge' if g.get('swath_edge') else ''}"
-            items.append(StreamItem(i, src, acq, int(e.get("priority", 0)), exp, generate=g))
+            items.append(StreamItem(i, src, acq, int(e.get("priority", 0)), exp, generate=g, known_miss=known))
     return raw.get("name", p.stem), items
 
 

