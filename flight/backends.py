@@ -19,10 +19,11 @@ class Backend(Protocol):
     n_bands: int
     input_affine: tuple[float, float]   # model input = reflectance * a + b (the gate applies it while loading)
     input_range: tuple[float, float]    # and clips to this range
-    planes: np.ndarray                  # float32 (C, T, T): the gate loads tiles straight into it
+    planes: np.ndarray                  # float32 input buffer: the gate loads tiles straight into it
+    layout: str                         # optional: "chw" (default; planes (C, T, T)) or "hwc" (planes (T, T, C))
 
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
-        """planes: float32 (C, T, T) in model-input units (input_affine applied, clipped), band-planar
+        """planes: float32 in the backend's layout, in model-input units (input_affine applied, clipped)
         (may be modified); mask_out: uint8 (T, T)."""
 
 
@@ -50,7 +51,7 @@ class LiteRTBackend:
 
     name = "litert"
 
-    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int):
+    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int, layout: str = "hwc"):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - only on hosts without LiteRT
@@ -75,13 +76,18 @@ class LiteRTBackend:
         # int8 quantization folded into the gate's load: q = round(reflectance / scale + zero_point)
         self.input_affine = (1.0 / in_scale, float(in_zero))
         self.input_range = (-128.0, 127.0)
-        self.planes = np.zeros((c, tile, tile), np.float32)
+        if layout not in ("hwc", "chw"):
+            raise ValueError(f"layout must be 'hwc' or 'chw', got {layout!r}")
+        # hwc (default): the gate loads pixel-interleaved tiles, copied into the int8 NHWC tensor contiguously;
+        # chw: band-planar, transposed on the copy (the reference path the tests compare against)
+        self.layout = layout
+        self.planes = np.zeros((tile, tile, c) if layout == "hwc" else (c, tile, tile), np.float32)
         self._argmax = _Argmax3(tile)
 
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
         np.rint(planes, out=planes)
         view = self.it.tensor(self._in_idx)()
-        np.copyto(view[0], planes.transpose(1, 2, 0), casting="unsafe")   # planar -> NHWC int8 (in range)
+        np.copyto(view[0], planes if self.layout == "hwc" else planes.transpose(1, 2, 0), casting="unsafe")
         del view  # LiteRT refuses invoke() while numpy views into its buffers are alive
         self.it.invoke()
         out = self.it.tensor(self._out_idx)()[0]
@@ -94,6 +100,7 @@ class OrtBackend:
     """onnxruntime with IOBinding into preallocated numpy buffers (NCHW float32 in, logits out)."""
 
     name = "onnxruntime"
+    layout = "chw"
 
     def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int, n_bands: int):
         import onnxruntime as ort

@@ -159,6 +159,47 @@ class _Scan:
         self.bound = (0.0, 1.0)
 
 
+class _HwcPlan:
+    """Per-scene plan for loading tiles into a pixel-interleaved (T, T, C) input buffer in whole-window
+    passes: applies when the first k model channels come from k consecutive scene channels and the rest
+    are constants (absent optional bands, presence flag). Its boolean buffers hold kp >= k bytes per pixel
+    (kp a power of two <= 8) so that "every band" / "any band" of a pixel is one uint{8 kp} comparison;
+    the kp - k pad bytes are preset (True for "every", False for "any"). Buffers allocated once."""
+
+    def __init__(self, tile: int, channels: int, layout: str):
+        self.ready = False
+        self.k = self.s0 = 0
+        self.constants: list[tuple[int, bool]] = []
+        self.usable = layout == "hwc" and channels <= 8
+        if not self.usable:
+            return
+        kp = next(p for p in (1, 2, 4, 8) if p >= channels)
+        word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[kp]
+        self.kp = kp
+        self.all_bits = np.ones((tile, tile, kp), bool)
+        self.any_bits = np.zeros((tile, tile, kp), bool)
+        self.all_words = self.all_bits.view(word)        # (T, T, 1)
+        self.any_words = self.any_bits.view(word)
+        self.all_set = word(int.from_bytes(b"\x01" * kp, "little"))
+        self._k_padded = kp
+
+    def prepare(self, src_idx: list[int]) -> None:
+        """src_idx: per model channel the scene channel, or -1 (absent: 0) / -2 (presence flag: 1)."""
+        self.ready = False
+        if not self.usable:
+            return
+        k = next((i for i, si in enumerate(src_idx) if si < 0), len(src_idx))
+        if k == 0 or any(si >= 0 for si in src_idx[k:]) or src_idx[:k] != list(range(src_idx[0], src_idx[0] + k)):
+            return
+        if k != self._k_padded:                          # pads: bytes k..kp of every pixel
+            self.all_bits[..., k:] = True
+            self.any_bits[..., k:] = False
+            self._k_padded = k
+        self.k, self.s0 = k, src_idx[0]
+        self.constants = [(ci, si == -2) for ci, si in enumerate(src_idx) if si < 0]
+        self.ready = True
+
+
 def _golden_step(n: int) -> int:
     """A step coprime with n near n/φ: k -> (k * step) % n visits every tile once, spread evenly."""
     if n <= 2:
@@ -206,6 +247,8 @@ class CloudGate:
         # band-planar (C, T, T), owned by the backend (ORT binds it as its input: no copy per tile);
         # every per-band pass runs over contiguous memory
         self._planes = self.backend.planes
+        self._layout = getattr(self.backend, "layout", "chw")
+        self._hwc = _HwcPlan(t, self.card.input_channels, self._layout)
         n = cfg.max_tiles
         # checked before anything is allocated (a huge max_tiles must not raise MemoryError first)
         buf_bytes = self._planes.nbytes + t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4  # + backend output
@@ -272,6 +315,8 @@ class CloudGate:
                                           self.config.tile, self.card.input_channels)
         self._check_backend_channels()
         self._planes = self.backend.planes               # the new backend owns a new input buffer
+        self._layout = getattr(self.backend, "layout", "chw")
+        self._hwc = _HwcPlan(self._tile, self.card.input_channels, self._layout)
         self._model_bytes, self._model_ok = data, True
         return "model image failed its scrub (sha256); reloaded from the verified file"
 
@@ -374,6 +419,7 @@ class CloudGate:
         cfg = self.config
         # 1. gate: the inputs
         h, w, src_idx = self._check(scene, band_names, mask_out, valid_mask)
+        self._hwc.prepare(src_idx)                       # whole-window loading when the bands allow it
         imap = self._input_map(scene, radiometry)
         step = self._step
         ny, nx = -(-h // step), -(-w // step)
@@ -665,11 +711,63 @@ class CloudGate:
             _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), advice)  # a hint: failure changes nothing
 
     def _load_tile(self, scene, wy0, wx0, h, w, src_idx, imap: _InputMap, valid_mask) -> tuple[int, int]:
-        """Fill self._planes (in the backend's input units) and self._valid from the scene window at
-        (wy0, wx0); returns its (rows, cols)."""
+        """Fill self._planes (in the backend's input units and layout) and self._valid from the scene window
+        at (wy0, wx0); returns its (rows, cols)."""
+        if self._hwc.ready:
+            return self._load_tile_hwc(scene, wy0, wx0, h, w, imap, valid_mask)
+        return self._load_tile_planar(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)
+
+    def _load_tile_hwc(self, scene, wy0, wx0, h, w, imap: _InputMap, valid_mask) -> tuple[int, int]:
+        """The same values as _load_tile_planar, computed in whole-window passes on a pixel-interleaved
+        (T, T, C) buffer (LiteRT's NHWC input: no transposed copy per tile). Needs the scene's bands for the
+        first k model channels to be consecutive scene channels (the usual case); the per-pixel "every band"
+        / "any band" tests read the k booleans of a pixel as one uint{8k} word instead of k strided passes."""
+        hw = self._hwc
+        t, k, s0 = self._tile, hw.k, hw.s0
+        rh, rw = min(t, h - wy0), min(t, w - wx0)
+        x = self._planes[:rh, :rw, :k]
+        scale, offset, fill = imap.scale, imap.offset, imap.fill
+        vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
+        b_all, b_any = hw.all_bits[:rh, :rw], hw.any_bits[:rh, :rw]      # (rh, rw, kp) bool, pads preset
+        w_all, w_any = hw.all_words[:rh, :rw, 0], hw.any_words[:rh, :rw, 0]
+        np.multiply(scene[wy0:wy0 + rh, wx0:wx0 + rw, s0:s0 + k], scale, out=x, dtype=np.float32, casting="unsafe")
+        if scene.dtype.kind == "f":                      # every band finite: NaN fails both comparisons
+            np.less_equal(x, _F32_MAX, out=b_all[..., :k])
+            np.equal(w_all, hw.all_set, out=vsub)
+            np.greater_equal(x, -_F32_MAX, out=b_all[..., :k])
+            np.equal(w_all, hw.all_set, out=tsub)
+            np.logical_and(vsub, tsub, out=vsub)
+        else:
+            vsub.fill(True)
+        np.not_equal(x, 0.0, out=b_any[..., :k])
+        np.not_equal(w_any, 0, out=nz)                   # all bands exactly zero = no-data fill
+        np.logical_and(vsub, nz, out=vsub)
+        if valid_mask is not None:
+            np.logical_and(vsub, valid_mask[wy0:wy0 + rh, wx0:wx0 + rw], out=vsub)
+        if offset:
+            np.add(x, offset, out=x)
+        oor = self._oor[:rh, :rw]                        # any band outside the plausible reflectance range
+        np.less(x, imap.plausible_lo, out=b_any[..., :k])
+        np.not_equal(w_any, 0, out=oor)
+        np.greater(x, imap.plausible_hi, out=b_any[..., :k])
+        np.not_equal(w_any, 0, out=tsub)
+        np.logical_or(oor, tsub, out=oor)
+        if not vsub.all():                               # NaN/Inf/no-data never reach the model
+            np.logical_not(vsub, out=tsub)
+            np.copyto(x, fill, where=tsub[..., None])
+        lo, hi = self.backend.input_range
+        np.clip(x, lo, hi, out=x)                        # saturated or absurd values stay in range
+        for ci, v in hw.constants:                       # absent optional bands (0) / presence flag (1)
+            self._planes[..., ci].fill(imap.one if v else imap.fill)
+        if rh < t or rw < t:
+            self._pad(rh, rw)
+        return rh, rw
+
+    def _load_tile_planar(self, scene, wy0, wx0, h, w, src_idx, imap: _InputMap, valid_mask) -> tuple[int, int]:
+        """Band by band into the (C, T, T) view of the input buffer (ONNX Runtime's NCHW input; any band order)."""
         t = self._tile
         rh, rw = min(t, h - wy0), min(t, w - wx0)
-        planes = self._planes
+        planes = self._planes if self._layout == "chw" else self._planes.transpose(2, 0, 1)
         scale, offset, fill, p_lo, p_hi = imap.scale, imap.offset, imap.fill, imap.plausible_lo, imap.plausible_hi
         vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
         vsub.fill(True)
@@ -721,7 +819,8 @@ class CloudGate:
 
     def _pad(self, rh: int, rw: int) -> None:
         """Reflect the valid region into the rest of the tile buffer (edge replication if too thin)."""
-        t, r = self._tile, self._planes
+        t = self._tile
+        r = self._planes if self._layout == "chw" else self._planes.transpose(2, 0, 1)   # (C, T, T) either way
         for y in range(rh, t):                           # bounded: < tile iterations
             k = y - rh + 1
             r[:, y, :rw] = r[:, max(rh - 1 - k, 0) if rh > 1 else 0, :rw]
