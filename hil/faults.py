@@ -13,7 +13,8 @@ from flight.ports import SystemClock
 FAULT_CLASSES = (
     "seu_frame",        # single-event upsets: bit flips in the frame bytes
     "seu_model_file",   # bit flip in a copy of the model file -> must be refused at load
-    "seu_weights",      # bit flip in the loaded model image in RAM -> caught by the gate's scrub
+    "seu_weights",      # bit flips in the weights the runtime executes (hil.faults.runtime_weight_regions):
+                        # caught by the gate's scrub (LiteRT's own buffer) or its known-answer self-test
     "truncated_frame",  # frame cut short (rows missing)
     "short_frame",      # frame missing bands (shape no longer matches its band list)
     "nan_burst",        # blocks of NaN / Inf (no-data fill for integer frames)
@@ -143,19 +144,32 @@ class FaultClock(SystemClock):
 
 
 class FaultBackendFactory:
-    """The gate's backend-factory port: opens the real runtime (flight.backends.open_backend) behind a
-    wrapper whose infer() can be stalled per frame (deadline_overrun), and keeps the verified model bytes
-    the gate handed over (model_image), where seu_weights flips a bit as an upset in RAM would."""
+    """The gate's backend-factory port: opens the real runtime behind a wrapper whose infer() can be
+    stalled per frame (deadline_overrun), and keeps the last backend it opened (backend), whose executed
+    weights seu_weights upsets (runtime_weight_regions / flip_runtime_weights). onnxruntime sessions are
+    opened with pre-packing disabled, so the initializers it executes are the ones found in memory (with
+    pre-packing its packed copies have no findable layout). model_image: the bytes the gate handed over
+    (for LiteRT the very buffer the interpreter reads; for onnxruntime a copy it never reads)."""
 
     def __init__(self):
         self.stall_s = 0.0
         self.model_image: bytes | None = None
+        self.backend = None
+        self.opened = 0
 
     def __call__(self, path, model_bytes, kind, threads, tile, n_bands):
-        from flight.backends import open_backend
+        from flight.backends import OrtBackend, open_backend
 
         self.model_image = model_bytes
-        return _StallableBackend(open_backend(path, model_bytes, kind, threads, tile, n_bands), self)
+        if kind == "onnxruntime" or (kind == "auto" and str(path).endswith(".onnx")):
+            inner = OrtBackend(path, model_bytes, threads, tile, n_bands,
+                               session_config={"session.disable_prepacking": "1"})
+            inner._hil_onnx = model_bytes             # where its initializers are looked up (harness-side)
+        else:
+            inner = open_backend(path, model_bytes, kind, threads, tile, n_bands)
+        self.backend = _StallableBackend(inner, self)
+        self.opened += 1
+        return self.backend
 
 
 class _StallableBackend:
@@ -171,3 +185,98 @@ class _StallableBackend:
         if self._factory.stall_s:
             time.sleep(self._factory.stall_s)
         self._inner.infer(planes, mask_out)
+
+
+# ---------------------------------------------------------------- upsets in the weights the runtime executes
+def _litert_regions(inner) -> list[tuple[int, int]]:
+    """LiteRT: the constant tensors (weights, biases) inside the buffer the interpreter was built from
+    (located through the interpreter's own tensor data pointers)."""
+    buf = inner.model_buffer
+    base = id(buf) + sys.getsizeof(b"") - 1
+    out = []
+    for t in inner.it.get_tensor_details():
+        try:
+            v = inner.it.tensor(t["index"])()
+        except ValueError:
+            continue
+        a, n = v.ctypes.data, v.nbytes
+        del v
+        if base <= a and a + n <= base + len(buf) and n >= 8:
+            out.append((a, n, len(out)))
+    return out
+
+
+def _ort_regions(inner) -> list[tuple[int, int]]:
+    """onnxruntime (pre-packing disabled): every copy in this process's anonymous memory of each int8 /
+    int32 initializer of the model, found by its first 64 bytes. The session's own copy is among them
+    (the others are dead parse copies; upsetting them too is harmless)."""
+    import re
+
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(inner._hil_onnx)
+    pats = []
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        head = a.tobytes()[:64]
+        if a.nbytes >= 128 and a.dtype.kind in "iu" and len(set(head)) >= 24:   # distinctive: real weights
+            pats.append((head, a.nbytes))
+    del m
+    regions = []
+    with open("/proc/self/maps") as f:
+        maps = [ln.split() for ln in f]
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        for parts in maps:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if "rw" not in parts[1] or (len(parts) > 5 and not parts[5].startswith("[heap")) or hi - lo > 1 << 28:
+                continue
+            try:
+                mem.seek(lo)
+                blob = mem.read(hi - lo)
+            except OSError:
+                continue
+            for pid, (pat, n) in enumerate(pats):
+                for hit in re.finditer(re.escape(pat), blob):
+                    if lo + hit.start() + n <= hi:
+                        regions.append((lo + hit.start(), n, pid))
+    return regions
+
+
+def runtime_weight_regions(backend) -> list[tuple[int, int, int]]:
+    """(address, bytes, group) of the weights the given backend's runtime executes, where the harness can
+    reach them (group: copies of one tensor share it); cached on the backend."""
+    inner = getattr(backend, "_inner", backend)
+    cached = getattr(inner, "_hil_regions", None)
+    if cached is None:
+        cached = _litert_regions(inner) if getattr(inner, "model_buffer", None) is not None else (
+            _ort_regions(inner) if getattr(inner, "_hil_onnx", None) is not None else [])
+        inner._hil_regions = cached
+    return cached
+
+
+def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list[int]:
+    """Flip n_bits random bits in the runtime's executed weights (through /proc/self/mem, as an upset
+    ignores page protection). onnxruntime: the same offset of one initializer is flipped in every copy
+    found, so the session's own copy is hit. Returns the offsets flipped ([] when nothing is reachable)."""
+    regions = runtime_weight_regions(backend)
+    if not regions:
+        return []
+    groups: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for a, n, g in regions:                                  # the copies of one tensor form a group
+        groups.setdefault(g, []).append(a)
+        sizes[g] = n
+    keys = sorted(groups)
+    flipped = []
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        for _ in range(n_bits):
+            k = keys[int(rng.integers(len(keys)))]
+            off, bit = int(rng.integers(sizes[k])), int(rng.integers(8))
+            for a in groups[k]:
+                mem.seek(a + off)
+                v = mem.read(1)[0]
+                mem.seek(a + off)
+                mem.write(bytes([v ^ (1 << bit)]))
+            flipped.append(off)
+    return flipped
