@@ -142,7 +142,7 @@ class OrtBackend:
             raise ModelIntegrityError(f"{path.name}: input shape {inp.shape}, output shape {out.shape}; expected "
                                       "NCHW (1, C, H, W) in and (1, classes, H, W) out")
         if inp.shape[1] != n_bands:
-            raise ModelIntegrityError(f"{path.name} takes {inp.shape[1]} input channels, model card says {n_bands}; "
+            raise ModelIntegrityError(f"{path.name} takes {inp.shape[1]} input channels, model card field 'bands' says {n_bands}; "
                                       "the card does not belong to this model")
         n_classes = out.shape[1]
         if not isinstance(n_classes, int):

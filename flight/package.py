@@ -172,6 +172,8 @@ def _diagnose(data: bytes, key: bytes) -> str:
     trusted): truncated upload, another key, or altered/corrupted bytes."""
     try:
         (hlen,) = struct.unpack(">I", data[8:12])
+        if hlen <= MAX_HEADER_BYTES and len(data) < 12 + hlen + TAG_BYTES:
+            return f"truncated: {len(data)} bytes, less than its {hlen}-byte header (an incomplete upload)"
         header = json.loads(data[12:12 + hlen])
         want = 12 + hlen + sum(int(m["size"]) for m in header["members"]) + TAG_BYTES
         if len(data) < want:

@@ -221,7 +221,7 @@ def _ort_regions(inner) -> list[tuple[int, int]]:
         a = numpy_helper.to_array(init)
         head = a.tobytes()[:64]
         if a.nbytes >= 128 and a.dtype.kind in "iu" and len(set(head)) >= 24:   # distinctive: real weights
-            pats.append((head, a.nbytes))
+            pats.append((head, a.tobytes()))
     del m
     regions = []
     with open("/proc/self/maps") as f:
@@ -236,10 +236,11 @@ def _ort_regions(inner) -> list[tuple[int, int]]:
                 blob = mem.read(hi - lo)
             except OSError:
                 continue
-            for pid, (pat, n) in enumerate(pats):
+            for pid, (pat, full) in enumerate(pats):
                 for hit in re.finditer(re.escape(pat), blob):
-                    if lo + hit.start() + n <= hi:
-                        regions.append((lo + hit.start(), n, pid))
+                    if blob[hit.start():hit.start() + len(full)] == full:    # a whole, live copy
+                        regions.append((lo + hit.start(), len(full), pid))
+    inner._hil_weights = {pid: full for pid, (_, full) in enumerate(pats)}
     return regions
 
 
@@ -268,12 +269,18 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
         groups.setdefault(g, []).append(a)
         sizes[g] = n
     keys = sorted(groups)
+    inner = getattr(backend, "_inner", backend)
+    expect = getattr(inner, "_hil_weights", None)          # onnxruntime: what a live copy still holds
     flipped = []
     with open("/proc/self/mem", "r+b", buffering=0) as mem:
         for _ in range(n_bits):
             k = keys[int(rng.integers(len(keys)))]
             off, bit = int(rng.integers(sizes[k])), int(rng.integers(8))
             for a in groups[k]:
+                if expect is not None:                      # a parse copy freed since the scan: not ours to touch
+                    mem.seek(a)
+                    if mem.read(sizes[k]) != expect[k]:
+                        continue
                 mem.seek(a + off)
                 v = mem.read(1)[0]
                 mem.seek(a + off)
