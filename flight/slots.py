@@ -178,10 +178,18 @@ class ModelStore:
         from .modelsource import PackageSource, _litert_available, open_loaded
 
         pkg = open_package(path, self.key, self.max_bytes)
-        kinds = backends or self.backends or tuple(
-            k for k in pkg.golden["expected"] if k == "onnxruntime" or _litert_available())
-        if not kinds:
-            raise ModelIntegrityError(f"{label or path}: no backend on this board can self-test it")
+        # every artifact the package carries is checked against its card and self-tested where this board
+        # has its runtime (a card that does not fit one artifact is a bad package, whatever backend runs)
+        kinds = [k for k in pkg.golden["expected"] if k == "onnxruntime" or _litert_available()]
+        missing = [k for k in (backends or self.backends or ()) if k not in kinds]
+        if missing or not kinds:
+            raise ModelIntegrityError(f"{label or path}: cannot be self-tested on {', '.join(missing) or 'any backend'} "
+                                      f"here (golden results for {sorted(pkg.golden['expected'])}, runtimes here: "
+                                      f"{'litert, ' if _litert_available() else ''}onnxruntime)")
+        carried = {FLIGHT_ARTIFACTS[k] for k in pkg.artifacts}
+        untested = sorted(carried - set(pkg.golden["expected"]))
+        if untested:
+            raise ModelIntegrityError(f"{label or path}: carries artifacts for {untested} without golden results")
         results = {}
         src = PackageSource(path, self.key, self.max_bytes)
         for kind in kinds:

@@ -161,13 +161,14 @@ class FaultBackendFactory:
         from flight.backends import OrtBackend, open_backend
 
         self.model_image = model_bytes
-        if kind == "onnxruntime" or (kind == "auto" and str(path).endswith(".onnx")):
+        onnx = kind == "onnxruntime" or (kind == "auto" and str(path).endswith(".onnx"))
+        if onnx:
             inner = OrtBackend(path, model_bytes, threads, tile, n_bands,
                                session_config={"session.disable_prepacking": "1"})
-            inner._hil_onnx = model_bytes             # where its initializers are looked up (harness-side)
         else:
             inner = open_backend(path, model_bytes, kind, threads, tile, n_bands)
         self.backend = _StallableBackend(inner, self)
+        self.backend.hil_onnx = model_bytes if onnx else None    # where its initializers are looked up
         self.opened += 1
         return self.backend
 
@@ -177,6 +178,8 @@ class _StallableBackend:
 
     def __init__(self, inner, factory: FaultBackendFactory):
         self._inner, self._factory = inner, factory
+        self.hil_onnx = None                     # harness-side bookkeeping of the weights (runtime_weight_regions)
+        self.hil_regions = self.hil_weights = None
 
     def __getattr__(self, name):                 # name, tile, n_bands, input_affine, input_range, planes
         return getattr(self._inner, name)
@@ -206,7 +209,7 @@ def _litert_regions(inner) -> list[tuple[int, int]]:
     return out
 
 
-def _ort_regions(inner) -> list[tuple[int, int]]:
+def _ort_regions(wrapper) -> list[tuple[int, int, int]]:
     """onnxruntime (pre-packing disabled): every copy in this process's anonymous memory of each int8 /
     int32 initializer of the model, found by its first 64 bytes. The session's own copy is among them
     (the others are dead parse copies; upsetting them too is harmless)."""
@@ -215,7 +218,7 @@ def _ort_regions(inner) -> list[tuple[int, int]]:
     import onnx
     from onnx import numpy_helper
 
-    m = onnx.load_from_string(inner._hil_onnx)
+    m = onnx.load_from_string(wrapper.hil_onnx)
     pats = []
     for init in m.graph.initializer:
         a = numpy_helper.to_array(init)
@@ -226,34 +229,45 @@ def _ort_regions(inner) -> list[tuple[int, int]]:
     regions = []
     with open("/proc/self/maps") as f:
         maps = [ln.split() for ln in f]
+    chunk, over = 4 << 20, 64                                # bounded reads (the gate runs under RLIMIT_AS)
     with open("/proc/self/mem", "rb", buffering=0) as mem:
         for parts in maps:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if "rw" not in parts[1] or (len(parts) > 5 and not parts[5].startswith("[heap")) or hi - lo > 1 << 28:
+            if "rw" not in parts[1] or (len(parts) > 5 and not parts[5].startswith("[heap")) or hi - lo > 1 << 30:
                 continue
-            try:
-                mem.seek(lo)
-                blob = mem.read(hi - lo)
-            except OSError:
-                continue
-            for pid, (pat, full) in enumerate(pats):
-                for hit in re.finditer(re.escape(pat), blob):
-                    if blob[hit.start():hit.start() + len(full)] == full:    # a whole, live copy
-                        regions.append((lo + hit.start(), len(full), pid))
-    inner._hil_weights = {pid: full for pid, (_, full) in enumerate(pats)}
+            pos = lo
+            while pos < hi:
+                try:
+                    mem.seek(pos)
+                    blob = mem.read(min(chunk + over, hi - pos))
+                except OSError:
+                    break
+                for pid, (pat, full) in enumerate(pats):
+                    for hit in re.finditer(re.escape(pat), blob):
+                        if hit.start() >= chunk:
+                            continue                        # found again by the next chunk
+                        a = pos + hit.start()
+                        try:
+                            mem.seek(a)
+                            if mem.read(len(full)) == full:  # a whole, live copy
+                                regions.append((a, len(full), pid))
+                        except OSError:
+                            pass
+                pos += chunk
+    wrapper.hil_weights = {pid: full for pid, (_, full) in enumerate(pats)}
     return regions
 
 
 def runtime_weight_regions(backend) -> list[tuple[int, int, int]]:
     """(address, bytes, group) of the weights the given backend's runtime executes, where the harness can
     reach them (group: copies of one tensor share it); cached on the backend."""
-    inner = getattr(backend, "_inner", backend)
-    cached = getattr(inner, "_hil_regions", None)
-    if cached is None:
-        cached = _litert_regions(inner) if getattr(inner, "model_buffer", None) is not None else (
-            _ort_regions(inner) if getattr(inner, "_hil_onnx", None) is not None else [])
-        inner._hil_regions = cached
-    return cached
+    if not isinstance(backend, _StallableBackend):
+        raise TypeError("runtime_weight_regions needs a backend opened by FaultBackendFactory")
+    if backend.hil_regions is None:
+        inner = backend._inner
+        backend.hil_regions = (_litert_regions(inner) if getattr(inner, "model_buffer", None) is not None else
+                               _ort_regions(backend) if backend.hil_onnx is not None else [])
+    return backend.hil_regions
 
 
 def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list[int]:
@@ -269,21 +283,32 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
         groups.setdefault(g, []).append(a)
         sizes[g] = n
     keys = sorted(groups)
-    inner = getattr(backend, "_inner", backend)
-    expect = getattr(inner, "_hil_weights", None)          # onnxruntime: what a live copy still holds
-    flipped = []
+    expect = backend.hil_weights                            # onnxruntime: what a live copy still holds
+    flipped, copies = [], 0
     with open("/proc/self/mem", "r+b", buffering=0) as mem:
-        for _ in range(n_bits):
+        if expect is not None:                              # parse copies freed since the scan: not ours to touch
+            live = {}
+            for k in keys:
+                for a in groups[k]:
+                    try:
+                        mem.seek(a)
+                        if mem.read(sizes[k]) == expect[k]:
+                            live.setdefault(k, []).append(a)
+                    except OSError:                         # unmapped since the scan
+                        pass
+            groups, keys = live, sorted(live)
+        for _ in range(n_bits if keys else 0):
             k = keys[int(rng.integers(len(keys)))]
             off, bit = int(rng.integers(sizes[k])), int(rng.integers(8))
             for a in groups[k]:
-                if expect is not None:                      # a parse copy freed since the scan: not ours to touch
-                    mem.seek(a)
-                    if mem.read(sizes[k]) != expect[k]:
-                        continue
-                mem.seek(a + off)
-                v = mem.read(1)[0]
-                mem.seek(a + off)
-                mem.write(bytes([v ^ (1 << bit)]))
+                try:
+                    mem.seek(a + off)
+                    v = mem.read(1)[0]
+                    mem.seek(a + off)
+                    mem.write(bytes([v ^ (1 << bit)]))
+                    copies += 1
+                except OSError:
+                    continue
             flipped.append(off)
+    backend.hil_copies_flipped = copies
     return flipped
