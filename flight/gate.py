@@ -476,7 +476,6 @@ class CloudGate:
         if buf is None or hashlib.sha256(buf).hexdigest() == self._loaded.sha256:
             return None
         why = "the runtime's model buffer failed its sha256 scrub (an upset in RAM)"
-        self._event("bist_fail", why)
         if self._recover(why):
             return f"{why}; reloaded from the verified {self._source.label}"
         raise ModelIntegrityError(f"{why}, and no verified model could be loaded: {self._unavailable}")
@@ -556,7 +555,10 @@ class CloudGate:
         if p is None or (lm is not None and self._model_ok and lm.slot == p.slot
                          and lm.package_sha256 == p.package_sha256):
             return
-        self._switch_to(SlotSource(self.store, p.slot), f"active pointer -> slot {p.slot} (generation {p.generation})")
+        try:
+            self._switch_to(SlotSource(self.store, p.slot), f"active pointer -> slot {p.slot} (generation {p.generation})")
+        except Exception:                                # logged (model_switch_refused); the running model stays
+            return
 
     def _switch_to(self, src: Source, why: str, probation: bool = True):
         prev = self._loaded if self._model_ok else None

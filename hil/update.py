@@ -176,6 +176,7 @@ def child_main(argv=None) -> int:
                                         "rollback_window": 20},
                                 log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
     baseline = _status_kib("VmSize")
+    rss0 = _status_kib("VmRSS")
     limit = baseline * 1024 + int(job["budget_mib"] * 2**20) + int(job["frame_headroom_mib"] * 2**20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     scenes = [load_item(StreamItem(**it)) for it in job["items"]]
@@ -204,7 +205,8 @@ def child_main(argv=None) -> int:
                            cf=d.cloud_fraction, sf=d.shadow_fraction, vf=d.valid_fraction,
                            degraded=[e["code"] for e in d.degraded], package_sha256=d.package_sha256,
                            model_sha256=d.model_sha256, model_slot=d.model_slot, latency_s=d.latency_s,
-                           vms_growth_mib=(_status_kib("VmSize") - baseline) / 1024)
+                           vms_growth_mib=(_status_kib("VmSize") - baseline) / 1024,
+                           rss_growth_mib=(_status_kib("VmHWM") - rss0) / 1024)
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -429,6 +431,8 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
             by_class[c]["phases"] = dict(Counter(r.get("phase") for r in rs))
         if c == "card_mismatch":
             by_class[c]["variants"] = dict(Counter(r.get("variant") for r in rs))
+        if c == "weight_upset":
+            by_class[c]["bits"] = dict(Counter(str(r.get("bits")) for r in rs))
     installs = [r for r in journal if r.get("event") == "model_install"]
     inst_s = [r["duration_s"] for r in installs]
     cli_s = [r["wall_s"] for r in records if r.get("fault") == "none" and r.get("wall_s")]
@@ -473,7 +477,9 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
                     "bist_fail": sum(1 for e in events if e.get("event") == "bist_fail"),
                     "model_events": dict(Counter(e.get("event") for e in events)),
                     "final": final.get("status"), "vms_growth_mib_max": max(
-                        [f.get("vms_growth_mib", 0) for f in decided], default=0)},
+                        [f.get("vms_growth_mib", 0) for f in decided], default=0),
+                    "rss_peak_growth_mib": max([f.get("rss_growth_mib", 0) for f in decided], default=0),
+                    "budget_mib": board.gate_budget_mib},
            "package_bytes": pk["sizes"],
            "install_s_host": {"n": len(inst_s), "p50": _pct(inst_s, 50), "p95": _pct(inst_s, 95), "max": max(inst_s, default=None),
                               "meaning": "ModelStore.install: verify upload, write standby slot, re-verify + self-test there"},
@@ -513,12 +519,13 @@ def markdown(reps: list[dict], command: str) -> str:
         L += [f"| {q['requirement']} | {'pass' if q['passed'] else '**FAIL**'} | {q['detail']} |" for q in r["requirements"]]
         L += ["", "| update fault | updates | as expected | switched | installer exit codes | detail |", "|---|---|---|---|---|---|"]
         for c, s in r["by_class"].items():
-            extra = s.get("phases") or s.get("variants") or ""
+            extra = s.get("phases") or s.get("variants") or (f"bits flipped: {s['bits']}" if s.get("bits") else "")
             L.append(f"| {c} | {s['updates']} | {s['as_expected']} | {s['switched']} | {s['exit_codes']} | {extra} |")
         g = r["gate"]
         L += ["", f"Gate: {r['frames_gated']} frames, actions {r['actions']}; model events {g['model_events']}; "
-                  f"peak address-space growth {g['vms_growth_mib_max']:.1f} MiB (limit: board budget "
-                  f"+ frame headroom); log {r['log']['records']} records, {len(r['log']['lost'])} lost, "
+                  f"peak RSS growth since start {g['rss_peak_growth_mib']:.1f} MiB (gate budget {g['budget_mib']:.0f} MiB; "
+                  f"the old and the new model coexist during a switch), peak address-space growth "
+                  f"{g['vms_growth_mib_max']:.1f} MiB (RLIMIT_AS: budget + frame headroom); log {r['log']['records']} records, {len(r['log']['lost'])} lost, "
                   f"{len(r['log']['duplicates'])} duplicate seqs. BIST emulation: {r['bist_emulation']}."]
     return "\n".join(L) + "\n"
 

@@ -309,3 +309,16 @@ def test_combined_board_table_and_fault_columns_named_apart():
     assert "| b2 | PASS |" in lines[3]
     src = (ROOT / "hil/__main__.py").read_text() + (ROOT / "hil/report.py").read_text()
     assert "gate fault" in src and "injected" in src and "[:60]" not in src
+
+
+def test_update_campaign_short(tmp_path):
+    """Issue 10 (HIL-09): a short update campaign through the real installer, every update fault class drawn;
+    the committed report (docs/results/update_campaign.md) is the same command at 110 updates per board."""
+    from hil.update import UPDATE_FAULTS, run_board
+
+    rep = run_board("myriad-x", tmp_path / "u", 20, 5, "litert", progress=False)
+    assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
+    for c in UPDATE_FAULTS:
+        assert rep["by_class"][c]["updates"] >= 2 and rep["by_class"][c]["as_expected"] == rep["by_class"][c]["updates"], c
+    assert rep["upsets"]["caught"] == rep["upsets"]["with_flips"] >= 1
+    assert rep["install_s_host"]["n"] >= 1 and rep["bist_s_host"]["p50"] and rep["bist_s_emulated"] > 0
