@@ -407,7 +407,7 @@ def test_swap_model_between_scenes_and_manual_rollback(kit):
         g.swap_model(kit["p2"])
         d2 = g.process(scene, bands)
         assert d2.package_sha256 == kit["pkg2"].sha256 != d1.package_sha256
-        assert g.buffer_bytes <= g.config.memory_budget_mib * 2**20 and g.buffer_bytes >= before * 0
+        assert 0 < before and g.buffer_bytes <= g.config.memory_budget_mib * 2**20
         bad = kit["dir"] / "bad.cgpkg"
         bad.write_bytes(kit["p1"].read_bytes()[:-1] + b"\0")
         with pytest.raises(ModelIntegrityError):
