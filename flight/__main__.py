@@ -1,9 +1,20 @@
 """python -m flight run SCENE... [--model M] [--config C] [--log FILE]
    python -m flight log summary FILE [--action A] [--reason R] [--limit N] [--png OUT.png]
    python -m flight log schema            (docs/decision-log.md, from flight.logschema)
+   python -m flight model keygen KEYFILE
+   python -m flight model pack CARD --out PKG [--key KEYFILE] [--backend litert|onnxruntime ...]
+   python -m flight model verify PKG [--key KEYFILE] [--backend ...]
+   python -m flight model install PKG --store DIR [--key KEYFILE] [--activate]
+   python -m flight model activate [a|b] --store DIR [--key KEYFILE]
+   python -m flight model rollback --store DIR [--key KEYFILE]
+   python -m flight model status --store DIR [--key KEYFILE] [--verify]
 
-Exit status: 0 done; 1 some input could not be read; 2 nothing to do (missing/unreadable file, empty or
-missing directory, bad config or model)."""
+Exit status (run, log): 0 done; 1 some input could not be read; 2 nothing to do (missing/unreadable file,
+empty or missing directory, bad config or model).
+Exit status (model): 0 done; 1 refused: the package or slot does not verify (signature, truncation,
+card <-> model mismatch, known-answer self-test), nothing active changed; 2 usage: a missing file, key
+or store, a bad key; 3 the store is busy (another install or switch holds its lock). The mission key is
+--key FILE or $CLOUDGATE_MISSION_KEY (a path)."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +110,118 @@ def _schema(a) -> int:
     return 0
 
 
+EXIT_REFUSED, EXIT_USAGE, EXIT_BUSY = 1, 2, 3
+
+
+def _model(a) -> int:
+    import json
+
+    from .errors import ModelError, ModelMissingError
+    from .package import PackageKeyError, load_key, open_package, pack, write_key
+    from .slots import ModelStore, StoreBusyError
+
+    def err(code: int, msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return code
+
+    if a.modelcmd == "keygen":
+        try:
+            kid = write_key(a.keyfile)
+        except FileExistsError:
+            return err(EXIT_USAGE, f"{a.keyfile} exists; a key file is never overwritten")
+        except OSError as e:
+            return err(EXIT_USAGE, f"cannot write {a.keyfile}: {e}")
+        print(f"mission key written to {a.keyfile} (mode 0600), key id {kid}")
+        return 0
+    try:
+        key = load_key(a.key) if (a.key or a.modelcmd != "status") else None
+        if a.modelcmd == "status" and key is None:
+            try:
+                key = load_key(None)
+            except PackageKeyError:
+                key = None
+    except PackageKeyError as e:
+        return err(EXIT_USAGE, str(e))
+    backends = tuple(a.backend) if getattr(a, "backend", None) else None
+    try:
+        if a.modelcmd == "pack":
+            if not Path(a.card).is_file():
+                return err(EXIT_USAGE, f"model card {a.card} not found")
+            pkg = pack(a.card, key, a.out, backends=backends, threads=a.threads)
+            print(f"packed {pkg.name} -> {a.out}: {pkg.size} bytes, package sha256 {pkg.sha256}, key id "
+                  f"{pkg.header['key_id']}, artifacts {', '.join(sorted(pkg.artifacts))}, golden results for "
+                  f"{', '.join(sorted(pkg.golden['expected']))} on {len(pkg.golden['tiles'])} tiles")
+            return 0
+        if a.modelcmd == "verify":
+            if not Path(a.package).exists():
+                return err(EXIT_USAGE, f"package {a.package} not found")
+            store = ModelStore(Path(a.package).parent, key, int(a.max_mib * 2**20), backends=backends, threads=a.threads)
+            pkg, results = store.verify_file(Path(a.package))
+            print(f"{a.package}: signature ok (key id {pkg.header['key_id']}), {pkg.name}, {pkg.size} bytes, "
+                  f"sha256 {pkg.sha256}")
+            for kind, r in results.items():
+                print(f"  {kind}: card <-> model consistent; self-test {r.detail} ({r.seconds * 1e3:.0f} ms)")
+            return 0
+        if not a.store:
+            return err(EXIT_USAGE, "--store DIR is required")
+        store = ModelStore(a.store, key, int(a.max_mib * 2**20), backends=backends, threads=a.threads,
+                           lock_timeout_s=a.lock_timeout)
+        if a.modelcmd == "install":
+            if not Path(a.package).exists():
+                return err(EXIT_USAGE, f"package {a.package} not found")
+            out = store.install(a.package)
+            print(f"installed {out['name']} in slot {out['slot']} ({out['size']} bytes, {out['seconds']:.2f} s); "
+                  f"self-test: {out['bist']}")
+            if a.activate:
+                res = store.activate(out["slot"])
+                print(f"active slot -> {res['slot']} (generation {res.get('generation')})")
+            return 0
+        if a.modelcmd == "activate":
+            res = store.activate(a.slot)
+            print(f"active slot -> {res['slot']} ({res['name']}, package {res['package_sha256'][:16]}"
+                  f"{', generation ' + str(res['generation']) if res.get('changed') else ', unchanged'})")
+            return 0
+        if a.modelcmd == "rollback":
+            res = store.rollback()
+            print(f"rolled back: active slot -> {res['slot']} ({res['name']}, generation {res.get('generation')})")
+            return 0
+        if a.modelcmd == "status":
+            if key is None:
+                store.key = b"\0" * 32                   # signatures cannot be checked without the key
+            st = store.status(verify=a.verify and key is not None)
+            if key is None:
+                for info in st["slots"].values():
+                    info.pop("error", None)
+                    if info.get("present"):
+                        info["signature"] = "not checked (no key)"
+            print(json.dumps(st, indent=1) if a.json else _status_text(st))
+            return 0 if st["active"] or not any(i["present"] for i in st["slots"].values()) else EXIT_REFUSED
+    except StoreBusyError as e:
+        return err(EXIT_BUSY, str(e))
+    except ModelMissingError as e:
+        return err(EXIT_USAGE, str(e))
+    except ModelError as e:
+        return err(EXIT_REFUSED, f"refused: {e}")
+    except OSError as e:
+        return err(EXIT_USAGE, f"{e}")
+    return err(EXIT_USAGE, f"unknown model command {a.modelcmd}")
+
+
+def _status_text(st: dict) -> str:
+    lines = [f"store {st['store']}: active slot {st['active'] or '-'} (pointer {st['pointer']}, generation "
+             f"{st['generation']}, previous {st['previous'] or '-'})"]
+    for s, info in st["slots"].items():
+        if not info["present"]:
+            lines.append(f"  slot {s}: empty")
+            continue
+        lines.append(f"  slot {s}{' *' if s == st['active'] else ''}: {info.get('name', '?')} {info.get('bytes')} bytes, "
+                     f"signature {info.get('signature')}, package {str(info.get('package_sha256', ''))[:16]}"
+                     f"{' error: ' + info['error'] if info.get('error') else ''}")
+        for k, v in (info.get("bist") or {}).items():
+            lines.append(f"    self-test {k}: {v}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flight")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -120,9 +243,42 @@ def main(argv=None) -> int:
     s.add_argument("--limit", type=int, default=50, help="frames listed (0 = all; default 50)")
     s.add_argument("--png", help="write a timeline PNG here (UTC axis, threshold lines, legend)")
     lsub.add_parser("schema", help="print the decision-log schema (docs/decision-log.md)")
+    m = sub.add_parser("model", help="signed model packages and the A/B model store (in-orbit update)")
+    msub = m.add_subparsers(dest="modelcmd", required=True)
+
+    def common(p, store=True):
+        p.add_argument("--key", help="mission key file (default: $CLOUDGATE_MISSION_KEY)")
+        if store:
+            p.add_argument("--store", help="A/B model store directory")
+        p.add_argument("--backend", action="append", choices=["litert", "onnxruntime"],
+                       help="self-test on this backend (repeatable; default: every one the package has results for)")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--max-mib", type=float, default=8.0, help="refuse packages larger than this (MiB)")
+        p.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the store's lock")
+        return p
+
+    kg = msub.add_parser("keygen", help="write a new random mission key (hex, mode 0600)")
+    kg.add_argument("keyfile")
+    pk = common(msub.add_parser("pack", help="card + artifacts + golden self-test tiles -> signed package"), store=False)
+    pk.add_argument("card")
+    pk.add_argument("--out", required=True)
+    vf = common(msub.add_parser("verify", help="verify a package here: signature, card <-> model, self-test"),
+                store=False)
+    vf.add_argument("package")
+    ins = common(msub.add_parser("install", help="verify a package into the standby slot (self-tested there)"))
+    ins.add_argument("package")
+    ins.add_argument("--activate", action="store_true", help="switch to it once installed")
+    ac = common(msub.add_parser("activate", help="verify a slot and switch the active pointer to it"))
+    ac.add_argument("slot", nargs="?", choices=["a", "b"], help="default: the standby slot")
+    common(msub.add_parser("rollback", help="switch back to the other slot (verified first)"))
+    stp = common(msub.add_parser("status", help="active slot, generation, what each slot holds"))
+    stp.add_argument("--verify", action="store_true", help="also self-test both slots")
+    stp.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "run":
         return _run(a)
+    if a.cmd == "model":
+        return _model(a)
     return _summary(a) if a.logcmd == "summary" else _schema(a)
 
 

@@ -5,6 +5,7 @@ tile into a uint8 class mask (T, T): 0 clear, 1 cloud, 2 shadow.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,12 @@ class Backend(Protocol):
     def infer(self, planes: np.ndarray, mask_out: np.ndarray) -> None:
         """planes: float32 in the backend's layout, in model-input units (input_affine applied, clipped)
         (may be modified); mask_out: uint8 (T, T)."""
+
+    # Optional (the real runtimes have them; test backends may not):
+    #   n_classes: int                      output channels of the runtime
+    #   input_quant / output_quant: (scale, zero_point) of a full-integer model, else None
+    #   output_digest() -> str              sha256 of the raw output tensor of the last infer()
+    #   model_buffer: bytes | None          the buffer the runtime was built from and still reads
 
 
 class _Argmax3:
@@ -70,9 +77,15 @@ class LiteRTBackend:
             raise ModelError(f"{path.name} takes {h}x{w} tiles but config tile={tile}; set tile: {h}")
         if i["dtype"] != np.int8 or o["dtype"] != np.int8:
             raise ModelError(f"{path.name} is not a full-integer INT8 model (input {i['dtype']}, output {o['dtype']})")
-        self.tile, self.n_bands = tile, int(c)
+        self.tile, self.n_bands, self.n_classes = tile, int(c), int(o["shape"][-1])
+        self.native_tile = int(h)                        # a TFLite model has a fixed input size
         self._in_idx, self._out_idx = i["index"], o["index"]
+        # the interpreter reads its constant tensors from this very buffer (no copy): the runtime's own
+        # model image, which the gate's scrub hashes (flight.gate.CloudGate.scrub)
+        self.model_buffer = model_bytes
         in_scale, in_zero = i["quantization"]
+        self.input_quant = (float(in_scale), int(in_zero))
+        self.output_quant = (float(o["quantization"][0]), int(o["quantization"][1]))
         # int8 quantization folded into the gate's load: q = round(reflectance / scale + zero_point)
         self.input_affine = (1.0 / in_scale, float(in_zero))
         self.input_range = (-128.0, 127.0)
@@ -95,6 +108,14 @@ class LiteRTBackend:
         self._argmax(out[..., 0], out[..., 1], out[..., 2], mask_out)
         del out
 
+    def output_digest(self) -> str:
+        """sha256 of the raw int8 output tensor of the last infer() (the BIST's known answer)."""
+        out = self.it.tensor(self._out_idx)()
+        try:
+            return hashlib.sha256(out.tobytes()).hexdigest()
+        finally:
+            del out
+
 
 class OrtBackend:
     """onnxruntime with IOBinding into preallocated numpy buffers (NCHW float32 in, logits out)."""
@@ -102,7 +123,10 @@ class OrtBackend:
     name = "onnxruntime"
     layout = "chw"
 
-    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int, n_bands: int):
+    def __init__(self, path: Path, model_bytes: bytes, threads: int, tile: int, n_bands: int,
+                 session_config: dict | None = None):
+        """session_config: extra onnxruntime session config entries (e.g. the HIL opens sessions with
+        {"session.disable_prepacking": "1"} so that the weights it upsets are the ones that run)."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -111,20 +135,34 @@ class OrtBackend:
         so.enable_mem_pattern = False
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        for k, v in (session_config or {}).items():
+            so.add_session_config_entry(str(k), str(v))
         try:
             self.sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelIntegrityError(f"onnxruntime refused {path}: {e}") from e
         inp, out = self.sess.get_inputs()[0], self.sess.get_outputs()[0]
+        if inp.type != "tensor(float)" or out.type != "tensor(float)":
+            raise ModelIntegrityError(f"{path.name}: input {inp.type}, output {out.type}; the gate feeds float32 "
+                                      "reflectance and reads float32 logits (an INT8 QDQ graph)")
+        if len(inp.shape) != 4 or len(out.shape) != 4:
+            raise ModelIntegrityError(f"{path.name}: input shape {inp.shape}, output shape {out.shape}; expected "
+                                      "NCHW (1, C, H, W) in and (1, classes, H, W) out")
         if inp.shape[1] != n_bands:
-            raise ModelIntegrityError(f"{path.name} takes {inp.shape[1]} input channels, model card says {n_bands}; "
+            raise ModelIntegrityError(f"{path.name} takes {inp.shape[1]} input channels, model card field 'bands' says {n_bands}; "
                                       "the card does not belong to this model")
-        self.tile, self.n_bands = tile, n_bands
+        n_classes = out.shape[1]
+        if not isinstance(n_classes, int):
+            raise ModelIntegrityError(f"{path.name}: output channel count is symbolic ({n_classes!r}); the "
+                                      "model must declare its classes")
+        self.tile, self.n_bands, self.n_classes = tile, n_bands, n_classes
+        self.input_quant = self.output_quant = None      # quantization lives inside the QDQ graph
+        self.model_buffer = None                         # onnxruntime keeps its own (pre-packed) copy
         self.input_affine = (1.0, 0.0)                  # float reflectance in; QDQ quantizes inside
         self.input_range = (-1.0, 4.0)
         self._in = np.zeros((1, n_bands, tile, tile), np.float32)
         self.planes = self._in[0]                        # the bound input itself: no copy per tile
-        self._out = np.zeros((1, 3, tile, tile), np.float32)
+        self._out = np.zeros((1, n_classes, tile, tile), np.float32)
         self.io = self.sess.io_binding()
         self.io.bind_input(inp.name, "cpu", 0, np.float32, list(self._in.shape), self._in.ctypes.data)
         self.io.bind_output(out.name, "cpu", 0, np.float32, list(self._out.shape), self._out.ctypes.data)
@@ -135,6 +173,10 @@ class OrtBackend:
         self.sess.run_with_iobinding(self.io)
         o = self._out[0]
         self._argmax(o[0], o[1], o[2], mask_out)
+
+    def output_digest(self) -> str:
+        """sha256 of the float32 logits of the last infer() (the BIST's known answer)."""
+        return hashlib.sha256(self._out.tobytes()).hexdigest()
 
 
 def open_backend(path: Path, model_bytes: bytes, kind: str, threads: int, tile: int, n_bands: int) -> Backend:

@@ -49,6 +49,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """In-orbit model update (flight.package, flight.slots; README "Updating the model in orbit")."""
+    store: str | None = None            # A/B model store directory; the gate runs its active slot (null: no store)
+    key: str | None = None              # mission key file (HMAC-SHA256); null: $CLOUDGATE_MISSION_KEY
+    require_signed: bool = False        # refuse models that do not come from a signed package
+    bist_every: int = 50                # known-answer self-test every N scenes (0: only at load and after errors)
+    watch_active: bool = True           # follow activations made outside the gate (python -m flight model activate)
+    rollback_window: int = 20           # scenes after a switch watched for the new model's fault rate
+    rollback_fault_rate: float = 0.5    # model-attributable fault share in that window that rolls back (store)
+    max_package_mib: float = 8.0        # a package larger than this is refused unread
+
+
+@dataclass(frozen=True)
 class GateConfig:
     model: str | None = None            # .tflite / .onnx / model card .yaml; None = shipped default
     backend: BackendName = "auto"       # auto (by suffix) | litert | onnxruntime
@@ -62,10 +75,11 @@ class GateConfig:
     radiometry_offset: float = 0.0
     deadline_s: float = 10.0
     strict: bool = False
-    scrub_every: int = 1                # re-hash the loaded model image every N scenes (0 = never)
+    scrub_every: int = 1                # re-hash the runtime's own model buffer every N scenes (0 = never)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 def _build(cls, data, prefix: str):
@@ -78,14 +92,15 @@ def _build(cls, data, prefix: str):
     for k, v in data.items():
         if k not in known:
             raise ConfigError(prefix + str(k), f"unknown key; known keys: {sorted(known)}")
-        sub = {"policy": PolicyConfig, "early_exit": EarlyExitConfig, "log": LogConfig}.get(k) if cls is GateConfig else None
+        sub = ({"policy": PolicyConfig, "early_exit": EarlyExitConfig, "log": LogConfig, "update": UpdateConfig}.get(k)
+               if cls is GateConfig else None)
         if sub is not None:
             kwargs[k] = _build(sub, v, prefix + k + ".")
             continue
         default = known[k].default
         key = prefix + k
         if v is None:
-            if default is None:                           # model, log.path: None means "not set"
+            if default is None:                           # model, log.path, update.store: None means "not set"
                 kwargs[k] = None
                 continue
             raise ConfigError(key, "is empty (a key without a value); give a value or remove the key")
@@ -143,6 +158,14 @@ def validate(cfg: GateConfig) -> GateConfig:
          "use 'every', 'never' or a positive record count")
     need(lg.max_bytes >= 4096, "log.max_bytes", "must be >= 4096")
     need(1 <= lg.keep <= 1000, "log.keep", "must be 1..1000")
+    u = cfg.update
+    need(0 <= u.bist_every <= 1_000_000, "update.bist_every", "must be 0..1000000 (0: self-test only at load and "
+                                                              "after errors)")
+    need(1 <= u.rollback_window <= 10_000, "update.rollback_window", "must be 1..10000 scenes")
+    need(0 < u.rollback_fault_rate <= 1, "update.rollback_fault_rate", "must be in (0, 1]")
+    need(0.01 <= u.max_package_mib <= 1024, "update.max_package_mib", "must be 0.01..1024 MiB")
+    need(not (u.store and cfg.model), "update.store", "a gate runs either the store's active slot or the configured "
+                                                      "model: drop one of update.store and model")
     return cfg
 
 
@@ -163,8 +186,12 @@ def load_config(path: str | Path) -> GateConfig:
     except yaml.YAMLError as e:
         raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from e
     cfg = config_from_dict(data)
-    if cfg.model and not Path(cfg.model).is_absolute():  # model paths are relative to the config file
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if cfg.model and not Path(cfg.model).is_absolute():  # model paths are relative to the config file
         cfg = replace(cfg, model=str((path.parent / cfg.model).resolve()))
+    for k in ("store", "key"):                          # so are the store and the key file
+        v = getattr(cfg.update, k)
+        if v and not Path(v).is_absolute():
+            cfg = replace(cfg, update=replace(cfg.update, **{k: str((path.parent / v).resolve())}))
     return cfg

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -26,14 +27,16 @@ import numpy as np
 
 from .bands import canonical_band
 from .backends import Backend, open_backend
+from .bist import BistResult, compare_reference, run_tiles
 from .config import GateConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
-                     ConfigError, ImplausibleRadiometryError, ModelIntegrityError, SceneDtypeError, SceneFileError,
-                     SceneShapeError, ValidMaskError)
+                     ConfigError, ImplausibleRadiometryError, ModelError, ModelIntegrityError, SceneDtypeError,
+                     SceneFileError, SceneShapeError, ValidMaskError)
 from .estimate import FractionEstimator
-from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
-from .model import read_verified, resolve_model
+from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event, model_event
+from .model import GATE_CLASSES, ModelCard
+from .modelsource import CardSource, PackageSource, SlotSource, Source, open_loaded
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide, policy_band
 from .ports import BackendFactory, Clock, LogSink, SystemClock
 
@@ -50,6 +53,10 @@ PLAUSIBLE_REFLECTANCE = (-0.5, 2.5)
 IMPLAUSIBLE_SHARE = 0.5
 _PRIORITY_RANGE = (-2**31, 2**31 - 1)
 _MAX_BAND_NAME = 64
+PACKAGE_SUFFIX = ".cgpkg"
+SLOTS = ("a", "b")
+_RETRY_EVERY = 10                 # scenes between recovery attempts while no verified model runs
+_MODEL_FAULTS = ("internal", "model_corrupt")   # fault codes a model (not a scene) is blamed for
 try:
     _libc = ctypes.CDLL(None)
     _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -79,6 +86,7 @@ class Decision:
     latency_s        seconds inside process() (monotonic clock); infer_s: of which inside the runtime
     tile_pixels      pixels of one model input window (tile²); core_pixels: side of a tile core in pixels
     model_name, model_sha256, backend, policy_version: what decided (card name, artifact sha256, runtime)
+    package_sha256, model_slot: the signed package and A/B slot the model came from ("" when unsigned)
     degraded         events [{code, severity, text}] (flight.logschema.EVENT_CODES); [] when none
     fault, fault_code  why the frame faulted (text, flight.errors code); None otherwise
     scene_id, target_id, priority: the caller's arguments (as logged)
@@ -106,6 +114,8 @@ class Decision:
     core_pixels: int = 0
     model_name: str = ""
     model_sha256: str = ""
+    package_sha256: str = ""
+    model_slot: str = ""
     backend: str = ""
     policy_version: str = ""
     degraded: list = field(default_factory=list)
@@ -212,6 +222,22 @@ def _golden_step(n: int) -> int:
     return 1
 
 
+class _NoModel:
+    """Stands in for the runtime while no verified model runs: every frame faults model_corrupt."""
+
+    name = "none"
+    n_bands = 0
+    input_affine = (1.0, 0.0)
+    input_range = (0.0, 0.0)
+
+    def __init__(self, tile: int):
+        self.tile = tile
+        self.planes = np.zeros((0, tile, tile), np.float32)
+
+    def infer(self, planes, mask_out) -> None:
+        raise ModelIntegrityError("no verified model runs")
+
+
 def _mark_no_decision(mask_out) -> None:
     """A faulted frame's mask says 'no decision' (255) everywhere, never stale or half-written classes."""
     if isinstance(mask_out, np.ndarray) and mask_out.dtype == np.uint8 and mask_out.flags.writeable:
@@ -231,30 +257,37 @@ class CloudGate:
         self.config = cfg
         self._clock = clock or SystemClock()
         self._open_backend = backend_factory or open_backend
-        self.card, self._model_path, self._model_bytes = resolve_model(cfg.model, cfg.backend)
-        self.bands = tuple(self.card.bands)
-        self.optional_bands = tuple(self.card.optional_bands)
-        self.backend: Backend = self._open_backend(self._model_path, self._model_bytes, cfg.backend, cfg.threads,
-                                                   cfg.tile, self.card.input_channels)
-        self._check_backend_channels()
-        self._model_ok = True
-        self._scenes = 0
         t = cfg.tile
         self._tile = t
         self._step = t - cfg.overlap
         self._half = cfg.overlap // 2
-        # --- every buffer of the steady state, allocated once ---
-        # band-planar (C, T, T), owned by the backend (ORT binds it as its input: no copy per tile);
-        # every per-band pass runs over contiguous memory
-        self._planes = self.backend.planes
-        self._layout = getattr(self.backend, "layout", "chw")
-        self._hwc = _HwcPlan(t, self.card.input_channels, self._layout)
         n = cfg.max_tiles
         # checked before anything is allocated (a huge max_tiles must not raise MemoryError first)
-        buf_bytes = self._planes.nbytes + t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4  # + backend output
-        if buf_bytes > cfg.memory_budget_mib * 2**20:
-            raise ConfigError("memory_budget_mib", f"gate buffers need {buf_bytes / 2**20:.1f} MiB for tile={t}, "
-                                                   f"max_tiles={n}; raise the budget or lower tile/max_tiles")
+        self._fixed_bytes = t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4   # + the backend's input planes
+        if self._fixed_bytes > cfg.memory_budget_mib * 2**20:
+            raise ConfigError("memory_budget_mib", f"gate buffers need {self._fixed_bytes / 2**20:.1f} MiB for "
+                                                   f"tile={t}, max_tiles={n}; raise the budget or lower tile/max_tiles")
+        self.log_failures = 0
+        self.faults = 0
+        # the model (flight.modelsource, flight.slots): what runs, where it came from, its self-test
+        self.model_events: deque = deque(maxlen=64)     # recent model events (also written to the log)
+        self.log: LogSink | None = None
+        self._pending: list[dict] = []                  # model events from before the log is open
+        self._key: bytes | None = None
+        self.store = None
+        self._loaded = self._source = self._prev_source = None
+        self._references: dict = {}                     # (artifact sha256, kind) -> self-test outputs at first load
+        self.card = None
+        self._model_ok = False
+        self._unavailable = ""
+        self._scenes = self._since_bist = self._since_retry = 0
+        self._bist_due = False
+        self._probation = None                          # [scenes left, model faults, previous source, why]
+        self._pointer_sig = None
+        self.self_tests = self.self_test_failures = self.recoveries = self.rollbacks = 0
+        self._busy = threading.Lock()                    # one caller at a time (one gate per thread)
+        self._load_initial()
+        # --- every buffer of the steady state, allocated once ---
         self._valid = np.zeros((t, t), bool)
         self._nonzero = np.zeros((t, t), bool)
         self._tmp = np.zeros((t, t), bool)
@@ -264,16 +297,15 @@ class CloudGate:
         self._t_valid = np.zeros(n, np.int64)            # valid pixels,
         self._t_area = np.zeros(n, np.int64)             # scene pixels,
         self._t_done = np.zeros(n, bool)                 # visited
-        self.buffer_bytes = buf_bytes
-        self._busy = threading.Lock()                    # one caller at a time (one gate per thread)
         self._history = TargetHistory(cfg.policy.max_targets)
         ee = cfg.early_exit
         self._est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
         if log_sink is None and cfg.log.path:
             log_sink = DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep, clock=self._clock)
-        self.log: LogSink | None = log_sink
-        self.log_failures = 0
-        self.faults = 0
+        self.log = log_sink
+        for rec in self._pending:
+            self._write_event(rec)
+        self._pending = []
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -301,34 +333,408 @@ class CloudGate:
     def __exit__(self, *exc):
         self.close()
 
-    def scrub(self) -> str | None:
-        """Memory scrub of the loaded model image: re-hash it against the card; on a mismatch (an upset
-        in RAM) reload from the verified file. Returns a note when something was repaired; raises
-        ModelIntegrityError when the file is corrupt too (the gate then refuses to run)."""
-        expected = self.card.sha256_of_loaded
-        if self._model_ok and hashlib.sha256(self._model_bytes).hexdigest() == expected:
-            return None
-        self._model_ok = False
-        entry = next(a for a in self.card.artifacts.values() if a.get("file") == self._model_path.name)
-        data = read_verified(self._model_path, entry["sha256"], self.card.path)
-        self.backend = self._open_backend(self._model_path, data, self.config.backend, self.config.threads,
-                                          self.config.tile, self.card.input_channels)
-        self._check_backend_channels()
-        self._planes = self.backend.planes               # the new backend owns a new input buffer
-        self._layout = getattr(self.backend, "layout", "chw")
-        self._hwc = _HwcPlan(self._tile, self.card.input_channels, self._layout)
-        self._model_bytes, self._model_ok = data, True
-        return "model image failed its scrub (sha256); reloaded from the verified file"
+    # ------------------------------------------------------------------ the model: load, self-test, swap, recover
+    def _key_bytes(self) -> bytes:
+        if self._key is None:
+            from .package import load_key
 
-    def _check_backend_channels(self) -> None:
-        """The runtime's input width must be what the card's bands say (LiteRT would run a mismatched
-        model silently, reading the wrong planes)."""
-        n = getattr(self.backend, "n_bands", None)
-        if n is not None and int(n) != self.card.input_channels:
-            raise ModelIntegrityError(f"{self._model_path.name} takes {n} input channels but card {self.card.path.name} "
-                                      f"says {self.card.input_channels} (bands {list(self.bands)}"
-                                      f"{', + presence flag' if self.optional_bands else ''}); the card does not "
-                                      "belong to this model")
+            self._key = load_key(self.config.update.key)
+        return self._key
+
+    def _source_for(self, model) -> Source:
+        """A source for a model path: a signed package (.cgpkg, the mission key), else an unsigned card or
+        artifact (refused when update.require_signed is set)."""
+        u = self.config.update
+        if model is not None and str(model).endswith(PACKAGE_SUFFIX):
+            return PackageSource(model, self._key_bytes(), int(u.max_package_mib * 2**20))
+        if u.require_signed:
+            raise ModelIntegrityError(f"update.require_signed is set and {model or 'the default model card'} is not a "
+                                      "signed package (.cgpkg); pack it with python -m flight model pack")
+        return CardSource(None if model is None else str(model))
+
+    def _load_initial(self) -> None:
+        cfg, u = self.config, self.config.update
+        if not u.store:
+            src = self._source_for(cfg.model)
+            lm = self._load(src)            # raises: without a store there is nothing else to fall back to
+            self._install(lm)
+            if src.signed:
+                self._event("model_loaded", f"{src.label} verified; self-test {lm.bist.detail}", lm,
+                            duration=lm.load_s)
+            return
+        from .slots import ModelStore
+
+        self.store = ModelStore(u.store, self._key_bytes(), int(u.max_package_mib * 2**20), threads=cfg.threads)
+        self.store.ensure()
+        self._pointer_sig = self._stat_pointer()
+        slots = self.store.resolve_active()
+        if slots:
+            sources = [SlotSource(self.store, s) for s in slots]
+        elif u.require_signed:
+            self._set_unavailable(f"model store {u.store} holds no package and update.require_signed forbids the "
+                                  "unsigned default model")
+            return
+        else:
+            sources = [CardSource(None)]                # an empty store: the shipped (factory) model
+        errors = []
+        for i, src in enumerate(sources):
+            try:
+                lm = self._load(src)
+            except ModelError as e:
+                errors.append(f"{src.label}: {e}")
+                self._event("model_switch_refused", f"{src.label} does not verify at start: {e}")
+                continue
+            self._install(lm)
+            self._event("model_loaded", f"{src.label} verified at start; self-test {lm.bist.detail}", lm,
+                        duration=lm.load_s)
+            if i > 0 and isinstance(src, SlotSource):   # the pointer's slot failed: run and persist the other
+                self.rollbacks += 1
+                why = f"automatic rollback at start: {errors[0]}"
+                self._event("model_rollback", why[:2000], lm)
+                self._persist_pointer(src.slot, lm, why)
+            return
+        self._set_unavailable("; ".join(errors))
+
+    def _load(self, src: Source):
+        """open_loaded + the memory budget + (reload) the same outputs as at this artifact's first load."""
+        cfg = self.config
+        lm = open_loaded(src, cfg.backend, self._open_backend, cfg.threads, self._tile)
+        need = self._fixed_bytes + lm.backend.planes.nbytes
+        if need > cfg.memory_budget_mib * 2**20:
+            raise ModelError(f"{src.label} needs {need / 2**20:.1f} MiB of gate buffers (input {lm.backend.planes.shape}) "
+                             f"over memory_budget_mib={cfg.memory_budget_mib}")
+        ref = self._references.get((lm.sha256, lm.kind))
+        if ref is not None and ref != lm.reference:
+            raise ModelIntegrityError(f"{src.label} verified, but its self-test outputs differ from those at its first "
+                                      "load on this board: the runtime no longer computes what it did")
+        return lm
+
+    def _install(self, lm) -> None:
+        """Make lm the running model (between scenes; the gate's buffers do not depend on the model)."""
+        self._loaded, self._source = lm, lm.source
+        self.card = lm.card
+        self.bands = tuple(lm.card.bands)
+        self.optional_bands = tuple(lm.card.optional_bands)
+        self.backend = lm.backend
+        self._planes = lm.backend.planes                 # the backend owns the input buffer
+        self._layout = getattr(lm.backend, "layout", "chw")
+        self._hwc = _HwcPlan(self._tile, lm.card.input_channels, self._layout)
+        self.buffer_bytes = self._fixed_bytes + self._planes.nbytes
+        if len(self._references) >= 8:
+            self._references.pop(next(iter(self._references)))
+        self._references.setdefault((lm.sha256, lm.kind), lm.reference)
+        self._model_ok = True
+        self._since_bist = self._since_retry = 0
+        self._bist_due = False
+
+    def _drop_backend(self) -> None:
+        """Release the running runtime (a failed one; keeps the card so faults say which model failed)."""
+        self.backend = _NoModel(self._tile)
+        self._planes = self.backend.planes
+        self._layout, self._hwc = "chw", _HwcPlan(self._tile, 0, "chw")
+        self._model_ok = False
+
+    def _set_unavailable(self, why: str) -> None:
+        if getattr(self, "card", None) is None:
+            self.card = ModelCard(name="none", bands=(), classes=GATE_CLASSES, tile=self._tile, artifacts={},
+                                  path=Path(self.config.update.store or "."), raw={})
+            self.bands = self.optional_bands = ()
+            self.buffer_bytes = self._fixed_bytes
+        self._drop_backend()
+        self._unavailable = why
+        self._event("model_unavailable", f"no verified model: {why}"[:4000], None)
+
+    def _stat_pointer(self):
+        try:
+            st = os.stat(self.store.pointer_path)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    def _persist_pointer(self, slot: str, lm, why: str) -> None:
+        try:
+            self.store.point_to(slot, lm.package_sha256, why)
+        except Exception as e:                           # keep running the verified model; say so
+            self._event("model_rollback", f"slot {slot} runs, but the active pointer could not be written: {e}"[:2000], lm)
+        self._pointer_sig = self._stat_pointer()
+
+    def _event(self, code: str, text: str, lm=None, duration: float = 0.0) -> None:
+        """A model event: into self.model_events and the decision log (flight.logschema.model_event)."""
+        lm = lm if lm is not None else self._loaded
+        rec = model_event(code, text, model_name=lm.card.name if lm else "", model_sha256=lm.sha256 if lm else "",
+                          package_sha256=lm.package_sha256 if lm else "", model_slot=lm.slot if lm else "",
+                          backend=lm.kind if lm else "", duration_s=duration)
+        self.model_events.append(rec)
+        if self.log is None:
+            if len(self._pending) < 64:
+                self._pending.append(rec)
+        else:
+            self._write_event(rec)
+
+    def _write_event(self, rec: dict) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.append(rec)
+        except Exception:                                # a full disk must not stop the gate
+            self.log_failures += 1
+
+    def _recover(self, why: str) -> bool:
+        """The recovery chain: reload the running model's source (re-read, verified, self-tested); else the
+        other slot of the store (automatic rollback, persisted); else no model (every frame faults
+        model_corrupt; retried every _RETRY_EVERY scenes). True when a verified model runs again."""
+        self.recoveries += 1
+        order, errors = [], []
+        if self._source is not None:
+            order.append(("model_reload", self._source))
+        if self.store is not None:
+            cur = getattr(self._source, "slot", None)
+            for s in self.store.resolve_active() + list(SLOTS):
+                if s != cur and all(getattr(o, "slot", None) != s for _, o in order):
+                    order.append(("model_rollback", SlotSource(self.store, s)))
+        self._drop_backend()                             # the failed runtime goes first (budget, and it is bad)
+        for code, src in order:
+            try:
+                lm = self._load(src)
+            except Exception as e:                       # ModelError, or a runtime failing while opening
+                errors.append(f"{src.label}: {e}")
+                continue
+            self._install(lm)
+            self._event(code, f"{why}; {src.label} reloaded, verified, self-test {lm.bist.detail}"[:4000], lm,
+                        duration=lm.load_s)
+            if code == "model_rollback":
+                self.rollbacks += 1
+                self._persist_pointer(src.slot, lm, f"automatic rollback: {why}")
+            return True
+        self._set_unavailable(f"{why}; " + "; ".join(errors) if errors else why)
+        return False
+
+    def scrub(self) -> str | None:
+        """Memory scrub of the runtime's own model buffer: LiteRT's interpreter reads its constant tensors
+        from the very buffer it was built from, so that buffer (not a copy) is re-hashed against the
+        verified sha256; onnxruntime exposes none (the known-answer self-test covers it). On a mismatch
+        the recovery chain reloads a verified model. Returns a note when something was repaired; raises
+        ModelIntegrityError when no verified model could be loaded (every frame then faults model_corrupt)."""
+        if not self._model_ok:
+            raise ModelIntegrityError(f"no verified model runs: {getattr(self, '_unavailable', '')}")
+        buf = getattr(self.backend, "model_buffer", None)
+        if buf is None or hashlib.sha256(buf).hexdigest() == self._loaded.sha256:
+            return None
+        why = "the runtime's model buffer failed its sha256 scrub (an upset in RAM)"
+        if self._recover(why):
+            return f"{why}; reloaded from the verified {self._source.label}"
+        raise ModelIntegrityError(f"{why}, and no verified model could be loaded: {self._unavailable}")
+
+    def _self_test(self) -> BistResult:
+        lm = self._loaded
+        self.self_tests += 1
+        self._since_bist, self._bist_due = 0, False
+        if not self._model_ok or lm is None:
+            return BistResult(False, f"no verified model runs: {getattr(self, '_unavailable', '')}")
+        t0 = self._clock.perf_counter()
+        try:
+            results = run_tiles(self.backend, lm.golden_tiles())
+            ok, detail = compare_reference(results, lm.reference)
+        except Exception as e:                           # a runtime that fails on its golden tiles failed
+            results, ok, detail = [], False, f"the runtime failed on the golden tiles: {type(e).__name__}: {e}"[:2000]
+        res = BistResult(ok, detail, results, self._clock.perf_counter() - t0, ok)
+        if ok:
+            self._event("bist_pass", detail, duration=res.seconds)
+            return res
+        self.self_test_failures += 1
+        self._event("bist_fail", detail, duration=res.seconds)
+        if self._probation is not None:
+            self._probation[1] += 1
+        self._recover(f"known-answer self-test failed: {detail}")
+        return res
+
+    def self_test(self) -> BistResult:
+        """Run the known-answer self-test now on the running interpreter (the gate also runs it every
+        update.bist_every scenes, after a runtime error and at every load). A failure runs the recovery
+        chain (reload verified, then the other slot); the result says what differed."""
+        with self._exclusive():
+            return self._self_test()
+
+    def _maintain(self) -> list[dict]:
+        """Between scenes (before this one): follow an activation, retry recovery, scrub, self-test.
+        Returns degraded events for this frame. Never raises."""
+        notes, u = [], self.config.update
+        try:
+            if self.store is not None and u.watch_active:
+                self._follow_pointer()
+            if not self._model_ok:
+                self._since_retry += 1
+                if self._since_retry >= _RETRY_EVERY:
+                    self._since_retry = 0
+                    if self._recover(f"retrying after: {getattr(self, '_unavailable', '')}"[:1000]):
+                        notes.append(event("model_bist_recovered", "a verified model loads again"))
+                return notes
+            se = self.config.scrub_every
+            if se and self._scenes % se == 0:
+                try:
+                    note = self.scrub()
+                except ModelIntegrityError:
+                    return notes
+                if note:
+                    notes.append(event("model_scrub_repaired", note))
+            self._since_bist += 1
+            if self._model_ok and (self._bist_due or (u.bist_every and self._since_bist >= u.bist_every)):
+                res = self._self_test()
+                if not res.passed and self._model_ok:
+                    notes.append(event("model_bist_recovered", f"self-test failed ({res.detail[:300]}); "
+                                                               f"{self._source.label} reloaded and self-tested"))
+        except Exception as e:                           # maintenance must never take the loop down
+            self._bist_due = True
+            self._event("bist_fail", f"model maintenance failed: {type(e).__name__}: {e}"[:2000])
+        return notes
+
+    def _follow_pointer(self) -> None:
+        """An activation made outside the gate (python -m flight model activate): load the new active slot
+        verified and self-tested, then switch; if it does not verify, keep the running model."""
+        sig = self._stat_pointer()
+        if sig == self._pointer_sig:
+            return
+        self._pointer_sig = sig
+        p = self.store.read_pointer()
+        lm = self._loaded
+        if p is None or (lm is not None and self._model_ok and lm.slot == p.slot
+                         and lm.package_sha256 == p.package_sha256):
+            return
+        try:
+            self._switch_to(SlotSource(self.store, p.slot), f"active pointer -> slot {p.slot} (generation {p.generation})")
+        except Exception:                                # logged (model_switch_refused); the running model stays
+            return
+
+    def _switch_to(self, src: Source, why: str, probation: bool = True):
+        prev = self._loaded if self._model_ok else None
+        try:
+            lm = self._load(src)                         # the running model stays until this one verified
+        except Exception as e:
+            self._event("model_switch_refused", f"{why}: {src.label} refused: {e}"[:4000])
+            raise
+        self._install(lm)
+        if prev is not None:
+            self._prev_source = prev.source
+        self._event("model_switch", f"{why}: {lm.card.name} verified, self-test {lm.bist.detail}"[:4000], lm,
+                    duration=lm.load_s)
+        self._probation = ([self.config.update.rollback_window, 0, prev.source, why]
+                           if probation and prev is not None else None)
+        return lm
+
+    def _after_decision(self, d: "Decision") -> None:
+        """Probation after a switch: too many model faults in the window -> automatic rollback."""
+        p = self._probation
+        if p is None:
+            return
+        p[0] -= 1
+        if d.fault_code in _MODEL_FAULTS or any(e.get("code") == "deadline" for e in d.degraded):
+            p[1] += 1
+        u = self.config.update
+        if p[1] > u.rollback_fault_rate * u.rollback_window:
+            self._probation = None
+            why = (f"automatic rollback: {p[1]} model-attributable faults in the first {u.rollback_window - p[0]} "
+                   f"scenes after {p[3]} (limit {u.rollback_fault_rate:.0%} of {u.rollback_window})")
+            try:
+                lm = self._switch_to(p[2], why, probation=False)
+            except Exception:
+                return
+            self.rollbacks += 1
+            self._event("model_rollback", why, lm)
+            if self.store is not None and lm.slot:
+                self._persist_pointer(lm.slot, lm, why)
+        elif p[0] <= 0:
+            self._probation = None
+
+    # ------------------------------------------------------------------ model update API (between scenes)
+    def _exclusive(self):
+        gate = self
+
+        class _Guard:
+            def __enter__(self_):
+                if not gate._busy.acquire(blocking=False):
+                    raise ConcurrentUseError("a model operation was requested while process() runs; call it between "
+                                             "scenes from the thread that gates")
+
+            def __exit__(self_, *exc):
+                gate._busy.release()
+
+        return _Guard()
+
+    def swap_model(self, model: str | Path | None = None, *, slot: str | None = None) -> dict:
+        """Swap the running model between scenes, without a restart: model = a package (.cgpkg), a card or
+        an artifact (unsigned; refused with update.require_signed), or slot = a store slot (the store's
+        active pointer then follows). The new model is verified, checked against its card and self-tested
+        before it replaces the running one, within memory_budget_mib; on any failure the running model
+        stays (ModelError). The previous model is kept as the rollback target, and the next
+        update.rollback_window scenes are watched (automatic rollback on model-attributable faults)."""
+        with self._exclusive():
+            if slot is not None:
+                if self.store is None:
+                    raise ModelError("swap_model(slot=...) needs a model store (config update.store)")
+                if slot not in SLOTS:
+                    raise ModelError(f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+                src = SlotSource(self.store, slot)
+            else:
+                src = self._source_for(model)
+            lm = self._switch_to(src, f"swap_model({src.label})")
+            if self.store is not None and lm.slot:
+                self._persist_pointer(lm.slot, lm, "swap_model")
+            return self.model_status()
+
+    def install(self, package: str | Path, activate: bool = False) -> dict:
+        """Install an uploaded package into the store's standby slot (verified and self-tested there);
+        activate=True then switches to it (store pointer and the running model)."""
+        if self.store is None:
+            raise ModelError("install needs a model store (config update.store)")
+        with self._exclusive():
+            try:
+                out = self.store.install(package)
+            except ModelError as e:
+                self._event("model_install_refused", f"{package}: {e}"[:4000])
+                raise
+            self._event("model_install", f"{out['name']} installed in slot {out['slot']}: {out['bist']}"[:4000],
+                        duration=out["seconds"])
+        if activate:
+            out["activated"] = self.activate(out["slot"])
+        return out
+
+    def activate(self, slot: str | None = None) -> dict:
+        """Switch the store's active pointer to slot (default: the standby one), then run it."""
+        if self.store is None:
+            raise ModelError("activate needs a model store (config update.store)")
+        with self._exclusive():
+            res = self.store.activate(slot)
+            self._pointer_sig = self._stat_pointer()
+            if self._loaded is None or self._loaded.package_sha256 != res["package_sha256"] or not self._model_ok:
+                self._switch_to(SlotSource(self.store, res["slot"]), f"activate slot {res['slot']}")
+            return self.model_status()
+
+    def rollback(self) -> dict:
+        """Manual rollback: the store's other slot (verified and self-tested first), or without a store the
+        model that ran before the last swap."""
+        with self._exclusive():
+            if self.store is not None:
+                res = self.store.rollback()
+                self._pointer_sig = self._stat_pointer()
+                lm = self._switch_to(SlotSource(self.store, res["slot"]), "manual rollback", probation=False)
+            else:
+                prev = self._prev_source
+                if prev is None:
+                    raise ModelError("nothing to roll back to: no model ran before this one")
+                lm = self._switch_to(prev, "manual rollback", probation=False)
+            self.rollbacks += 1
+            self._event("model_rollback", f"manual rollback to {lm.source.label}", lm)
+            return self.model_status()
+
+    def model_status(self) -> dict:
+        lm = self._loaded
+        return {"running": bool(self._model_ok), "model_name": self.card.name if lm else "",
+                "model_sha256": lm.sha256 if lm else "", "package_sha256": lm.package_sha256 if lm else "",
+                "slot": lm.slot if lm else "", "source": lm.source.label if lm else "", "backend": self.backend.name,
+                "signed": bool(lm and lm.source.signed), "self_tests": self.self_tests,
+                "self_test_failures": self.self_test_failures, "recoveries": self.recoveries,
+                "rollbacks": self.rollbacks, "unavailable": None if self._model_ok else getattr(self, "_unavailable", ""),
+                "buffer_bytes": self.buffer_bytes}
 
     # ------------------------------------------------------------------ public API
     def process(self, scene, band_names, scene_id: str = "", mask_out: np.ndarray | None = None,
@@ -372,14 +778,15 @@ class CloudGate:
 
     def _process_guarded(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry,
                          strict) -> Decision:
-        t0 = self._clock.monotonic()
         strict = self.config.strict if strict is None else strict
         self._scenes += 1
-        note = None
+        notes = self._maintain()                          # between scenes: not counted in this scene's latency
+        t0 = self._clock.monotonic()
         try:
             self._check_args(scene_id, priority, target_id)
-            if self.config.scrub_every and (self._scenes % self.config.scrub_every == 0 or not self._model_ok):
-                note = self.scrub()
+            if not self._model_ok:
+                raise ModelIntegrityError(f"no verified model runs (every frame faults until one verifies): "
+                                          f"{self._unavailable}"[:2000])
             d = self._process(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0)
         except CloudGateError as e:
             if strict:
@@ -388,14 +795,15 @@ class CloudGate:
         except Exception as e:
             # anything unexpected on one frame (runtime, numpy, a caller's object) must not kill the loop;
             # KeyboardInterrupt / SystemExit still propagate
+            self._bist_due = True                         # a runtime error: self-test before the next scene
             if strict:
                 raise
             d = self._fault(scene, scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
         if d.action == "fault":
             _mark_no_decision(mask_out)
-        if note:
-            d.degraded.append(event("model_scrub_repaired", note))
+        d.degraded.extend(notes)
         self._record(d)
+        self._after_decision(d)
         return d
 
     @staticmethod
@@ -459,7 +867,8 @@ class CloudGate:
             tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
             clear_tiles=pd.clear_tiles, partial=pd.partial, early_exit=scan.early,
             latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
-            model_sha256=self.card.sha256_of_loaded, backend=self.backend.name, policy_version=cfg.policy.version,
+            model_sha256=self._loaded.sha256, backend=self.backend.name, policy_version=cfg.policy.version,
+            package_sha256=self._loaded.package_sha256, model_slot=self._loaded.slot,
             degraded=events, scene_id=str(scene_id), target_id=target_id, priority=int(priority), grid=(ny, nx),
             scene_bytes=scene_bytes, downlink_bytes=self._downlink_bytes(pd, scene_bytes, nx, h * w),
             infer_s=scan.infer_s, tile_pixels=self._tile * self._tile, core_pixels=step,
@@ -593,7 +1002,9 @@ class CloudGate:
                         valid_fraction=0.0, fault=reason, fault_code=code, scene_id=scene_id, target_id=target_id,
                         priority=int(priority) if ok_priority else 0, scene_bytes=scene_bytes,
                         latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
-                        model_sha256=self.card.sha256_of_loaded, backend=self.backend.name,
+                        model_sha256=self._loaded.sha256 if self._loaded else "", backend=self.backend.name,
+                        package_sha256=self._loaded.package_sha256 if self._loaded else "",
+                        model_slot=self._loaded.slot if self._loaded else "",
                         policy_version=self.config.policy.version, tile_pixels=self._tile * self._tile,
                         core_pixels=self._step)
 

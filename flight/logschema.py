@@ -8,13 +8,16 @@ rendered from this table (render_markdown(); tests/test_decision_log.py checks t
 Version history
   1  degraded was free text ("; "-joined); no rule / reason / thresholds
   2  degraded is a list of coded events {code, severity, text}; rule, reason, thresholds added
+  3  model events (install, switch, rollback, self-test, ...) are records of their own ("kind":
+     "model_event", written by model_event()); decisions name the signed package and slot their model
+     came from (package_sha256, model_slot)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_ID_CHARS = 256               # scene_id / target_id
 
 _NUM = (int, float)
@@ -36,7 +39,28 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
     EventCode("deadline", "warning", "the deadline stopped the tile scan; the decision uses the visited tiles only"),
     EventCode("partial_list_incomplete", "info", "the partial-downlink list covers the visited tiles only"),
     EventCode("low_valid_fraction", "warning", "valid fraction below policy.min_valid_fraction: too little data to judge"),
-    EventCode("model_scrub_repaired", "warning", "the loaded model image failed its sha256 scrub and was reloaded"),
+    EventCode("model_scrub_repaired", "warning", "the runtime's own model buffer (LiteRT: the flatbuffer the "
+              "interpreter reads) failed its sha256 scrub; the model was reloaded verified before this frame"),
+    EventCode("model_bist_recovered", "warning", "the known-answer self-test before this frame failed (or a runtime "
+              "error preceded it); the model was reloaded or rolled back, verified and self-tested, before gating it"),
+    # model events: records of their own (kind "model_event"), written between frames
+    EventCode("model_loaded", "info", "the gate loaded a verified model (start, swap, reload) and it passed its "
+              "known-answer self-test"),
+    EventCode("model_install", "info", "a package verified (signature, card <-> model, self-test) in the standby slot"),
+    EventCode("model_install_refused", "error", "a package was refused (signature, truncation, card <-> model "
+              "mismatch, self-test); nothing active changed"),
+    EventCode("model_switch", "info", "the active model changed (pointer switched and/or the gate swapped models)"),
+    EventCode("model_switch_refused", "error", "a switch was refused: the target failed verification or its "
+              "self-test; the running model stays"),
+    EventCode("model_rollback", "warning", "back to the other slot (manual, or automatic: self-test failures or "
+              "the new model's fault rate over the limit; the text says which)"),
+    EventCode("model_reload", "warning", "the model was reloaded from its verified file or slot after a failed "
+              "self-test, a failed scrub or a runtime error"),
+    EventCode("bist_pass", "info", "periodic known-answer self-test on the running interpreter passed"),
+    EventCode("bist_fail", "error", "known-answer self-test failed: the running interpreter's outputs differ from "
+              "the reference (the text names the tiles)"),
+    EventCode("model_unavailable", "error", "no model verifies (both slots, or the configured model): every frame "
+              "faults model_corrupt until one does; recovery is retried"),
     EventCode("log_write_failed", "error", "this decision could not be written to the decision log"),
     EventCode("legacy", "warning", "free-text note from a schema-1 log (read back as one event per '; ' part)"),
 )}
@@ -53,17 +77,23 @@ class Field:
     types: tuple
     unit: str
     meaning: str
-    writer: Literal["log", "decision"] = "decision"
+    writer: Literal["log", "decision", "event", "both"] = "decision"   # both: decision and model-event records
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("schema", (int,), "-", "record schema version (this table: 2)", "log"),
+    Field("schema", (int,), "-", f"record schema version (this table: {SCHEMA_VERSION})", "log"),
     Field("seq", (int,), "-", "record sequence number, +1 per record across rotations and restarts", "log"),
     Field("utc", (str,), "ISO 8601 UTC", "wall-clock time the record was written (may jump; use mono_ns to order)",
           "log"),
     Field("mono_ns", (int,), "ns", "monotonic clock when the record was written (this boot only)", "log"),
     Field("log_recreated", (bool,), "-", "present and true on the first record after the log file was deleted or "
                                          "replaced under the writer", "log"),
+    Field("kind", (str,), "-", "record kind: absent on decisions; \"model_event\" on model events", "event"),
+    Field("event", (str,), "-", "model event code (event table below: model_install, model_switch, "
+                                "model_rollback, bist_pass, bist_fail, ...)", "event"),
+    Field("severity", (str,), "-", "info | warning | error (of the model event)", "event"),
+    Field("text", (str,), "-", "what happened, with the numbers (model event)", "event"),
+    Field("duration_s", _NUM, "s", "how long the operation took (model event; 0 when not timed)", "event"),
     Field("action", (str,), "-", "downlink | discard | reacquire | fault"),
     Field("rule", (str,), "-", "which rule decided: threshold | hysteresis | min_valid_fraction | early_exit | "
                                "deadline | fault"),
@@ -94,9 +124,12 @@ FIELDS: tuple[Field, ...] = (
                                           "its dtype), not the size of a downlink product; 0 when unknown"),
     Field("downlink_bytes", (int,), "bytes", "share of scene_bytes to downlink (scene_bytes x clear-tile area / "
                                              "scene area when partial; 0 for discard, reacquire, fault)"),
-    Field("model_name", (str,), "-", "model card name"),
-    Field("model_sha256", (str,), "hex", "sha256 of the loaded model artifact (from its card)"),
-    Field("backend", (str,), "-", "litert | onnxruntime"),
+    Field("model_name", (str,), "-", "model card name", "both"),
+    Field("model_sha256", (str,), "hex", "sha256 of the loaded model artifact (from its card)", "both"),
+    Field("package_sha256", (str,), "hex", "sha256 of the signed package the model came from; empty for an "
+                                           "unsigned card (the checkout / factory path)", "both"),
+    Field("model_slot", (str,), "-", "A/B store slot the model came from (a | b); empty outside a store", "both"),
+    Field("backend", (str,), "-", "litert | onnxruntime", "both"),
     Field("policy_version", (str,), "-", "policy.version of the gate config"),
     Field("degraded", (list,), "-", "events [{code, severity, text}] (codes in the event table below); empty "
                                     "when nothing was degraded"),
@@ -109,9 +142,23 @@ FIELDS: tuple[Field, ...] = (
     Field("hysteresis", _OPT_STR, "-", "set when the target's previous action changed this action (as reason)"),
 )
 FIELD_TYPES: dict[str, tuple] = {f.name: f.types for f in FIELDS}
-DECISION_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer == "decision")
+DECISION_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer in ("decision", "both"))
+EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer in ("event", "both"))
 LOG_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.writer == "log")
 _V1_TYPES = dict(FIELD_TYPES, degraded=_OPT_STR)
+MODEL_EVENT = "model_event"
+
+
+def model_event(code: str, text: str, *, model_name: str = "", model_sha256: str = "", package_sha256: str = "",
+                model_slot: str = "", backend: str = "", duration_s: float = 0.0) -> dict:
+    """A model-event record (EVENT_FIELDS; DecisionLog.append adds the log fields); code in EVENT_CODES."""
+    return {"kind": MODEL_EVENT, "event": code, "severity": EVENT_CODES[code].severity, "text": str(text)[:4000],
+            "model_name": model_name, "model_sha256": model_sha256, "package_sha256": package_sha256 or "",
+            "model_slot": model_slot or "", "backend": backend, "duration_s": round(float(duration_s), 6)}
+
+
+def is_model_event(rec: dict) -> bool:
+    return rec.get("kind") == MODEL_EVENT
 
 
 def validate_record(rec) -> str | None:
@@ -136,6 +183,11 @@ def validate_record(rec) -> str | None:
     for k in ("scene_id", "target_id"):
         if isinstance(rec.get(k), str) and len(rec[k]) > MAX_ID_CHARS:
             return f"field {k!r} is {len(rec[k])} characters long (max {MAX_ID_CHARS})"
+    kind = rec.get("kind")
+    if kind is not None and kind != MODEL_EVENT:
+        return f"unknown record kind {kind!r:.40}"
+    if kind == MODEL_EVENT and (not isinstance(rec.get("event"), str) or rec.get("severity") not in SEVERITIES):
+        return "model event without an event code and severity"
     deg = rec.get("degraded")
     if isinstance(deg, list) and not all(isinstance(e, dict) and isinstance(e.get("code"), str)
                                          and e.get("severity") in SEVERITIES for e in deg):
@@ -146,14 +198,18 @@ def validate_record(rec) -> str | None:
 def upgrade(rec: dict) -> dict:
     """A valid record of any version as a SCHEMA_VERSION record (a copy when anything changes): schema-1
     free-text degraded notes become "legacy" events; missing rule/reason/thresholds are filled."""
-    if rec.get("schema", 1) >= SCHEMA_VERSION:
+    version = rec.get("schema", 1)
+    if version >= SCHEMA_VERSION:
         return rec
     r = dict(rec)
-    text = r.get("degraded")
-    r["degraded"] = [event("legacy", part) for part in text.split("; ") if part] if text else []
-    r.setdefault("rule", "fault" if r.get("action") == "fault" else "")
-    r.setdefault("reason", r.get("fault") or "")
-    r.setdefault("thresholds", {})
+    if version < 2:
+        text = r.get("degraded")
+        r["degraded"] = [event("legacy", part) for part in text.split("; ") if part] if text else []
+        r.setdefault("rule", "fault" if r.get("action") == "fault" else "")
+        r.setdefault("reason", r.get("fault") or "")
+        r.setdefault("thresholds", {})
+    r.setdefault("package_sha256", "")
+    r.setdefault("model_slot", "")
     return r
 
 
@@ -187,9 +243,16 @@ def render_markdown() -> str:
                                                              "dict": "object"}[t.__name__] for t in f.types)
         if f.types == _NUM:
             types = "number"
-        out.append(f"| `{f.name}` | {types} | {f.unit} | {f.meaning.replace('|', chr(92) + '|')} | "
-                   f"{'DecisionLog.append' if f.writer == 'log' else 'Decision.to_record'} |")
-    out += ["", "## Degraded events", "", "| code | severity | meaning |", "|---|---|---|"]
+        writer = {"log": "DecisionLog.append", "decision": "Decision.to_record", "event": "model_event",
+                  "both": "Decision.to_record, model_event"}[f.writer]
+        out.append(f"| `{f.name}` | {types} | {f.unit} | {f.meaning.replace('|', chr(92) + '|')} | {writer} |")
+    out += ["", "## Events", "",
+            "One table of coded events (F Prime style). Codes up to `model_bist_recovered` appear in a decision's "
+            "`degraded` list; the `model_*` and `bist_*` codes are model-event records of their own "
+            "(`\"kind\": \"model_event\"`, fields written by `model_event`: kind, event, severity, text, "
+            "model_name, model_sha256, package_sha256, model_slot, backend, duration_s, plus the log fields), "
+            "written by the gate to its decision log and by the model store (`python -m flight model ...`) to "
+            "STORE/journal.jsonl.", "", "| code | severity | meaning |", "|---|---|---|"]
     out += [f"| `{e.code}` | {e.severity} | {e.meaning} |" for e in EVENT_CODES.values()]
     out += ["", "## Rules", "",
             "`rule` names what decided the action: `threshold` (cloud fraction against the thresholds in force), "
@@ -200,6 +263,7 @@ def render_markdown() -> str:
             "", "## Versions", "",
             "- 1: `degraded` was free text joined by \"; \"; no `rule`, `reason`, `thresholds`, `core_pixels`. "
             "Readers upgrade such records: each part becomes a `legacy` event.",
-            f"- {SCHEMA_VERSION}: `degraded` is a list of coded events; `rule`, `reason`, `thresholds`, "
-            "`core_pixels` added.", ""]
+            "- 2: `degraded` is a list of coded events; `rule`, `reason`, `thresholds`, `core_pixels` added.",
+            f"- {SCHEMA_VERSION}: model-event records (`kind`, `event`, `severity`, `text`, `duration_s`); decisions "
+            "carry `package_sha256` and `model_slot`. Readers upgrade older decisions with both empty.", ""]
     return "\n".join(out)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .decisionlog import read_log
+from .logschema import is_model_event
 from .policy import ACTIONS, RULES
 
 BYTES_MEANING = ('"bytes" = in-memory size of each scene array as passed to the gate (every band at its dtype, '
@@ -65,11 +66,13 @@ def summarize(path: str | Path, png: str | None = None, action: str | None = Non
               limit: int = 50) -> str:
     """The summary text (and the PNG when asked). limit: frames listed (0 = all)."""
     res = read_log(path)
-    recs = res.records
+    events = [r for r in res.records if is_model_event(r)]
+    recs = [r for r in res.records if not is_model_event(r)]           # decisions
     counts = Counter(r.get("action", "?") for r in recs)
     rules = Counter(r.get("rule") or "-" for r in recs)
     lat = [float(r.get("latency_s", 0.0)) * 1e3 for r in recs]
-    lines = [f"decision log {path}: {len(recs)} intact records, {len(res.problems)} skipped lines"]
+    lines = [f"decision log {path}: {len(res.records)} intact records, {len(res.problems)} skipped lines "
+             f"({len(recs)} decisions, {len(events)} model events)"]
     for p in res.problems[:20]:
         lines.append(f"  skipped {Path(p.file).name}:{p.line}: {p.reason}")
     lines.append("actions: " + ", ".join(f"{k}={counts.get(k, 0)}" for k in ACTIONS))
@@ -79,7 +82,13 @@ def summarize(path: str | Path, png: str | None = None, action: str | None = Non
     lines += _volume(recs)
     if lat:
         lines.append(f"latency ms: p50={_pct(lat, 50):.1f} p90={_pct(lat, 90):.1f} p99={_pct(lat, 99):.1f} max={max(lat):.1f}")
-    seqs = [r.get("seq") for r in recs if isinstance(r.get("seq"), int)]
+    if events:
+        ev = Counter(r.get("event") for r in events)
+        lines.append("model events: " + ", ".join(f"{k}={v}" for k, v in sorted(ev.items())))
+        for r in [r for r in events if r.get("severity") != "info"][-10:]:
+            lines.append(f"  {r.get('seq', '-'):>6} {r.get('utc', '')[:19]:19s} {r.get('event', ''):22s} "
+                         f"{r.get('model_name', '')} {r.get('model_slot', '') or ''} {str(r.get('text', ''))[:160]}")
+    seqs = [r.get("seq") for r in res.records if isinstance(r.get("seq"), int)]
     gaps = sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
     lines.append(f"sequence: {seqs[0] if seqs else '-'}..{seqs[-1] if seqs else '-'}, {gaps} gap(s)")
     sel = [r for r in recs if matches(r, action, reason)]

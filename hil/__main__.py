@@ -1,4 +1,5 @@
 """python -m hil run --board BOARD --stream STREAM --out DIR [--faults SPEC] [--frames N] [--realtime]
+   python -m hil update --board B [--board B2] [--backend litert|onnxruntime ...] --updates N --out DIR
    python -m hil boards
    python -m hil arm-setup | arm-check"""
 from __future__ import annotations
@@ -25,6 +26,11 @@ def _print_decisions(out: Path, limit: int = 60) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["update"]:                       # the in-orbit update campaign (hil/update.py)
+        from .update import main as update_main
+
+        return update_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m hil")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="replay a stream on an emulated board; exit 1 on a violated requirement")

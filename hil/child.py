@@ -51,14 +51,15 @@ def main(argv=None) -> int:
     from flight import CloudGate, ModelIntegrityError
     from flight.model import default_card, load_card
 
-    from .faults import (FaultBackendFactory, FaultClock, apply_frame_faults, apply_radiometry_fault,
-                         flip_bit_in_bytes, flip_bits)
+    from .faults import (FaultBackendFactory, FaultClock, apply_frame_faults, apply_radiometry_fault, flip_bits,
+                         flip_runtime_weights)
     from .streams import StreamItem, load_item
 
     # fault injectors enter through the gate's ports (flight.ports), never by patching flight internals
     clock, backends = FaultClock(), FaultBackendFactory()
     gate = CloudGate.from_model(job.get("model"), clock=clock, backend_factory=backends, backend=job["backend"],
                                 threads=threads, deadline_s=job["deadline_s"],
+                                update={"bist_every": int(job.get("bist_every", 50))},
                                 log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
     baseline_vms = _status_kib("VmSize")
     limit = (baseline_vms * 1024 + int(job["budget_mib"] * 2**20) + int(job["frame_headroom_mib"] * 2**20))
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
                     rec["model_file_refused"] = False
                 except ModelIntegrityError:
                     rec["model_file_refused"] = True
-            if "seu_weights" in faults:
-                rec["weights_flipped_at"] = flip_bit_in_bytes(backends.model_image, rng)
+            if "seu_weights" in faults:                 # in the weights the runtime executes (not a copy)
+                rec["weights_flipped_at"] = flip_runtime_weights(backends.backend, 1, rng)
             clock.wall_offset_s = float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6])) if "clock_jump" in faults else 0.0
             ballast = None
             if "memory_pressure" in faults:

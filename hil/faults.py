@@ -13,7 +13,8 @@ from flight.ports import SystemClock
 FAULT_CLASSES = (
     "seu_frame",        # single-event upsets: bit flips in the frame bytes
     "seu_model_file",   # bit flip in a copy of the model file -> must be refused at load
-    "seu_weights",      # bit flip in the loaded model image in RAM -> caught by the gate's scrub
+    "seu_weights",      # bit flips in the weights the runtime executes (hil.faults.runtime_weight_regions):
+                        # caught by the gate's scrub (LiteRT's own buffer) or its known-answer self-test
     "truncated_frame",  # frame cut short (rows missing)
     "short_frame",      # frame missing bands (shape no longer matches its band list)
     "nan_burst",        # blocks of NaN / Inf (no-data fill for integer frames)
@@ -143,19 +144,33 @@ class FaultClock(SystemClock):
 
 
 class FaultBackendFactory:
-    """The gate's backend-factory port: opens the real runtime (flight.backends.open_backend) behind a
-    wrapper whose infer() can be stalled per frame (deadline_overrun), and keeps the verified model bytes
-    the gate handed over (model_image), where seu_weights flips a bit as an upset in RAM would."""
+    """The gate's backend-factory port: opens the real runtime behind a wrapper whose infer() can be
+    stalled per frame (deadline_overrun), and keeps the last backend it opened (backend), whose executed
+    weights seu_weights upsets (runtime_weight_regions / flip_runtime_weights). onnxruntime sessions are
+    opened with pre-packing disabled, so the initializers it executes are the ones found in memory (with
+    pre-packing its packed copies have no findable layout). model_image: the bytes the gate handed over
+    (for LiteRT the very buffer the interpreter reads; for onnxruntime a copy it never reads)."""
 
     def __init__(self):
         self.stall_s = 0.0
         self.model_image: bytes | None = None
+        self.backend = None
+        self.opened = 0
 
     def __call__(self, path, model_bytes, kind, threads, tile, n_bands):
-        from flight.backends import open_backend
+        from flight.backends import OrtBackend, open_backend
 
         self.model_image = model_bytes
-        return _StallableBackend(open_backend(path, model_bytes, kind, threads, tile, n_bands), self)
+        onnx = kind == "onnxruntime" or (kind == "auto" and str(path).endswith(".onnx"))
+        if onnx:
+            inner = OrtBackend(path, model_bytes, threads, tile, n_bands,
+                               session_config={"session.disable_prepacking": "1"})
+        else:
+            inner = open_backend(path, model_bytes, kind, threads, tile, n_bands)
+        self.backend = _StallableBackend(inner, self)
+        self.backend.hil_onnx = model_bytes if onnx else None    # where its initializers are looked up
+        self.opened += 1
+        return self.backend
 
 
 class _StallableBackend:
@@ -163,6 +178,8 @@ class _StallableBackend:
 
     def __init__(self, inner, factory: FaultBackendFactory):
         self._inner, self._factory = inner, factory
+        self.hil_onnx = None                     # harness-side bookkeeping of the weights (runtime_weight_regions)
+        self.hil_regions = self.hil_weights = None
 
     def __getattr__(self, name):                 # name, tile, n_bands, input_affine, input_range, planes
         return getattr(self._inner, name)
@@ -171,3 +188,127 @@ class _StallableBackend:
         if self._factory.stall_s:
             time.sleep(self._factory.stall_s)
         self._inner.infer(planes, mask_out)
+
+
+# ---------------------------------------------------------------- upsets in the weights the runtime executes
+def _litert_regions(inner) -> list[tuple[int, int]]:
+    """LiteRT: the constant tensors (weights, biases) inside the buffer the interpreter was built from
+    (located through the interpreter's own tensor data pointers)."""
+    buf = inner.model_buffer
+    base = id(buf) + sys.getsizeof(b"") - 1
+    out = []
+    for t in inner.it.get_tensor_details():
+        try:
+            v = inner.it.tensor(t["index"])()
+        except ValueError:
+            continue
+        a, n = v.ctypes.data, v.nbytes
+        del v
+        if base <= a and a + n <= base + len(buf) and n >= 8:
+            out.append((a, n, len(out)))
+    return out
+
+
+def _ort_regions(wrapper) -> list[tuple[int, int, int]]:
+    """onnxruntime (pre-packing disabled): every copy in this process's anonymous memory of each int8 /
+    int32 initializer of the model, found by its first 64 bytes. The session's own copy is among them
+    (the others are dead parse copies; upsetting them too is harmless)."""
+    import re
+
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(wrapper.hil_onnx)
+    pats = []
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        head = a.tobytes()[:64]
+        if a.nbytes >= 128 and a.dtype.kind in "iu" and len(set(head)) >= 24:   # distinctive: real weights
+            pats.append((head, a.tobytes()))
+    del m
+    regions = []
+    with open("/proc/self/maps") as f:
+        maps = [ln.split() for ln in f]
+    chunk, over = 4 << 20, 64                                # bounded reads (the gate runs under RLIMIT_AS)
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        for parts in maps:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if "rw" not in parts[1] or (len(parts) > 5 and not parts[5].startswith("[heap")) or hi - lo > 1 << 30:
+                continue
+            pos = lo
+            while pos < hi:
+                try:
+                    mem.seek(pos)
+                    blob = mem.read(min(chunk + over, hi - pos))
+                except OSError:
+                    break
+                for pid, (pat, full) in enumerate(pats):
+                    for hit in re.finditer(re.escape(pat), blob):
+                        if hit.start() >= chunk:
+                            continue                        # found again by the next chunk
+                        a = pos + hit.start()
+                        try:
+                            mem.seek(a)
+                            if mem.read(len(full)) == full:  # a whole, live copy
+                                regions.append((a, len(full), pid))
+                        except OSError:
+                            pass
+                pos += chunk
+    wrapper.hil_weights = {pid: full for pid, (_, full) in enumerate(pats)}
+    return regions
+
+
+def runtime_weight_regions(backend) -> list[tuple[int, int, int]]:
+    """(address, bytes, group) of the weights the given backend's runtime executes, where the harness can
+    reach them (group: copies of one tensor share it); cached on the backend."""
+    if not isinstance(backend, _StallableBackend):
+        raise TypeError("runtime_weight_regions needs a backend opened by FaultBackendFactory")
+    if backend.hil_regions is None:
+        inner = backend._inner
+        backend.hil_regions = (_litert_regions(inner) if getattr(inner, "model_buffer", None) is not None else
+                               _ort_regions(backend) if backend.hil_onnx is not None else [])
+    return backend.hil_regions
+
+
+def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list[int]:
+    """Flip n_bits random bits in the runtime's executed weights (through /proc/self/mem, as an upset
+    ignores page protection). onnxruntime: the same offset of one initializer is flipped in every copy
+    found, so the session's own copy is hit. Returns the offsets flipped ([] when nothing is reachable)."""
+    regions = runtime_weight_regions(backend)
+    if not regions:
+        return []
+    groups: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for a, n, g in regions:                                  # the copies of one tensor form a group
+        groups.setdefault(g, []).append(a)
+        sizes[g] = n
+    keys = sorted(groups)
+    expect = backend.hil_weights                            # onnxruntime: what a live copy still holds
+    flipped, copies = [], 0
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        if expect is not None:                              # parse copies freed since the scan: not ours to touch
+            live = {}
+            for k in keys:
+                for a in groups[k]:
+                    try:
+                        mem.seek(a)
+                        if mem.read(sizes[k]) == expect[k]:
+                            live.setdefault(k, []).append(a)
+                    except OSError:                         # unmapped since the scan
+                        pass
+            groups, keys = live, sorted(live)
+        for _ in range(n_bits if keys else 0):
+            k = keys[int(rng.integers(len(keys)))]
+            off, bit = int(rng.integers(sizes[k])), int(rng.integers(8))
+            for a in groups[k]:
+                try:
+                    mem.seek(a + off)
+                    v = mem.read(1)[0]
+                    mem.seek(a + off)
+                    mem.write(bytes([v ^ (1 << bit)]))
+                    copies += 1
+                except OSError:
+                    continue
+            flipped.append(off)
+    backend.hil_copies_flipped = copies
+    return flipped

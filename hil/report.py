@@ -68,7 +68,10 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
                                 "outcomes": {"killed_and_restarted": events["hard_kills"]}}
     refused = [f["model_file_refused"] for f in frames if "model_file_refused" in f]
-    scrubbed = ["model_scrub_repaired" in _event_codes(f) for f in processed if "seu_weights" in f.get("faults", [])]
+    # an upset in the runtime's executed weights is caught by the scrub of the runtime's own buffer (LiteRT)
+    # or by the known-answer self-test (both backends) before the frame is gated
+    scrubbed = [bool({"model_scrub_repaired", "model_bist_recovered"} & _event_codes(f)) for f in processed
+                if "seu_weights" in f.get("faults", []) and f.get("weights_flipped_at")]
     n_faults = sum(s["injected"] for s in fault_stats.values())
     implausible = [f for f in processed if "implausible_radiometry" in f.get("faults", [])]
     implausible_gated = [f for f in implausible if f["action"] != "fault"]
@@ -88,7 +91,8 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
                      f"{sum(map(bool, refused))}/{len(refused)} refused"))
     if rates.get("seu_weights"):
         reqs.append(("weight upsets caught by scrub", bool(scrubbed) and all(scrubbed),
-                     f"{sum(scrubbed)}/{len(scrubbed)} caught"))
+                     f"{sum(scrubbed)}/{len(scrubbed)} upsets in the runtime's executed weights caught (scrub of "
+                     "its own buffer or known-answer self-test) before the frame was gated"))
     if rates.get("implausible_radiometry"):
         reqs.append(("implausible radiometry never gated", bool(implausible) and not implausible_gated,
                      f"{len(implausible) - len(implausible_gated)}/{len(implausible)} frames faulted"))

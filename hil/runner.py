@@ -61,7 +61,9 @@ def run_board(board: Board | str, stream: str, out: Path, faults: str | None = N
            "deadline_s": board.deadline_s, "budget_mib": board.gate_budget_mib,
            "frame_headroom_mib": 64 + 6 * max_frame_mib,  # frame buffers belong to the payload, not the gate
            "items": [asdict(it) for it in items], "plan": schedule, "seed": seed, "period_s": board.period_s,
-           "realtime": realtime, "macs_per_pixel": float(card.raw["macs_per_pixel"])}
+           "realtime": realtime, "macs_per_pixel": float(card.raw["macs_per_pixel"]),
+           # seu_weights: self-test before every frame, so an upset is caught before it gates a frame
+           "bist_every": 1 if rates.get("seu_weights") else 50}
     (out / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0}

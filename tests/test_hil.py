@@ -11,7 +11,7 @@ import yaml
 
 from hil.boards import BOARDS_DIR, ProfileError, all_boards, load_board
 from hil.faults import (FAULT_CLASSES, FaultBackendFactory, FaultClock, apply_frame_faults, flip_bit_in_bytes,
-                        parse_rates, plan)
+                        flip_runtime_weights, parse_rates, plan)
 from hil.streams import StreamError, generate_scene, load_stream
 from policy_check import assert_policy_consistent
 
@@ -96,16 +96,35 @@ def test_each_frame_fault_changes_the_frame_and_the_gate_survives(gate_litert, f
 
 @pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
 def test_weight_upset_in_ram_is_caught_by_scrub(backend):
+    """Issue 10: the upset lands in the weights the runtime executes (LiteRT: the buffer its interpreter
+    reads; onnxruntime: its own initializers), never in a copy nobody reads. LiteRT's buffer is scrubbed
+    (sha256) before every frame; onnxruntime's is caught by the known-answer self-test (bist_every 1)."""
     from flight import CloudGate
 
     ports = FaultBackendFactory()
-    gate = CloudGate.from_model(backend=backend, backend_factory=ports)
+    gate = CloudGate.from_model(backend=backend, backend_factory=ports, update={"bist_every": 1})
     scene = generate_scene("clear", 2, 256)
-    flip_bit_in_bytes(ports.model_image, np.random.default_rng(1))
+    assert flip_runtime_weights(ports.backend, 1, np.random.default_rng(1))
     d = gate.process(scene["bands"], scene["band_names"])
-    assert d.action != "fault" and [e["code"] for e in d.degraded] == ["model_scrub_repaired"]
+    expected = "model_scrub_repaired" if backend == "litert" else "model_bist_recovered"
+    assert d.action != "fault" and [e["code"] for e in d.degraded] == [expected]
+    assert gate.recoveries == 1 and ports.opened == 2               # reloaded from the verified file
     d2 = gate.process(scene["bands"], scene["band_names"])
     assert not d2.degraded
+
+
+def test_upset_in_a_copy_the_runtime_does_not_read_is_not_counted_as_caught():
+    """Issue 10 finding 2: the old scrub re-hashed gate._model_bytes, which onnxruntime never reads; 'caught'
+    upsets there never touched the running weights. The gate keeps no such copy now."""
+    from flight import CloudGate
+
+    ports = FaultBackendFactory()
+    gate = CloudGate.from_model(backend="onnxruntime", backend_factory=ports, update={"bist_every": 1})
+    assert not hasattr(gate, "_model_bytes")
+    flip_bit_in_bytes(ports.model_image, np.random.default_rng(1))     # a dead copy: outputs unchanged
+    scene = generate_scene("clear", 2, 256)
+    d = gate.process(scene["bands"], scene["band_names"])
+    assert not d.degraded and gate.self_test_failures == 0 and gate.self_tests == 1
 
 
 def test_weight_upset_with_corrupt_file_refuses_to_run(tmp_path):
@@ -120,7 +139,7 @@ def test_weight_upset_with_corrupt_file_refuses_to_run(tmp_path):
     gate = CloudGate.from_model(tmp_path / card.path.name, backend="litert", backend_factory=ports)
     f = tmp_path / card.artifacts["tflite_int8"]["file"]
     data = bytearray(f.read_bytes()); data[500] ^= 1; f.write_bytes(bytes(data))
-    flip_bit_in_bytes(ports.model_image, np.random.default_rng(2))
+    flip_runtime_weights(ports.backend, 1, np.random.default_rng(2))
     scene = generate_scene("clear", 2, 256)
     for _ in range(2):                                   # keeps refusing; never runs the bad model
         d = gate.process(scene["bands"], scene["band_names"])
@@ -319,3 +338,16 @@ def test_known_miss_is_reported_apart_and_strict(real_dir, tmp_path):
     assert not rep["passed"] and len(bad) == 1 and "remove the mark" in bad[0]["detail"], bad
     with pytest.raises(StreamError, match="known_miss"):
         load_stream(stream("orphan", [f"{{path: {clear}, known_miss: 'why'}}"]))
+
+
+def test_update_campaign_short(tmp_path):
+    """Issue 10 (HIL-09): a short update campaign through the real installer, every update fault class drawn;
+    the committed report (docs/results/update_campaign.md) is the same command at 110 updates per board."""
+    from hil.update import UPDATE_FAULTS, run_board
+
+    rep = run_board("myriad-x", tmp_path / "u", 20, 5, "litert", progress=False)
+    assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
+    for c in UPDATE_FAULTS:
+        assert rep["by_class"][c]["updates"] >= 2 and rep["by_class"][c]["as_expected"] == rep["by_class"][c]["updates"], c
+    assert rep["upsets"]["caught"] == rep["upsets"]["with_flips"] >= 1
+    assert rep["install_s_host"]["n"] >= 1 and rep["bist_s_host"]["p50"] and rep["bist_s_emulated"] > 0
