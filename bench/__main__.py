@@ -54,6 +54,7 @@ def cost(quick: bool) -> dict:
         np.savez(tmp, bands=z["bands"])
     kinds = {"teacher_ukis": "teacher_ukis", "s2cloudless": "s2cloudless", "threshold": "threshold",
              "cloudgate (LiteRT INT8, end to end)": "cloudgate:litert", "cloudgate (ORT INT8, end to end)": "cloudgate:onnxruntime",
+             "cloudgate (LiteRT INT8, decision only: no mask_out)": "cloudgate_decision:litert",
              "student invoke only (LiteRT INT8)": "invoke_only:litert"}
     out = {}
     for name, kind in kinds.items():
@@ -69,7 +70,8 @@ def cost(quick: bool) -> dict:
                 continue
             m = json.loads(r.stdout.strip().splitlines()[-1])
             out[name][f"{threads}t"] = {"mpx_per_s": round(1 / m["s_per_mpx"], 3), "ms_per_512sq": round(m["s_per_mpx"] * 0.262144 * 1e3, 2),
-                                        "peak_rss_mib": round(m["peak_rss_mib"], 1)}
+                                        "peak_rss_mib": round(m["peak_rss_mib"], 1),
+                                        **({"stages_ms_per_1024sq": m["stages_ms"]} if "stages_ms" in m else {})}
     return out
 
 
@@ -205,6 +207,13 @@ def markdown(res: dict) -> str:
                  f"{fewer(rss, rss_ref) if name != 'teacher_ukis' else rss} | "
                  + " | ".join(fewer(s.get(k, '—'), ts_.get(k)) if name != "teacher_ukis" else str(s.get(k, "—"))
                               for k in ("bytes", "parameters", "macs_per_pixel")) + " |")
+    prof = [(n, th, c[th]["stages_ms_per_1024sq"]) for n, c in res["cost"].items() for th in ("1t", "2t")
+            if "stages_ms_per_1024sq" in c.get(th, {})]
+    if prof:
+        stages = list(dict.fromkeys(k for _, _, p in prof for k in p))
+        L += ["", "Where one 1024² pass spends its time (ms, cProfile over 5 extra passes, so a little inflated):", "",
+              "| contender | threads | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+        L += [f"| {n} | {th} | " + " | ".join(str(p.get(k, "—")) for k in stages) + " |" for n, th, p in prof]
     if "mac_rate_fraction_of_peak" in res:
         L += ["", f"Student achieved MAC rate (LiteRT INT8, 2 threads): {res['mac_rate_gmacs']:.2f} GMAC/s = "
               f"{100 * res['mac_rate_fraction_of_peak']:.2f} % of the CPU INT8 peak estimate ({res['cpu']['peak_gmacs']} GMAC/s: {res['cpu']['estimate']})."]

@@ -2,7 +2,9 @@
 
 One contender's cost in a fresh process (so peak RSS is its own): the median time of R runs on the
 first four bands of SCENE tiled to 1024 x 1024, printed as one JSON line {s_per_mpx, peak_rss_mib}.
-KIND: teacher_ukis | cloudgate:litert | cloudgate:onnxruntime | s2cloudless | threshold | invoke_only:litert."""
+KIND: teacher_ukis | cloudgate:litert | cloudgate:onnxruntime | cloudgate_decision:litert (no mask_out, early exit
+off) | s2cloudless | threshold | invoke_only:litert. cloudgate kinds also report where one full pass spends its
+time ("stages_ms", from cProfile over 5 extra passes, so slightly inflated)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +18,8 @@ import numpy as np
 
 from .procstat import proc_status_mib
 
-KINDS = ("teacher_ukis", "cloudgate:litert", "cloudgate:onnxruntime", "s2cloudless", "threshold", "invoke_only:litert")
+KINDS = ("teacher_ukis", "cloudgate:litert", "cloudgate:onnxruntime", "cloudgate_decision:litert", "s2cloudless",
+         "threshold", "invoke_only:litert")
 BANDS4 = ("blue", "green", "red", "nir")
 S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
 
@@ -58,11 +61,11 @@ def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
         from ground.evaluate import teacher_mask
 
         return (lambda: teacher_mask(img, BANDS4, threads)), img
-    if kind.startswith("cloudgate:"):
+    if kind.startswith("cloudgate"):
         from flight import CloudGate
 
         g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={"enabled": False})
-        m = np.empty(img.shape[:2], np.uint8)
+        m = np.empty(img.shape[:2], np.uint8) if kind.startswith("cloudgate:") else None
         return (lambda: g.process(img, BANDS4, mask_out=m)), img
     if kind == "s2cloudless":        # needs the S2 L1C bands: a real eo-learn L1C scene, tiled to 1024 x 1024
         from flight.scenefile import load_npz
@@ -79,6 +82,35 @@ def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
     if kind == "invoke_only:litert":
         return _invoke_only(threads), img
     raise SystemExit(f"unknown cost kind {kind!r}; choose one of {KINDS}")
+
+
+# cProfile function -> stage of one tile's work (what is left is scan bookkeeping, policy and the decision)
+_STAGES = {"_load_tile_hwc": "tile loading", "_load_tile_planar": "tile loading", "_pad": "tile loading",
+           "Invoke": "runtime invoke", "run_with_iobinding": "runtime invoke", "__call__": "argmax (3 classes)",
+           "infer": "quantize + copy into the runtime", "_visit_tile": "counting + mask_out", "_check_backing_file": "tile loading"}
+
+
+def stage_profile(run, passes: int) -> dict:
+    """Milliseconds per pass by stage (tottime of the functions in _STAGES; the rest is 'scan, policy, decision')."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(passes):
+        run()
+    pr.disable()
+    st = pstats.Stats(pr).stats
+    total = sum(v[2] for v in st.values())
+    out: dict[str, float] = {}
+    for (file, _, fn), v in st.items():
+        stage = _STAGES.get(fn) or next((st_ for key, st_ in _STAGES.items() if fn.startswith("<") and key in fn), None)
+        if stage == "argmax (3 classes)" and "backends" not in file:
+            stage = None
+        if stage:
+            out[stage] = out.get(stage, 0.0) + v[2]
+    out["scan, policy, decision"] = total - sum(out.values())
+    return {k: round(1e3 * v / passes, 2) for k, v in out.items()}
 
 
 def main(argv=None) -> int:
@@ -98,8 +130,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6),
-                      "peak_rss_mib": proc_status_mib("VmHWM")}))
+    res = {"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6), "peak_rss_mib": proc_status_mib("VmHWM")}
+    if a.kind.startswith("cloudgate"):
+        res["stages_ms"] = stage_profile(run, 5)
+    print(json.dumps(res))
     return 0
 
 
