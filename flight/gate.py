@@ -263,7 +263,8 @@ class CloudGate:
         self._half = cfg.overlap // 2
         n = cfg.max_tiles
         # checked before anything is allocated (a huge max_tiles must not raise MemoryError first)
-        self._fixed_bytes = t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4   # + the backend's input planes
+        # + the backend's input planes; t*t*16: the HWC loader's two per-pixel bool buffers (<= 8 bytes each)
+        self._fixed_bytes = t * t * (4 + 1) + n * (3 * 8 + 1) + t * t * 3 * 4 + t * t * 16
         if self._fixed_bytes > cfg.memory_budget_mib * 2**20:
             raise ConfigError("memory_budget_mib", f"gate buffers need {self._fixed_bytes / 2**20:.1f} MiB for "
                                                    f"tile={t}, max_tiles={n}; raise the budget or lower tile/max_tiles")

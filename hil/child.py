@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             item = items[i % len(items)]
             faults = plan[i]
             rec = {"frame": i, "item": item.index, "source": item.source, "expected": item.expected_action,
-                   "known_miss": item.known_miss,
+                   "known_miss": item.known_miss, "known_action": item.known_action,
                    "priority": item.priority, "faults": faults, "pid": os.getpid()}
             if "hard_kill" in faults:
                 frames.write(json.dumps({"frame": i, "marker": "hard_kill_armed"}) + "\n")

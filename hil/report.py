@@ -46,8 +46,10 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     labelled = [f for f in labelled_all if not f.get("faults")]          # a fault may legitimately change the action
     known = [f for f in labelled if f.get("known_miss")]                   # tracked model misses, reported apart
     labelled = [f for f in labelled if not f.get("known_miss")]
+    labelled_all = [f for f in labelled_all if not f.get("known_miss")]
     wrong = [f for f in labelled if f["action"] != f["expected"]]
     known_now_right = [f for f in known if f["action"] == f["expected"]]
+    known_changed = [f for f in known if f["action"] not in (f["expected"], f.get("known_action"))]
     stream_has_labels = any(it.get("expected_action") for it in _job(out).get("items", []))
     gated = [f for f in processed if f["action"] != "crash"]              # every frame the gate answered, faults too
     misses = [f for f in gated if f["emulated_latency_s"] > board.deadline_s]
@@ -101,12 +103,16 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
                      f"{len(labelled) - len(wrong)}/{len(labelled)} correct ({len(labelled_all) - len(labelled)} "
                      f"labelled frames not checked: faults injected)"))
         if known:
-            reqs.append(("known model misses still as tracked (a fixed one must lose its known_miss mark)",
-                         not known_now_right,
-                         f"{len(known) - len(known_now_right)}/{len(known)} still missed: " +
-                         "; ".join(sorted({f"{Path(f['source']).stem}: {f['known_miss']}" for f in known}))[:400] +
+            still = len(known) - len(known_now_right) - len(known_changed)
+            reqs.append(("known model misses exactly as tracked (known_action; a fixed one must lose its mark)",
+                         not known_now_right and not known_changed,
+                         f"{still}/{len(known)} still missed as tracked: " +
+                         "; ".join(sorted({f"{Path(f['source']).stem} -> {f.get('known_action')}: {f['known_miss']}"
+                                           for f in known}))[:400] +
                          (f"; now right, remove the mark: {sorted({Path(f['source']).stem for f in known_now_right})}"
-                          if known_now_right else "")))
+                          if known_now_right else "") +
+                         (f"; action changed (regression?): {sorted({(Path(f['source']).stem, f['action']) for f in known_changed})}"
+                          if known_changed else "")))
     reqs += [
         ("emulated deadline misses within allowance",
          bool(gated) and len(misses) <= board.deadline_miss_allowance * len(gated),

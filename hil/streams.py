@@ -5,9 +5,10 @@ Manifest entries:
     acquired_utc: 2026-11-22T10:00:00Z
     priority: 0
     expected_action: downlink             # optional; scored when present
-    known_miss: "issue 8: ..."            # optional, with expected_action: the shipped model is known to get
-                                          # this frame wrong; reported apart, and a known miss that comes out
-                                          # right fails the run (strict, like pytest's xfail(strict=True))
+    known_miss: "issue 8: ..."            # optional, with expected_action and known_action: the shipped model
+    known_action: discard                 # is known to take known_action here instead; reported apart; any
+                                          # other action fails the run, the expected one too (strict, like
+                                          # pytest's xfail(strict=True)): remove the mark when it is fixed
   - generate: {kind: overcast, seed: 3, size: 768, swath_edge: false}
     priority: 2
     expected_action: reacquire
@@ -39,6 +40,7 @@ class StreamItem:
     expected_action: str | None = None
     generate: dict | None = None
     known_miss: str | None = None     # why the shipped model is expected to miss expected_action (tracked issue)
+    known_action: str | None = None   # the action it takes instead (the only one a known miss may take)
     path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -104,17 +106,23 @@ def load_stream(spec: str | Path) -> tuple[str, list[StreamItem]]:
         exp = e.get("expected_action")
         if exp not in (None, "downlink", "discard", "reacquire", "fault"):
             raise StreamError(f"{where}.expected_action {exp!r}: use downlink, discard, reacquire or fault")
-        known = e.get("known_miss")
+        known, known_action = e.get("known_miss"), e.get("known_action")
+        if (known is None) != (known_action is None):
+            raise StreamError(f"{where}: known_miss (the reason) and known_action (the action taken instead) go together")
         if known is not None and (not isinstance(known, str) or not known.strip() or exp is None):
             raise StreamError(f"{where}.known_miss must be a non-empty reason string beside an expected_action")
+        if known is not None and (known_action not in ("downlink", "discard", "reacquire", "fault") or known_action == exp):
+            raise StreamError(f"{where}.known_action {known_action!r}: an action other than expected_action {exp!r}")
         acq = str(e.get("acquired_utc", f"2026-01-01T00:00:{i % 60:02d}Z"))
         if "path" in e:
             q = (REPO / e["path"]).resolve() if not Path(e["path"]).is_absolute() else Path(e["path"])
-            items.append(StreamItem(i, str(e["path"]), acq, int(e.get("priority", 0)), exp, path=str(q), known_miss=known))
+            items.append(StreamItem(i, str(e["path"]), acq, int(e.get("priority", 0)), exp, path=str(q), known_miss=known,
+                                    known_action=known_action))
         else:
             g = dict(e["generate"])
             src = f"generate:{g.get('kind')}:{g.get('seed', 0)}:{g.get('size', 512)}{':edge' if g.get('swath_edge') else ''}"
-            items.append(StreamItem(i, src, acq, int(e.get("priority", 0)), exp, generate=g, known_miss=known))
+            items.append(StreamItem(i, src, acq, int(e.get("priority", 0)), exp, generate=g, known_miss=known,
+                                    known_action=known_action))
     return raw.get("name", p.stem), items
 
 

@@ -30,12 +30,16 @@ def gates():
         x.close()
 
 
-def _both(gates, scene, names, **kw):
+def _both(gates, scene, names, hwc=None, **kw):
+    """hwc: whether the HWC gate must have taken its whole-window loader (None: either)."""
     out = {}
     for lay, g in gates.items():
         m = np.full(scene.shape[:2], 7, np.uint8)
         d = g.process(scene, names, mask_out=m, **kw)
         out[lay] = (d, m)
+    if hwc is not None:
+        assert gates["hwc"]._hwc.ready is hwc, "HWC loader not taken" if hwc else "HWC loader taken"
+    assert not gates["chw"]._hwc.ready
     (d1, m1), (d2, m2) = out["hwc"], out["chw"]
     assert (d1.action, d1.fault_code, d1.cloud_fraction, d1.valid_fraction, d1.shadow_fraction) == \
            (d2.action, d2.fault_code, d2.cloud_fraction, d2.valid_fraction, d2.shadow_fraction)
@@ -58,13 +62,13 @@ def test_awkward_inputs_identical(gates):
         x[rng.random((h, w)) < 0.05] = np.nan
         x[rng.random((h, w)) < 0.05] = 0.0
         x[rng.random((h, w)) < 0.01, 2] = np.inf
-        _both(gates, x, b4)
-        _both(gates, x, b4, valid_mask=rng.random((h, w)) < 0.9)
-        _both(gates, x[..., ::-1].copy(), b4[::-1])                        # planar fallback: reversed order
+        _both(gates, x, b4, hwc=True)
+        _both(gates, x, b4, hwc=True, valid_mask=rng.random((h, w)) < 0.9)
+        _both(gates, x[..., ::-1].copy(), b4[::-1], hwc=False)              # planar fallback: reversed order
         dn = (np.nan_to_num(x, posinf=0.0) * 10000).astype(np.uint16)
-        _both(gates, dn, b4, radiometry=(2e-5, -0.1))                       # offset DN rule
+        _both(gates, dn, b4, hwc=True, radiometry=(2e-5, -0.1))            # offset DN rule
         six = np.concatenate([rng.uniform(0, 1, (h, w, 1)).astype(np.float32), x,
                               rng.uniform(0, 1, (h, w, 1)).astype(np.float32)], -1)
-        _both(gates, six, ["coastal"] + b4 + ["swir16"])                    # consecutive bands inside more
-        _both(gates, np.ascontiguousarray(x[::2, ::3]), b4)
-        _both(gates, x[::2, ::3], b4)                                        # a strided view
+        _both(gates, six, ["coastal"] + b4 + ["swir16"], hwc=True)         # consecutive bands inside more
+        _both(gates, np.ascontiguousarray(x[::2, ::3]), b4, hwc=True)
+        _both(gates, x[::2, ::3], b4, hwc=True)                             # a strided view

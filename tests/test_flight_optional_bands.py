@@ -21,14 +21,14 @@ class CapturingBackend:
 
     name = "capture-test"
 
-    def __init__(self, tile, n_bands, affine=(1.0, 0.0), rng=(-1.0, 4.0)):
-        self.tile, self.n_bands = tile, n_bands
+    def __init__(self, tile, n_bands, affine=(1.0, 0.0), rng=(-1.0, 4.0), layout="chw"):
+        self.tile, self.n_bands, self.layout = tile, n_bands, layout
         self.input_affine, self.input_range = affine, rng
-        self.planes = np.zeros((n_bands, tile, tile), np.float32)
-        self.seen = np.zeros_like(self.planes)
+        self.planes = np.zeros((n_bands, tile, tile) if layout == "chw" else (tile, tile, n_bands), np.float32)
+        self.seen = np.zeros((n_bands, tile, tile), np.float32)      # always (C, T, T) for the checks
 
     def infer(self, planes, mask_out):
-        np.copyto(self.seen, planes)
+        np.copyto(self.seen, planes if self.layout == "chw" else planes.transpose(2, 0, 1))
         mask_out.fill(0)
 
 
@@ -42,20 +42,21 @@ def _card_with(tmp_path, **changes):
     return p
 
 
-def _gate(card, affine=(1.0, 0.0), rng=(-1.0, 4.0)):
+def _gate(card, affine=(1.0, 0.0), rng=(-1.0, 4.0), layout="chw"):
     made = {}
 
     def factory(path, model_bytes, kind, threads, tile, n_bands):
-        made["b"] = CapturingBackend(tile, n_bands, affine, rng)
+        made["b"] = CapturingBackend(tile, n_bands, affine, rng, layout)
         return made["b"]
 
     return CloudGate.from_model(card, backend="onnxruntime", backend_factory=factory, early_exit={"enabled": False}), made
 
 
+@pytest.mark.parametrize("layout", ["chw", "hwc"])
 @pytest.mark.parametrize("affine,rng", [((1.0, 0.0), (-1.0, 4.0)), ((1 / 0.00627, -128.0), (-128.0, 127.0))])
-def test_optional_bands_fed_when_present_zero_and_flag_off_when_absent(tmp_path, affine, rng):
+def test_optional_bands_fed_when_present_zero_and_flag_off_when_absent(tmp_path, affine, rng, layout):
     card = _card_with(tmp_path, bands=SIX, optional_bands=["swir16", "swir22"])
-    gate, made = _gate(card, affine, rng)
+    gate, made = _gate(card, affine, rng, layout)
     try:
         b = made["b"]
         assert b.n_bands == 7 and gate.optional_bands == ("swir16", "swir22")
@@ -71,12 +72,16 @@ def test_optional_bands_fed_when_present_zero_and_flag_off_when_absent(tmp_path,
         d = gate.process(scene[..., ::-1].copy(), SIX[::-1])
         np.testing.assert_allclose(b.seen[:, :64, :64].reshape(7, -1).mean(1), want, rtol=1e-5, atol=1e-3)
         # VNIR only: SWIR planes are reflectance 0 and the flag is 0, on every pixel of the tile
+        b.seen.fill(-7.0)
         d = gate.process(scene[..., :4].copy(), SIX[:4])
         assert d.action != "fault", d.fault
         np.testing.assert_allclose(b.seen[:4, :64, :64].reshape(4, -1).mean(1), want[:4], rtol=1e-5, atol=1e-3)
         assert np.all(b.seen[4:] == np.float32(off))
-        # one SWIR band alone is not enough: both are treated as absent
+        # one SWIR band alone is not enough: both are treated as absent (and the frame is still gated)
+        b.seen.fill(-7.0)
         d = gate.process(scene[..., :5].copy(), SIX[:5])
+        assert d.action != "fault", d.fault
+        np.testing.assert_allclose(b.seen[:4, :64, :64].reshape(4, -1).mean(1), want[:4], rtol=1e-5, atol=1e-3)
         assert np.all(b.seen[4:] == np.float32(off))
         # a required band is still required
         d = gate.process(scene[..., 1:].copy(), SIX[1:])

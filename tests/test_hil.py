@@ -326,18 +326,27 @@ def test_known_miss_is_reported_apart_and_strict(real_dir, tmp_path):
         return str(p)
 
     still = stream("still", [f"{{path: {clear}, expected_action: downlink}}",
-                             f"{{path: {clear}, expected_action: discard, known_miss: 'tracked: issue 0'}}"])
+                             f"{{path: {clear}, expected_action: discard, known_miss: 'tracked: issue 0', known_action: downlink}}"])
     rep = run_board("jetson-nano", still, tmp_path / "a", progress=False)
     rows = {r["requirement"]: r for r in rep["requirements"]}
     assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
     assert "1/1 still missed" in next(r["detail"] for n, r in rows.items() if n.startswith("known model misses"))
+    assert "0 labelled frames not checked" in next(r["detail"] for n, r in rows.items() if n.startswith("labelled scenes"))
     fixed = stream("fixed", [f"{{path: {clear}, expected_action: downlink}}",
-                             f"{{path: {rgb_only}, expected_action: fault, known_miss: 'tracked: issue 0'}}"])
+                             f"{{path: {rgb_only}, expected_action: fault, known_miss: 'tracked: issue 0', known_action: downlink}}"])
     rep = run_board("jetson-nano", fixed, tmp_path / "b", progress=False)
     bad = [r for r in rep["requirements"] if not r["passed"]]
     assert not rep["passed"] and len(bad) == 1 and "remove the mark" in bad[0]["detail"], bad
-    with pytest.raises(StreamError, match="known_miss"):
-        load_stream(stream("orphan", [f"{{path: {clear}, known_miss: 'why'}}"]))
+    changed = stream("changed", [f"{{path: {clear}, expected_action: downlink}}",     # faults instead of the tracked miss
+                                 f"{{path: {rgb_only}, expected_action: downlink, known_miss: 'tracked', known_action: discard}}"])
+    rep = run_board("jetson-nano", changed, tmp_path / "c", progress=False)
+    bad = [r for r in rep["requirements"] if not r["passed"]]
+    assert not rep["passed"] and len(bad) == 1 and "regression" in bad[0]["detail"], bad
+    for entry in (f"{{path: {clear}, known_miss: 'why', known_action: discard}}",
+                  f"{{path: {clear}, expected_action: downlink, known_miss: 'why'}}",
+                  f"{{path: {clear}, expected_action: downlink, known_miss: 'why', known_action: downlink}}"):
+        with pytest.raises(StreamError, match="known_"):
+            load_stream(stream("orphan", [entry]))
 
 
 def test_update_campaign_short(tmp_path):
