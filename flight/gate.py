@@ -148,6 +148,14 @@ class _InputMap(NamedTuple):
     radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
 
 
+class _SceneMap(NamedTuple):
+    """The mmap behind a scene (CloudGate._scene_map): the file must hold need bytes while it is read."""
+    mm: mmap.mmap
+    need: int
+    name: str
+    mode: str | None             # np.memmap mode (page release advice); None for a raw mmap
+
+
 class _Scan:
     """Counts of one scene's tile scan (reset per scene; no arrays)."""
     __slots__ = ("cloud_px", "valid_px", "shadow_px", "area_px", "oor_px", "infer_s", "early", "deadline", "bound")
@@ -222,6 +230,7 @@ class CloudGate:
         self._t_area = np.zeros(n, np.int64)             # scene pixels,
         self._t_done = np.zeros(n, bool)                 # visited
         self.buffer_bytes = buf_bytes
+        self._map: _SceneMap | None = None               # the mmap behind the scene being processed
         self._busy = threading.Lock()                    # one caller at a time (one gate per thread)
         self._history = TargetHistory(cfg.policy.max_targets)
         ee = cfg.early_exit
@@ -323,6 +332,7 @@ class CloudGate:
             return self._process_guarded(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id,
                                          radiometry, strict)
         finally:
+            self._map = None                             # hold no reference to the caller's mapping
             self._busy.release()
 
     def _process_guarded(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry,
@@ -436,7 +446,8 @@ class CloudGate:
                 f"integer scene ({scene.dtype}) without a radiometry scale would be read as reflectance; pass "
                 "radiometry=(scale, offset) with reflectance = DN * scale + offset (e.g. (1e-4, 0.0) for Sentinel-2 "
                 "L1C, (2e-5, -0.1) for Landsat-8) or set radiometry_scale/radiometry_offset in the gate config")
-        self._check_backing_file(scene)
+        self._map = self._scene_map(scene)
+        self._check_backing_file(self._map)
         # model_input = (value * scale + offset) * in_gain + in_offset, clipped to the backend's input range
         in_gain, in_offset = self.backend.input_affine
         q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
@@ -483,6 +494,8 @@ class CloudGate:
         cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
         wy0 = min(max(cy0 - half, 0), max(h - t, 0))
         wx0 = min(max(cx0 - half, 0), max(w - t, 0))
+        if self._map is not None:
+            self._check_backing_file(self._map)          # the file may shrink mid-scan (one fstat per tile)
         self._load_tile(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)
         ti = self._clock.perf_counter()
         self.backend.infer(self._planes, self._mask)
@@ -618,38 +631,58 @@ class CloudGate:
         return h, w, src_idx
 
     @staticmethod
-    def _check_backing_file(scene: np.ndarray) -> None:
-        """A memmap whose file shrank under the mapping would SIGBUS on the first page past the new end:
-        check the file still covers the mapping before reading the scene."""
-        if not isinstance(scene, np.memmap):
-            return
-        base = scene
-        while base is not None and getattr(base, "_mmap", None) is None:
-            base = base.base if isinstance(base.base, np.ndarray) else None
-        mm = getattr(base, "_mmap", None)
-        name = getattr(scene, "filename", None)
-        if mm is None or not name:
+    def _scene_map(scene: np.ndarray) -> "_SceneMap | None":
+        """The mmap behind a scene, whatever wraps it: an np.memmap or a slice of one, np.asarray(memmap)
+        (a plain ndarray whose base is the memmap), np.frombuffer(mmap) (base: a memoryview of it)."""
+        obj, memmap_obj, mm = scene, None, None
+        for _ in range(64):                              # bounded walk down the base chain
+            if isinstance(obj, mmap.mmap):
+                mm = obj
+                break
+            if isinstance(obj, np.memmap) and isinstance(getattr(obj, "_mmap", None), mmap.mmap):
+                memmap_obj, mm = obj, obj._mmap
+                break
+            obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+            if obj is None:
+                break
+        if mm is None:
+            return None
+        try:
+            length = len(mm)
+        except ValueError:                               # closed mmap
+            raise SceneFileError("the mmap backing the scene is closed") from None
+        if memmap_obj is not None:
+            start = int(getattr(memmap_obj, "offset", 0) or 0)
+            start -= start % mmap.ALLOCATIONGRANULARITY
+            return _SceneMap(mm, start + length, str(getattr(memmap_obj, "filename", None) or "memmap"),
+                             getattr(memmap_obj, "mode", None))
+        return _SceneMap(mm, length, "mmap", None)       # raw mmap: its offset is unknown, so at least its length
+
+    @staticmethod
+    def _check_backing_file(sm: "_SceneMap | None") -> None:
+        """A mapping whose file shrank would SIGBUS on the first page past the new end: check (fstat on the
+        mapping's own descriptor, so a renamed or replaced path does not fool it) that the file still covers
+        the mapping. Called before each scene and again before each tile touches new pages; what is left is
+        a shrink landing inside the one tile read after the check (see docs/sdd.md FLT-10)."""
+        if sm is None:
             return
         try:
-            size = os.stat(name).st_size
-            start = int(getattr(base, "offset", 0))
-            start -= start % mmap.ALLOCATIONGRANULARITY
-            need = start + len(mm)
+            size = sm.mm.size()
         except (OSError, ValueError) as e:
-            raise SceneFileError(f"the file backing the memmap scene ({name}) cannot be checked: {e}") from None
-        if size < need:
-            raise SceneFileError(f"the file backing the memmap scene ({name}) shrank to {size} bytes under a "
-                                 f"{need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
-
+            raise SceneFileError(f"the file backing the memmap scene ({sm.name}) cannot be checked: {e}") from None
+        if size < sm.need:
+            raise SceneFileError(f"the file backing the memmap scene ({sm.name}) shrank to {size} bytes under a "
+                                 f"{sm.need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
 
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
         """Drop already-read rows of a memmap from our resident set, so RSS stays flat whatever the scene
         size. Read-only maps: MADV_DONTNEED (the page cache keeps the data). Writable (r+, w+) and
         copy-on-write (c) maps: MADV_PAGEOUT, which reclaims without discarding anything -- DONTNEED on a
         copy-on-write map would throw away the caller's in-memory changes to the scene."""
-        if _libc is None or not isinstance(scene, np.memmap):
+        sm = self._map
+        if _libc is None or sm is None or sm.mode is None:
             return
-        mode = getattr(scene, "mode", "")
+        mode = sm.mode
         advice = _MADV_DONTNEED if mode in ("r", "readonly") else _MADV_PAGEOUT if mode in ("r+", "w+", "c") else None
         if advice is None:
             return

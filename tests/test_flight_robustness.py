@@ -275,6 +275,70 @@ def test_memmap_file_shrunk_under_the_mapping_is_a_fault_not_sigbus(tmp_path):
     assert lines[3] != "fault"
 
 
+_SHRINK_MID_SCAN = """
+import os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+from flight.backends import open_backend
+p = {path!r}
+BANDS = ("blue", "green", "red", "nir")
+mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.uint16, shape=(1200, 1200, 4))
+mm[:] = 9000
+mm.flush(); del mm
+calls = {{"n": 0, "cut_at": None}}
+
+class CuttingBackend:                       # through the backend-factory port: the file shrinks mid-scan
+    def __init__(self, inner):
+        self._inner = inner
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+    def infer(self, planes, mask_out):
+        calls["n"] += 1
+        if calls["n"] == calls["cut_at"]:
+            os.truncate(p, 4096)
+        self._inner.infer(planes, mask_out)
+
+gate = CloudGate.from_model(early_exit={{"enabled": False}}, backend="litert",
+                            backend_factory=lambda *a: CuttingBackend(open_backend(*a)))
+scene = np.load(p, mmap_mode="r")
+d = gate.process(scene, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.tiles_total, flush=True)
+calls["n"], calls["cut_at"] = 0, 2
+d = gate.process(scene, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, calls["n"], flush=True)
+os.unlink(p)
+np.lib.format.open_memmap(p, mode="w+", dtype=np.uint16, shape=(1200, 1200, 4))[:] = 9000
+plain = np.asarray(np.load(p, mmap_mode="r"))                # a plain ndarray whose base is the memmap
+calls["cut_at"] = None
+os.truncate(p, 4096)
+d = gate.process(plain, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, flush=True)
+print(gate.process(np.full((64, 64, 4), 0.1, np.float32), BANDS).action, flush=True)
+"""
+
+
+def test_memmap_file_shrinking_mid_scan_or_behind_asarray_is_a_fault_not_sigbus(tmp_path):
+    """Outside review of issue 9: the backing file was checked once per scene, so a shrink during the tile
+    scan still SIGBUSed, and np.asarray(memmap) was not checked at all. Now checked before every tile."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", _SHRINK_MID_SCAN.format(root=str(ROOT), path=str(tmp_path / "s.npy"))],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-1500:])
+    lines = r.stdout.split("\n")
+    first, total = lines[0].split()
+    assert first != "fault" and int(total) >= 9
+    action, code, inferred = lines[1].split()
+    assert (action, code, inferred) == ("fault", "scene_file_truncated", "2")   # cut after tile 2, faulted at tile 3
+    assert lines[2] == "fault scene_file_truncated"
+    assert lines[3] != "fault"
+
+
 def test_unordered_band_names_are_refused_not_hash_ordered():
     """A set has no order: accepting it made the action depend on PYTHONHASHSEED (outside review)."""
     g = CloudGate.from_model(backend="onnxruntime")
