@@ -15,6 +15,7 @@ CloudGateError
 │   ├── ImplausibleRadiometryError integer DN without a radiometry scale, or reflectance far outside
 │   │                      the physical range on most valid pixels
 │   └── SceneFileError     the file backing a memmap scene shrank under the mapping
+├── OutOfMemoryError       an allocation failed while gating a frame (MemoryError, e.g. under RLIMIT_AS)
 ├── ConcurrentUseError     process() entered from a second thread while running (one gate per thread)
 └── DecisionLogError       the decision log cannot be opened, or a record could not be written whole
     └── DecisionLogBusyError another writer holds the log (one writer per log)
@@ -88,6 +89,12 @@ class ImplausibleRadiometryError(SceneError):
 
 class SceneFileError(SceneError):
     code = "scene_file_truncated"
+
+
+class OutOfMemoryError(CloudGateError, MemoryError):
+    """An allocation failed while gating one frame (the process is at its memory limit); the frame is a
+    fault decision and the loop carries on (process(strict=True) raises this instead)."""
+    code = "out_of_memory"
 
 
 class ConcurrentUseError(CloudGateError, RuntimeError):

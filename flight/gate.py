@@ -31,6 +31,7 @@ from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
                      ConfigError, ImplausibleRadiometryError, ModelIntegrityError, SceneDtypeError, SceneFileError,
                      SceneShapeError, ValidMaskError)
+from .errors import OutOfMemoryError
 from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
 from .model import read_verified, resolve_model
@@ -146,6 +147,22 @@ class _InputMap(NamedTuple):
     plausible_lo: np.float32     # PLAUSIBLE_REFLECTANCE in model-input units
     plausible_hi: np.float32
     radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
+
+
+# what the runtimes say when an allocation fails (onnxruntime: "Failed to allocate memory for requested
+# buffer", C++ std::bad_alloc): a lack of memory, typed as such, not an internal error
+_ALLOC_FAILURE_TEXT = ("failed to allocate memory", "bad_alloc", "out of memory")
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    try:
+        text = str(e).lower()
+    except Exception:
+        return False
+    return any(t in text for t in _ALLOC_FAILURE_TEXT)
+
+
+_LOG_FAILED_OOM = event("log_write_failed", "decision log write failed: out of memory")
 
 
 class _SceneMap(NamedTuple):
@@ -350,12 +367,18 @@ class CloudGate:
             if strict:
                 raise
             d = self._fault(scene, scene_id, target_id, priority, e.code, str(e), t0)
+        except MemoryError as e:                          # at the memory limit: a typed fault, the loop lives on
+            if strict:
+                raise OutOfMemoryError(f"out of memory while gating this frame: {e}") from e
+            d = self._fault(scene, scene_id, target_id, priority, OutOfMemoryError.code,
+                            f"out of memory while gating this frame (MemoryError: {e})"[:2000], t0)
         except Exception as e:
             # anything unexpected on one frame (runtime, numpy, a caller's object) must not kill the loop;
             # KeyboardInterrupt / SystemExit still propagate
             if strict:
                 raise
-            d = self._fault(scene, scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
+            code = OutOfMemoryError.code if _is_allocation_failure(e) else "internal"
+            d = self._fault(scene, scene_id, target_id, priority, code, f"{type(e).__name__}: {e}"[:2000], t0)
         if d.action == "fault":
             _mark_no_decision(mask_out)
         if note:
@@ -571,7 +594,10 @@ class CloudGate:
             d.log_seq = self.log.append(d.to_record())
         except Exception as e:  # disk full, short write, refused record, ...: keep gating, count it, say so
             self.log_failures += 1
-            d.degraded.append(event("log_write_failed", f"decision log write failed: {e}"))
+            try:
+                d.degraded.append(event("log_write_failed", f"decision log write failed: {e}"))
+            except MemoryError:                          # at the memory limit: the prebuilt event
+                d.degraded.append(_LOG_FAILED_OOM)
 
     # ------------------------------------------------------------------ input checks and tile loading
     def _check(self, scene, band_names, mask_out, valid_mask):
