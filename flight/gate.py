@@ -34,6 +34,7 @@ from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, Clo
 from .errors import OutOfMemoryError
 from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
+from .logschema import MAX_CLEAR_RUNS, clear_tiles_record
 from .model import read_verified, resolve_model
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide, policy_band
 from .ports import BackendFactory, Clock, LogSink, SystemClock
@@ -74,7 +75,8 @@ class Decision:
     tiles_processed  tiles inferred; tiles_total: tiles in the scene; grid: (rows, cols) of tiles
     confidence_bound (low, high) bound on the scene cloud fraction (0..1); (cf, cf) after a full scan
     clear_tiles      [(row, col, cloud fraction)] in tile-core units (core_pixels scene pixels per step) of the
-                     clear tiles to downlink when partial
+                     clear tiles to downlink when partial (the log record stores them as row runs, at most
+                     flight.logschema.MAX_CLEAR_RUNS; clear_tiles_omitted counts the tiles beyond those)
     partial          only clear_tiles are to be downlinked (or kept, when reacquiring)
     early_exit       the scan stopped early on the confidence bound
     latency_s        seconds inside process() (monotonic clock); infer_s: of which inside the runtime
@@ -99,6 +101,7 @@ class Decision:
     tiles_total: int = 0
     confidence_bound: tuple[float, float] = (0.0, 1.0)
     clear_tiles: list = field(default_factory=list)
+    clear_tiles_omitted: int = 0
     partial: bool = False
     early_exit: bool = False
     latency_s: float = 0.0
@@ -126,7 +129,7 @@ class Decision:
         rec = {k: getattr(self, k) for k in DECISION_FIELDS}
         rec["confidence_bound"] = list(self.confidence_bound)
         rec["grid"] = list(self.grid)
-        rec["clear_tiles"] = [list(t) for t in self.clear_tiles]
+        rec["clear_tiles"], rec["clear_tiles_omitted"] = clear_tiles_record(self.clear_tiles)
         rec["degraded"] = [dict(e) for e in self.degraded]
         rec["thresholds"] = dict(self.thresholds)
         return rec
@@ -438,13 +441,17 @@ class CloudGate:
             events.append(event("low_valid_fraction", pd.reason.split(";")[0]))
         elif pd.band == "mid" and not full:
             events.append(event("partial_list_incomplete", "partial-downlink list covers visited tiles only"))
+        omitted = clear_tiles_record(pd.clear_tiles)[1] if len(pd.clear_tiles) > MAX_CLEAR_RUNS else 0
+        if omitted:
+            events.append(event("clear_tiles_truncated", f"{omitted} of {len(pd.clear_tiles)} clear tiles lie beyond "
+                                                         f"the first {MAX_CLEAR_RUNS} row runs: not in the log record"))
         # 5. the decision (logged by the caller)
         scene_bytes = int(scene.nbytes)
         return Decision(
             action=pd.action, rule=rule, reason=reason, thresholds=pd.thresholds, cloud_fraction=float(cf),
             valid_fraction=float(vf), shadow_fraction=scan.shadow_px / scan.valid_px if scan.valid_px else 0.0,
             tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
-            clear_tiles=pd.clear_tiles, partial=pd.partial, early_exit=scan.early,
+            clear_tiles=pd.clear_tiles, clear_tiles_omitted=omitted, partial=pd.partial, early_exit=scan.early,
             latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
             model_sha256=self.card.sha256_of_loaded, backend=self.backend.name, policy_version=cfg.policy.version,
             degraded=events, scene_id=str(scene_id), target_id=target_id, priority=int(priority), grid=(ny, nx),
