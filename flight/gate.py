@@ -31,7 +31,7 @@ from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
                      ConfigError, ImplausibleRadiometryError, ModelIntegrityError, SceneDtypeError, SceneFileError,
                      SceneShapeError, ValidMaskError)
-from .errors import OutOfMemoryError
+from .errors import ModelError, OutOfMemoryError
 from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
 from .logschema import MAX_CLEAR_RUNS, clear_tiles_record
@@ -153,8 +153,9 @@ class _InputMap(NamedTuple):
 
 
 # what the runtimes say when an allocation fails (onnxruntime: "Failed to allocate memory for requested
-# buffer", C++ std::bad_alloc): a lack of memory, typed as such, not an internal error
-_ALLOC_FAILURE_TEXT = ("failed to allocate memory", "bad_alloc", "out of memory")
+# buffer", C++ std::bad_alloc, LiteRT's XNNPack delegate: "failed to reshape runtime" when its workspace
+# cannot be allocated): a lack of memory, typed as such, not an internal error or a corrupt model
+_ALLOC_FAILURE_TEXT = ("failed to allocate memory", "bad_alloc", "out of memory", "failed to reshape runtime")
 
 
 def _is_allocation_failure(e: BaseException) -> bool:
@@ -369,7 +370,10 @@ class CloudGate:
         except CloudGateError as e:
             if strict:
                 raise
-            d = self._fault(scene, scene_id, target_id, priority, e.code, str(e), t0)
+            # a verified model the runtime cannot open for lack of memory (scrub reload under pressure) is
+            # out_of_memory, not model_corrupt: the next frame retries the reload
+            code = OutOfMemoryError.code if isinstance(e, ModelError) and _is_allocation_failure(e) else e.code
+            d = self._fault(scene, scene_id, target_id, priority, code, str(e), t0)
         except MemoryError as e:                          # at the memory limit: a typed fault, the loop lives on
             if strict:
                 raise OutOfMemoryError(f"out of memory while gating this frame: {e}") from e
