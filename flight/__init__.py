@@ -12,7 +12,7 @@ from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, Clo
                      ConfigError, DecisionLogBusyError, DecisionLogError, ImplausibleRadiometryError, ModelError,
                      ModelIntegrityError, ModelMissingError, SceneDtypeError, SceneError, SceneFileError,
                      SceneShapeError, ValidMaskError)
-from .errors import OutOfMemoryError
+from .errors import ModelReloadError, OutOfMemoryError
 from .gate import ACTIONS, CloudGate, Decision
 from .ports import Clock, LogIO, LogSink, SystemClock
 
@@ -22,5 +22,5 @@ __all__ = [
     "EarlyExitConfig", "GateConfig", "ImplausibleRadiometryError", "LogConfig", "LogSink", "ModelError", "ModelIntegrityError",
     "ModelMissingError", "PolicyConfig", "SceneDtypeError", "SceneError", "SceneFileError", "SceneShapeError",
     "SystemClock", "ValidMaskError", "config_from_dict", "load_config", "read_log",
-    "LogIO", "OutOfMemoryError",
+    "LogIO", "ModelReloadError", "OutOfMemoryError",
 ]

@@ -4,7 +4,9 @@ CloudGateError
 ├── ConfigError            bad gate config (raised at init; .key names the offending key)
 ├── ModelError
 │   ├── ModelMissingError  model file or model card not found
-│   └── ModelIntegrityError sha256 mismatch with the model card, or a file the runtime refuses
+│   ├── ModelIntegrityError sha256 mismatch with the model card, or a file the runtime refuses
+│   └── ModelReloadError   the scrub's reload of a verified model was refused by the runtime (transient,
+│                          typically memory; retried on the next frame)
 ├── SceneError             raised by process(strict=True); a fault decision otherwise
 │   ├── SceneShapeError    not (H, W, C), or mask_out / valid_mask of the wrong shape
 │   ├── SceneDtypeError    unsupported dtype
@@ -47,6 +49,13 @@ class ModelMissingError(ModelError, FileNotFoundError):
 
 class ModelIntegrityError(ModelError):
     code = "model_corrupt"
+
+
+class ModelReloadError(ModelError):
+    """The model bytes verified against the card (they opened at start-up), but the runtime refused to
+    open them again when the scrub reloaded: not a corrupt model, a transient runtime failure (under
+    memory pressure LiteRT can fail with no message at all). The frame faults; the next one retries."""
+    code = "model_reload_failed"
 
 
 class SceneError(CloudGateError, ValueError):

@@ -31,7 +31,7 @@ from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, CloudGateError, ConcurrentUseError,
                      ConfigError, ImplausibleRadiometryError, ModelIntegrityError, SceneDtypeError, SceneFileError,
                      SceneShapeError, ValidMaskError)
-from .errors import ModelError, OutOfMemoryError
+from .errors import ModelError, ModelReloadError, OutOfMemoryError
 from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event
 from .logschema import MAX_CLEAR_RUNS, clear_tiles_record
@@ -298,8 +298,14 @@ class CloudGate:
         self._model_ok = False
         entry = next(a for a in self.card.artifacts.values() if a.get("file") == self._model_path.name)
         data = read_verified(self._model_path, entry["sha256"], self.card.path)
-        self.backend = self._open_backend(self._model_path, data, self.config.backend, self.config.threads,
-                                          self.config.tile, self.card.input_channels)
+        try:
+            self.backend = self._open_backend(self._model_path, data, self.config.backend, self.config.threads,
+                                              self.config.tile, self.card.input_channels)
+        except ModelIntegrityError as e:                 # verified bytes that opened before: not corruption
+            if _is_allocation_failure(e):
+                raise OutOfMemoryError(f"out of memory reloading the verified model: {e}") from e
+            raise ModelReloadError(f"the runtime refused to reopen the verified model ({e}); retried on the "
+                                   "next frame") from e
         self._check_backend_channels()
         self._planes = self.backend.planes               # the new backend owns a new input buffer
         self._model_bytes, self._model_ok = data, True

@@ -208,9 +208,10 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
 
 
 def _upset_caught(f: dict) -> bool:
-    """A weight upset was caught: the scrub repaired it before the frame was gated, or the repair could not
-    allocate (memory pressure) and the frame faulted out_of_memory, not gated (the next frame repairs it)."""
-    return "model_scrub_repaired" in _event_codes(f) or f.get("fault_code") == "out_of_memory"
+    """A weight upset was caught: the scrub repaired it before the frame was gated, or the reload could not
+    run (memory pressure: out_of_memory, model_reload_failed) and the frame faulted, not gated (the next
+    frame reloads)."""
+    return "model_scrub_repaired" in _event_codes(f) or f.get("fault_code") in ("out_of_memory", "model_reload_failed")
 
 
 def _event_codes(frame: dict) -> set[str]:

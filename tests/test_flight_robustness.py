@@ -506,3 +506,32 @@ def test_model_reload_without_memory_is_out_of_memory_not_model_corrupt():
         else:
             assert "model_scrub_repaired" in events, out
     assert any(a == "fault" for a, *_ in out), "no reload ran out of memory: the sweep did not reach the limit"
+
+
+def test_refused_reload_of_a_verified_model_is_not_model_corrupt(tmp_path):
+    """HIL soak finding: under memory pressure LiteRT refused to reopen the verified model with an empty
+    message ('LiteRT refused ...: '), and the frame faulted model_corrupt although the file was fine. It is
+    model_reload_failed (ModelReloadError, transient); the next frame reloads and gates."""
+    from conftest import brightness_backend
+    from flight import ModelIntegrityError, ModelReloadError
+
+    calls = {"n": 0}
+
+    def factory(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:                              # the scrub's first reload
+            raise ModelIntegrityError("LiteRT refused cloudgate-s4.int8.tflite: ")
+        return brightness_backend(*a)
+
+    g = CloudGate.from_model(backend_factory=factory, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    assert g.process(scene, BANDS).action != "fault"
+    g._model_bytes = b"upset" + g._model_bytes[5:]          # an upset in the loaded image: the scrub reloads
+    d1, d2 = g.process(scene, BANDS), g.process(scene, BANDS)
+    assert (d1.action, d1.fault_code) == ("fault", "model_reload_failed") and "retried" in d1.fault
+    assert d2.action != "fault" and [e["code"] for e in d2.degraded] == ["model_scrub_repaired"]
+    g._model_bytes = b"upset" + g._model_bytes[5:]
+    calls["n"] = 1
+    with pytest.raises(ModelReloadError):
+        g.process(scene, BANDS, strict=True)
+    g.close()
