@@ -12,8 +12,9 @@ from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, Clo
                      ConfigError, DecisionLogBusyError, DecisionLogError, ImplausibleRadiometryError, ModelError,
                      ModelIntegrityError, ModelMissingError, SceneDtypeError, SceneError, SceneFileError,
                      SceneShapeError, ValidMaskError)
+from .errors import ModelReloadError, OutOfMemoryError
 from .gate import ACTIONS, CloudGate, Decision
-from .ports import Clock, LogSink, SystemClock
+from .ports import Clock, LogIO, LogSink, SystemClock
 
 __all__ = [
     "ACTIONS", "AllInvalidSceneError", "ArgumentError", "BandMismatchError", "Clock", "CloudGate", "CloudGateError",
@@ -21,4 +22,5 @@ __all__ = [
     "EarlyExitConfig", "GateConfig", "ImplausibleRadiometryError", "LogConfig", "LogSink", "ModelError", "ModelIntegrityError",
     "ModelMissingError", "PolicyConfig", "SceneDtypeError", "SceneError", "SceneFileError", "SceneShapeError",
     "SystemClock", "ValidMaskError", "config_from_dict", "load_config", "read_log",
+    "LogIO", "ModelReloadError", "OutOfMemoryError",
 ]

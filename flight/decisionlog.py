@@ -12,6 +12,14 @@ returned) only once the whole line is written (and fsynced, per policy); a write
 truncated back to the last whole record before anything else is appended. A log file deleted or replaced
 under the writer is detected (inode check before each append) and recreated; the first record in the new
 file carries "log_recreated": true.
+
+The high-water seq (the last acknowledged seq) is also kept in FILE.lock, in two CRC-checked slots written
+alternately (a torn slot leaves the other one), before the seq is returned: a restart resumes after
+max(last intact record of FILE / FILE.1, high-water mark), so seq never goes back even when FILE vanished
+(or was cut) while no writer ran. Delete FILE.lock with the log to start numbering again.
+
+The writer's file I/O goes through an io port (flight.ports.LogIO: write(fd, data) -> int, fsync(fd));
+the default is the os module's. HIL plugs in one that dies at a chosen point inside append.
 """
 from __future__ import annotations
 
@@ -26,10 +34,46 @@ from pathlib import Path
 from .config import FsyncMode
 from .errors import DecisionLogBusyError, DecisionLogError
 from .logschema import MAX_ID_CHARS, SCHEMA_VERSION, upgrade, validate_record  # noqa: F401 (MAX_ID_CHARS re-exported)
-from .ports import Clock, SystemClock
+from .ports import Clock, LogIO, SystemClock
 
 MAX_RECORD_BYTES = 256 << 10     # a longer line is refused by the writer and skipped by the reader
 _CHUNK = 65536
+_HWM_TAG = b"cloudgate-log-seq "
+_HWM_SLOT = len(_HWM_TAG) + 20 + 1 + 8 + 1        # b"cloudgate-log-seq %020d %08x\n"
+
+
+class OsLogIO:
+    """The default io port of DecisionLog: the os module's write and fsync (looked up per call)."""
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+
+def _hwm_slot(seq: int) -> bytes:
+    body = _HWM_TAG + b"%020d" % seq
+    return body + b" %08x\n" % zlib.crc32(body)
+
+
+def _read_hwm(fd: int) -> int:
+    """The high-water seq kept in the lock file (the larger valid slot), -1 if none. Never raises."""
+    best = -1
+    for k in (0, 1):
+        try:
+            raw = os.pread(fd, _HWM_SLOT, k * _HWM_SLOT)
+        except OSError:
+            continue
+        if len(raw) != _HWM_SLOT or not raw.startswith(_HWM_TAG) or not raw.endswith(b"\n"):
+            continue
+        body, _, crc = raw[:-1].rpartition(b" ")
+        try:
+            if int(crc, 16) == zlib.crc32(body):
+                best = max(best, int(body[len(_HWM_TAG):]))
+        except ValueError:
+            continue
+    return best
 
 
 def _canonical(record) -> bytes:
@@ -157,13 +201,15 @@ class DecisionLog:
     utc and mono_ns come from (flight.ports.Clock; the host's clocks by default)."""
 
     def __init__(self, path: str | Path, fsync: FsyncMode = "every", max_bytes: int = 16 << 20, keep: int = 5,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, io: LogIO | None = None):
         self.path = Path(path)
         self.clock = clock or SystemClock()
+        self._io = io or OsLogIO()
         self.fsync = fsync
         self.max_bytes = int(max_bytes)
         self.keep = int(keep)
         self._since_sync = 0
+        self._seq = 0
         self._fh = None
         self._lock = None
         self._dirty = False            # a failed write may have left a partial record after self._size
@@ -173,7 +219,7 @@ class DecisionLog:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._take_lock()
-            self._seq = _last_seq(self.path) + 1
+            self._seq = max(_last_seq(self.path), _read_hwm(self._lock.fileno())) + 1
             self._open()
             self._terminate_torn_tail()
         except DecisionLogError:
@@ -183,24 +229,35 @@ class DecisionLog:
             raise DecisionLogError(f"cannot open decision log {self.path}: {e}; check the directory exists and is writable") from e
 
     def _take_lock(self) -> None:
-        lock = open(self.path.with_name(self.path.name + ".lock"), "ab")
+        name = self._lock_path = self.path.with_name(self.path.name + ".lock")
+        lock = os.fdopen(os.open(name, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)  # not O_APPEND: pwrite slots
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
             raise DecisionLogBusyError(
-                f"decision log {self.path} is held by another writer (lock {lock.name}); one writer per "
+                f"decision log {self.path} is held by another writer (lock {name}); one writer per "
                 "log: close the other gate/DecisionLog or give this one its own log path") from None
+        replaced = self._lock is not None
         if self._lock is not None and not self._lock.closed:
             self._lock.close()
         self._lock = lock
         st = os.fstat(lock.fileno())
         self._lock_ino = (st.st_dev, st.st_ino)
+        if replaced and self._seq > 0:                  # a new lock file: carry the high-water mark over
+            self._write_hwm(self._seq - 1, sync=True)
+
+    def _write_hwm(self, seq: int, sync: bool) -> None:
+        """Record seq as acknowledged in the lock file (slot seq % 2), before it is returned."""
+        fd = self._lock.fileno()
+        os.pwrite(fd, _hwm_slot(seq), (seq % 2) * _HWM_SLOT)
+        if sync:
+            os.fdatasync(fd)
 
     def _ensure_lock(self) -> None:
         """The lock file deleted or replaced under us would admit a second writer: take it again (or stop)."""
         try:
-            st = os.stat(self._lock.name)
+            st = os.stat(self._lock_path)
             same = (st.st_dev, st.st_ino) == self._lock_ino
         except FileNotFoundError:
             same = False
@@ -224,7 +281,7 @@ class DecisionLog:
     def _write_all(self, data: bytes) -> None:
         fd, view, done = self._fh.fileno(), memoryview(data), 0
         while done < len(data):                          # bounded: each pass writes >= 1 byte or raises
-            n = os.write(fd, view[done:])
+            n = self._io.write(fd, view[done:])
             if not n:
                 raise OSError(f"write() wrote nothing after {done}/{len(data)} bytes")
             done += n
@@ -305,10 +362,12 @@ class DecisionLog:
                 self._rotate()
             self._dirty = True
             self._write_all(line)       # whole line or an exception; a crash leaves at most one torn line
-            if self.fsync == "every" or (isinstance(self.fsync, int) and self._since_sync + 1 >= self.fsync):
-                os.fsync(self._fh.fileno())
+            sync = self.fsync == "every" or (isinstance(self.fsync, int) and self._since_sync + 1 >= self.fsync)
+            if sync:
+                self._io.fsync(self._fh.fileno())
                 self._since_sync = -1
-        except OSError as e:
+            self._write_hwm(seq, sync)  # the ack point: from here on seq is never handed out again
+        except (OSError, MemoryError) as e:
             try:
                 if self._fh is not None and not self._fh.closed:
                     self._repair()      # drop the partial record now; retried before the next append
@@ -328,7 +387,7 @@ class DecisionLog:
             if self._fh is not None and not self._fh.closed:
                 try:
                     if self.fsync != "never":
-                        os.fsync(self._fh.fileno())
+                        self._io.fsync(self._fh.fileno())
                 finally:
                     self._fh.close()
         finally:

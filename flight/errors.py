@@ -4,7 +4,9 @@ CloudGateError
 ├── ConfigError            bad gate config (raised at init; .key names the offending key)
 ├── ModelError
 │   ├── ModelMissingError  model file or model card not found
-│   └── ModelIntegrityError sha256 mismatch with the model card, or a file the runtime refuses
+│   ├── ModelIntegrityError sha256 mismatch with the model card, or a file the runtime refuses
+│   └── ModelReloadError   the scrub's reload of a verified model was refused by the runtime (transient,
+│                          typically memory; retried on the next frame)
 ├── SceneError             raised by process(strict=True); a fault decision otherwise
 │   ├── SceneShapeError    not (H, W, C), or mask_out / valid_mask of the wrong shape
 │   ├── SceneDtypeError    unsupported dtype
@@ -15,6 +17,7 @@ CloudGateError
 │   ├── ImplausibleRadiometryError integer DN without a radiometry scale, or reflectance far outside
 │   │                      the physical range on most valid pixels
 │   └── SceneFileError     the file backing a memmap scene shrank under the mapping
+├── OutOfMemoryError       an allocation failed while gating a frame (MemoryError, e.g. under RLIMIT_AS)
 ├── ConcurrentUseError     process() entered from a second thread while running (one gate per thread)
 └── DecisionLogError       the decision log cannot be opened, or a record could not be written whole
     └── DecisionLogBusyError another writer holds the log (one writer per log)
@@ -46,6 +49,13 @@ class ModelMissingError(ModelError, FileNotFoundError):
 
 class ModelIntegrityError(ModelError):
     code = "model_corrupt"
+
+
+class ModelReloadError(ModelError):
+    """The model bytes verified against the card (they opened at start-up), but the runtime refused to
+    open them again when the scrub reloaded: not a corrupt model, a transient runtime failure (under
+    memory pressure LiteRT can fail with no message at all). The frame faults; the next one retries."""
+    code = "model_reload_failed"
 
 
 class SceneError(CloudGateError, ValueError):
@@ -88,6 +98,12 @@ class ImplausibleRadiometryError(SceneError):
 
 class SceneFileError(SceneError):
     code = "scene_file_truncated"
+
+
+class OutOfMemoryError(CloudGateError, MemoryError):
+    """An allocation failed while gating one frame (the process is at its memory limit); the frame is a
+    fault decision and the loop carries on (process(strict=True) raises this instead)."""
+    code = "out_of_memory"
 
 
 class ConcurrentUseError(CloudGateError, RuntimeError):

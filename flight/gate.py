@@ -37,6 +37,8 @@ from .estimate import FractionEstimator
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event, model_event
 from .model import GATE_CLASSES, ModelCard
 from .modelsource import CardSource, PackageSource, SlotSource, Source, open_loaded
+from .errors import ModelReloadError, OutOfMemoryError
+from .logschema import MAX_CLEAR_RUNS, clear_tiles_record
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide, policy_band
 from .ports import BackendFactory, Clock, LogSink, SystemClock
 
@@ -80,7 +82,8 @@ class Decision:
     tiles_processed  tiles inferred; tiles_total: tiles in the scene; grid: (rows, cols) of tiles
     confidence_bound (low, high) bound on the scene cloud fraction (0..1); (cf, cf) after a full scan
     clear_tiles      [(row, col, cloud fraction)] in tile-core units (core_pixels scene pixels per step) of the
-                     clear tiles to downlink when partial
+                     clear tiles to downlink when partial (the log record stores them as row runs, at most
+                     flight.logschema.MAX_CLEAR_RUNS; clear_tiles_omitted counts the tiles beyond those)
     partial          only clear_tiles are to be downlinked (or kept, when reacquiring)
     early_exit       the scan stopped early on the confidence bound
     latency_s        seconds inside process() (monotonic clock); infer_s: of which inside the runtime
@@ -106,6 +109,7 @@ class Decision:
     tiles_total: int = 0
     confidence_bound: tuple[float, float] = (0.0, 1.0)
     clear_tiles: list = field(default_factory=list)
+    clear_tiles_omitted: int = 0
     partial: bool = False
     early_exit: bool = False
     latency_s: float = 0.0
@@ -135,7 +139,7 @@ class Decision:
         rec = {k: getattr(self, k) for k in DECISION_FIELDS}
         rec["confidence_bound"] = list(self.confidence_bound)
         rec["grid"] = list(self.grid)
-        rec["clear_tiles"] = [list(t) for t in self.clear_tiles]
+        rec["clear_tiles"], rec["clear_tiles_omitted"] = clear_tiles_record(self.clear_tiles)
         rec["degraded"] = [dict(e) for e in self.degraded]
         rec["thresholds"] = dict(self.thresholds)
         return rec
@@ -156,6 +160,42 @@ class _InputMap(NamedTuple):
     plausible_lo: np.float32     # PLAUSIBLE_REFLECTANCE in model-input units
     plausible_hi: np.float32
     radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
+
+
+# what the runtimes say when an allocation fails (onnxruntime: "Failed to allocate memory for requested
+# buffer", C++ std::bad_alloc, LiteRT's XNNPack delegate: "failed to reshape runtime" when its workspace
+# cannot be allocated): a lack of memory, typed as such, not an internal error or a corrupt model
+_ALLOC_FAILURE_TEXT = ("failed to allocate memory", "bad_alloc", "out of memory", "failed to reshape runtime")
+
+
+def _transient_load_failure(e: BaseException) -> str | None:
+    """'out_of_memory' / 'model_reload_failed' when loading failed for a reason that says nothing about the
+    model's bytes (they verified before the runtime opened them): no memory, or the runtime refusing them
+    (LiteRT under memory pressure refuses with an empty message). None: the model itself is at fault."""
+    if isinstance(e, MemoryError) or _is_allocation_failure(e):
+        return "out_of_memory"
+    if isinstance(e, ModelIntegrityError) and str(e).startswith(("LiteRT refused", "onnxruntime refused")):
+        return "model_reload_failed"
+    return None
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    try:
+        text = str(e).lower()
+    except Exception:
+        return False
+    return any(t in text for t in _ALLOC_FAILURE_TEXT)
+
+
+_LOG_FAILED_OOM = event("log_write_failed", "decision log write failed: out of memory")
+
+
+class _SceneMap(NamedTuple):
+    """The mmap behind a scene (CloudGate._scene_map): the file must hold need bytes while it is read."""
+    mm: mmap.mmap
+    need: int
+    name: str
+    mode: str | None             # np.memmap mode (page release advice); None for a raw mmap
 
 
 class _Scan:
@@ -281,6 +321,7 @@ class CloudGate:
         self.card = None
         self._model_ok = False
         self._unavailable = ""
+        self._unavailable_code = "model_corrupt"        # or out_of_memory / model_reload_failed: transient
         self._scenes = self._since_bist = self._since_retry = 0
         self._bist_due = False
         self._probation = None                          # [scenes left, model faults, previous source, why]
@@ -298,6 +339,7 @@ class CloudGate:
         self._t_valid = np.zeros(n, np.int64)            # valid pixels,
         self._t_area = np.zeros(n, np.int64)             # scene pixels,
         self._t_done = np.zeros(n, bool)                 # visited
+        self._map: _SceneMap | None = None               # the mmap behind the scene being processed
         self._history = TargetHistory(cfg.policy.max_targets)
         ee = cfg.early_exit
         self._est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
@@ -443,6 +485,7 @@ class CloudGate:
             self.buffer_bytes = self._fixed_bytes
         self._drop_backend()
         self._unavailable = why
+        self._unavailable_code = "model_corrupt"
         self._event("model_unavailable", f"no verified model: {why}"[:4000], None)
 
     def _stat_pointer(self):
@@ -494,11 +537,13 @@ class CloudGate:
                 if s != cur and all(getattr(o, "slot", None) != s for _, o in order):
                     order.append(("model_rollback", SlotSource(self.store, s)))
         self._drop_backend()                             # the failed runtime goes first (budget, and it is bad)
+        transient = []                                   # failures that say nothing about the model's bytes
         for code, src in order:
             try:
                 lm = self._load(src)
             except Exception as e:                       # ModelError, or a runtime failing while opening
                 errors.append(f"{src.label}: {e}")
+                transient.append(_transient_load_failure(e))
                 continue
             self._install(lm)
             self._event(code, f"{why}; {src.label} reloaded, verified, self-test {lm.bist.detail}"[:4000], lm,
@@ -508,6 +553,9 @@ class CloudGate:
                 self._persist_pointer(src.slot, lm, f"automatic rollback: {why}")
             return True
         self._set_unavailable(f"{why}; " + "; ".join(errors) if errors else why)
+        if transient and all(transient):                 # memory pressure / a runtime refusing verified bytes:
+            self._unavailable_code = ("out_of_memory" if "out_of_memory" in transient else "model_reload_failed")
+            self._since_retry = _RETRY_EVERY - 1         # retried on the very next frame, not model_corrupt
         return False
 
     def scrub(self) -> str | None:
@@ -775,6 +823,7 @@ class CloudGate:
             return self._process_guarded(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id,
                                          radiometry, strict)
         finally:
+            self._map = None                             # hold no reference to the caller's mapping
             self._busy.release()
 
     def _process_guarded(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry,
@@ -786,20 +835,35 @@ class CloudGate:
         try:
             self._check_args(scene_id, priority, target_id)
             if not self._model_ok:
+                if self._unavailable_code == "out_of_memory":
+                    raise OutOfMemoryError(f"out of memory reloading the verified model (retried on the next frame): "
+                                           f"{self._unavailable}"[:2000])
+                if self._unavailable_code == "model_reload_failed":
+                    raise ModelReloadError(f"the runtime refused to reopen the verified model (retried on the next "
+                                           f"frame): {self._unavailable}"[:2000])
                 raise ModelIntegrityError(f"no verified model runs (every frame faults until one verifies): "
                                           f"{self._unavailable}"[:2000])
             d = self._process(scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0)
         except CloudGateError as e:
             if strict:
                 raise
-            d = self._fault(scene, scene_id, target_id, priority, e.code, str(e), t0)
+            # a verified model the runtime cannot open for lack of memory (scrub reload under pressure) is
+            # out_of_memory, not model_corrupt: the next frame retries the reload
+            code = OutOfMemoryError.code if isinstance(e, ModelError) and _is_allocation_failure(e) else e.code
+            d = self._fault(scene, scene_id, target_id, priority, code, str(e), t0)
+        except MemoryError as e:                          # at the memory limit: a typed fault, the loop lives on
+            if strict:
+                raise OutOfMemoryError(f"out of memory while gating this frame: {e}") from e
+            d = self._fault(scene, scene_id, target_id, priority, OutOfMemoryError.code,
+                            f"out of memory while gating this frame (MemoryError: {e})"[:2000], t0)
         except Exception as e:
             # anything unexpected on one frame (runtime, numpy, a caller's object) must not kill the loop;
             # KeyboardInterrupt / SystemExit still propagate
             self._bist_due = True                         # a runtime error: self-test before the next scene
             if strict:
                 raise
-            d = self._fault(scene, scene_id, target_id, priority, "internal", f"{type(e).__name__}: {e}"[:2000], t0)
+            code = OutOfMemoryError.code if _is_allocation_failure(e) else "internal"
+            d = self._fault(scene, scene_id, target_id, priority, code, f"{type(e).__name__}: {e}"[:2000], t0)
         if d.action == "fault":
             _mark_no_decision(mask_out)
         d.degraded.extend(notes)
@@ -860,13 +924,17 @@ class CloudGate:
             events.append(event("low_valid_fraction", pd.reason.split(";")[0]))
         elif pd.band == "mid" and not full:
             events.append(event("partial_list_incomplete", "partial-downlink list covers visited tiles only"))
+        omitted = clear_tiles_record(pd.clear_tiles)[1] if len(pd.clear_tiles) > MAX_CLEAR_RUNS else 0
+        if omitted:
+            events.append(event("clear_tiles_truncated", f"{omitted} of {len(pd.clear_tiles)} clear tiles lie beyond "
+                                                         f"the first {MAX_CLEAR_RUNS} row runs: not in the log record"))
         # 5. the decision (logged by the caller)
         scene_bytes = int(scene.nbytes)
         return Decision(
             action=pd.action, rule=rule, reason=reason, thresholds=pd.thresholds, cloud_fraction=float(cf),
             valid_fraction=float(vf), shadow_fraction=scan.shadow_px / scan.valid_px if scan.valid_px else 0.0,
             tiles_processed=n, tiles_total=n_tiles, confidence_bound=(float(bound[0]), float(bound[1])),
-            clear_tiles=pd.clear_tiles, partial=pd.partial, early_exit=scan.early,
+            clear_tiles=pd.clear_tiles, clear_tiles_omitted=omitted, partial=pd.partial, early_exit=scan.early,
             latency_s=self._clock.monotonic() - t0, model_name=self.card.name,
             model_sha256=self._loaded.sha256, backend=self.backend.name, policy_version=cfg.policy.version,
             package_sha256=self._loaded.package_sha256, model_slot=self._loaded.slot,
@@ -892,7 +960,8 @@ class CloudGate:
                 f"integer scene ({scene.dtype}) without a radiometry scale would be read as reflectance; pass "
                 "radiometry=(scale, offset) with reflectance = DN * scale + offset (e.g. (1e-4, 0.0) for Sentinel-2 "
                 "L1C, (2e-5, -0.1) for Landsat-8) or set radiometry_scale/radiometry_offset in the gate config")
-        self._check_backing_file(scene)
+        self._map = self._scene_map(scene)
+        self._check_backing_file(self._map)
         # model_input = (value * scale + offset) * in_gain + in_offset, clipped to the backend's input range
         in_gain, in_offset = self.backend.input_affine
         q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
@@ -939,6 +1008,8 @@ class CloudGate:
         cy1, cx1 = min(cy0 + step, h), min(cx0 + step, w)
         wy0 = min(max(cy0 - half, 0), max(h - t, 0))
         wx0 = min(max(cx0 - half, 0), max(w - t, 0))
+        if self._map is not None:
+            self._check_backing_file(self._map)          # the file may shrink mid-scan (one fstat per tile)
         self._load_tile(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)
         ti = self._clock.perf_counter()
         self.backend.infer(self._planes, self._mask)
@@ -1016,7 +1087,10 @@ class CloudGate:
             d.log_seq = self.log.append(d.to_record())
         except Exception as e:  # disk full, short write, refused record, ...: keep gating, count it, say so
             self.log_failures += 1
-            d.degraded.append(event("log_write_failed", f"decision log write failed: {e}"))
+            try:
+                d.degraded.append(event("log_write_failed", f"decision log write failed: {e}"))
+            except MemoryError:                          # at the memory limit: the prebuilt event
+                d.degraded.append(_LOG_FAILED_OOM)
 
     # ------------------------------------------------------------------ input checks and tile loading
     def _check(self, scene, band_names, mask_out, valid_mask):
@@ -1076,38 +1150,58 @@ class CloudGate:
         return h, w, src_idx
 
     @staticmethod
-    def _check_backing_file(scene: np.ndarray) -> None:
-        """A memmap whose file shrank under the mapping would SIGBUS on the first page past the new end:
-        check the file still covers the mapping before reading the scene."""
-        if not isinstance(scene, np.memmap):
-            return
-        base = scene
-        while base is not None and getattr(base, "_mmap", None) is None:
-            base = base.base if isinstance(base.base, np.ndarray) else None
-        mm = getattr(base, "_mmap", None)
-        name = getattr(scene, "filename", None)
-        if mm is None or not name:
+    def _scene_map(scene: np.ndarray) -> "_SceneMap | None":
+        """The mmap behind a scene, whatever wraps it: an np.memmap or a slice of one, np.asarray(memmap)
+        (a plain ndarray whose base is the memmap), np.frombuffer(mmap) (base: a memoryview of it)."""
+        obj, memmap_obj, mm = scene, None, None
+        for _ in range(64):                              # bounded walk down the base chain
+            if isinstance(obj, mmap.mmap):
+                mm = obj
+                break
+            if isinstance(obj, np.memmap) and isinstance(getattr(obj, "_mmap", None), mmap.mmap):
+                memmap_obj, mm = obj, obj._mmap
+                break
+            obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+            if obj is None:
+                break
+        if mm is None:
+            return None
+        try:
+            length = len(mm)
+        except ValueError:                               # closed mmap
+            raise SceneFileError("the mmap backing the scene is closed") from None
+        if memmap_obj is not None:
+            start = int(getattr(memmap_obj, "offset", 0) or 0)
+            start -= start % mmap.ALLOCATIONGRANULARITY
+            return _SceneMap(mm, start + length, str(getattr(memmap_obj, "filename", None) or "memmap"),
+                             getattr(memmap_obj, "mode", None))
+        return _SceneMap(mm, length, "mmap", None)       # raw mmap: its offset is unknown, so at least its length
+
+    @staticmethod
+    def _check_backing_file(sm: "_SceneMap | None") -> None:
+        """A mapping whose file shrank would SIGBUS on the first page past the new end: check (fstat on the
+        mapping's own descriptor, so a renamed or replaced path does not fool it) that the file still covers
+        the mapping. Called before each scene and again before each tile touches new pages; what is left is
+        a shrink landing inside the one tile read after the check (see docs/sdd.md FLT-10)."""
+        if sm is None:
             return
         try:
-            size = os.stat(name).st_size
-            start = int(getattr(base, "offset", 0))
-            start -= start % mmap.ALLOCATIONGRANULARITY
-            need = start + len(mm)
+            size = sm.mm.size()
         except (OSError, ValueError) as e:
-            raise SceneFileError(f"the file backing the memmap scene ({name}) cannot be checked: {e}") from None
-        if size < need:
-            raise SceneFileError(f"the file backing the memmap scene ({name}) shrank to {size} bytes under a "
-                                 f"{need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
-
+            raise SceneFileError(f"the file backing the memmap scene ({sm.name}) cannot be checked: {e}") from None
+        if size < sm.need:
+            raise SceneFileError(f"the file backing the memmap scene ({sm.name}) shrank to {size} bytes under a "
+                                 f"{sm.need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
 
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
         """Drop already-read rows of a memmap from our resident set, so RSS stays flat whatever the scene
         size. Read-only maps: MADV_DONTNEED (the page cache keeps the data). Writable (r+, w+) and
         copy-on-write (c) maps: MADV_PAGEOUT, which reclaims without discarding anything -- DONTNEED on a
         copy-on-write map would throw away the caller's in-memory changes to the scene."""
-        if _libc is None or not isinstance(scene, np.memmap):
+        sm = self._map
+        if _libc is None or sm is None or sm.mode is None:
             return
-        mode = getattr(scene, "mode", "")
+        mode = sm.mode
         advice = _MADV_DONTNEED if mode in ("r", "readonly") else _MADV_PAGEOUT if mode in ("r+", "w+", "c") else None
         if advice is None:
             return

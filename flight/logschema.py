@@ -11,14 +11,17 @@ Version history
   3  model events (install, switch, rollback, self-test, ...) are records of their own ("kind":
      "model_event", written by model_event()); decisions name the signed package and slot their model
      came from (package_sha256, model_slot)
+  4  clear_tiles as row runs [row, col_first, col_last, max cloud fraction], at most MAX_CLEAR_RUNS of them
+     (clear_tiles_omitted counts the tiles beyond); upgrade() turns older [row, col, cf] entries into runs
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_ID_CHARS = 256               # scene_id / target_id
+MAX_CLEAR_RUNS = 4096            # clear_tiles runs per record (~25 bytes each: ~100 KiB, well inside 256 KiB)
 
 _NUM = (int, float)
 _OPT_STR = (str, type(None))
@@ -61,6 +64,8 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
               "the reference (the text names the tiles)"),
     EventCode("model_unavailable", "error", "no model verifies (both slots, or the configured model): every frame "
               "faults model_corrupt until one does; recovery is retried"),
+    EventCode("clear_tiles_truncated", "warning", f"the clear tiles form more than {MAX_CLEAR_RUNS} row runs: the "
+              "record lists the first runs, clear_tiles_omitted counts the tiles left out (the Decision has them all)"),
     EventCode("log_write_failed", "error", "this decision could not be written to the decision log"),
     EventCode("legacy", "warning", "free-text note from a schema-1 log (read back as one event per '; ' part)"),
 )}
@@ -113,9 +118,12 @@ FIELDS: tuple[Field, ...] = (
     Field("tile_pixels", (int,), "pixels", "model input window of one tile (tile x tile, overlap included)"),
     Field("core_pixels", (int,), "pixels", "side of a tile core in scene pixels (tile - overlap): clear_tiles "
                                            "row/col index the scene in steps of this many pixels"),
-    Field("clear_tiles", (list,), "[row, col] in tile cores; fraction 0..1",
-          "[[row, col, cloud fraction]] of the clear tiles to downlink when partial (tile (r, c) covers scene "
-          "rows r*core_pixels.. and cols c*core_pixels..)"),
+    Field("clear_tiles", (list,), "[row, col, col] in tile cores; fraction 0..1",
+          "the clear tiles to downlink when partial, as row runs [[row, col_first, col_last, max cloud fraction "
+          "of the run's tiles]] in row-major order (tile (r, c) covers scene rows r*core_pixels.. and cols "
+          f"c*core_pixels..); at most {MAX_CLEAR_RUNS} runs (see clear_tiles_omitted)"),
+    Field("clear_tiles_omitted", (int,), "tiles", f"clear tiles beyond the first {MAX_CLEAR_RUNS} runs, not listed "
+                                                  "in clear_tiles (event clear_tiles_truncated); 0 normally"),
     Field("partial", (bool,), "-", "only clear_tiles are to be downlinked (or kept, when reacquiring)"),
     Field("early_exit", (bool,), "-", "the scan stopped early on a confidence bound"),
     Field("latency_s", _NUM, "s", "wall time inside process() (monotonic clock)"),
@@ -188,6 +196,10 @@ def validate_record(rec) -> str | None:
         return f"unknown record kind {kind!r:.40}"
     if kind == MODEL_EVENT and (not isinstance(rec.get("event"), str) or rec.get("severity") not in SEVERITIES):
         return "model event without an event code and severity"
+    ct = rec.get("clear_tiles")
+    if isinstance(ct, list) and not all(isinstance(e, list) and len(e) in (3, 4) and all(
+            isinstance(x, _NUM) and not isinstance(x, bool) for x in e) for e in ct):
+        return "field 'clear_tiles' must be a list of [row, col_first, col_last, cloud] runs"
     deg = rec.get("degraded")
     if isinstance(deg, list) and not all(isinstance(e, dict) and isinstance(e.get("code"), str)
                                          and e.get("severity") in SEVERITIES for e in deg):
@@ -195,9 +207,42 @@ def validate_record(rec) -> str | None:
     return None
 
 
+def clear_tile_runs(tiles) -> list[list]:
+    """[(row, col, cloud fraction)] per tile -> row runs [[row, col_first, col_last, max cloud fraction]]
+    (row-major; adjacent columns of one row merge)."""
+    runs: list[list] = []
+    for r, c, f in sorted((int(t[0]), int(t[1]), float(t[2])) for t in tiles):
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == r and last[2] == c - 1:
+            last[2], last[3] = c, max(last[3], round(f, 4))
+        else:
+            runs.append([r, c, c, round(f, 4)])
+    return runs
+
+
+def clear_tiles_record(tiles) -> tuple[list[list], int]:
+    """The record's clear_tiles (at most MAX_CLEAR_RUNS runs) and clear_tiles_omitted (tiles left out)."""
+    runs = clear_tile_runs(tiles)
+    kept = runs[:MAX_CLEAR_RUNS]
+    return kept, sum(r[2] - r[1] + 1 for r in runs[MAX_CLEAR_RUNS:])
+
+
+def _clear_tiles_as_runs(rec: dict) -> dict:
+    """Records before schema 4 list clear tiles one by one ([row, col, cf]): as runs (a copy)."""
+    ct = rec.get("clear_tiles")
+    if not ct or all(len(e) == 4 for e in ct):
+        return rec
+    r = dict(rec)
+    r["clear_tiles"] = clear_tile_runs([e if len(e) == 3 else None for e in ct if len(e) == 3])
+    r["clear_tiles"] += [list(e) for e in ct if len(e) == 4]
+    r.setdefault("clear_tiles_omitted", 0)
+    return r
+
+
 def upgrade(rec: dict) -> dict:
     """A valid record of any version as a SCHEMA_VERSION record (a copy when anything changes): schema-1
     free-text degraded notes become "legacy" events; missing rule/reason/thresholds are filled."""
+    rec = _clear_tiles_as_runs(rec)                  # keyed on the entries' shape, not the version number
     version = rec.get("schema", 1)
     if version >= SCHEMA_VERSION:
         return rec
@@ -210,6 +255,7 @@ def upgrade(rec: dict) -> dict:
         r.setdefault("thresholds", {})
     r.setdefault("package_sha256", "")
     r.setdefault("model_slot", "")
+    r.setdefault("clear_tiles_omitted", 0)
     return r
 
 
@@ -264,6 +310,9 @@ def render_markdown() -> str:
             "- 1: `degraded` was free text joined by \"; \"; no `rule`, `reason`, `thresholds`, `core_pixels`. "
             "Readers upgrade such records: each part becomes a `legacy` event.",
             "- 2: `degraded` is a list of coded events; `rule`, `reason`, `thresholds`, `core_pixels` added.",
-            f"- {SCHEMA_VERSION}: model-event records (`kind`, `event`, `severity`, `text`, `duration_s`); decisions "
-            "carry `package_sha256` and `model_slot`. Readers upgrade older decisions with both empty.", ""]
+            "- 3: model-event records (`kind`, `event`, `severity`, `text`, `duration_s`); decisions "
+            "carry `package_sha256` and `model_slot`. Readers upgrade older decisions with both empty.",
+            f"- 4: `clear_tiles` as row runs `[row, col_first, col_last, max cloud fraction]`, at most "
+            f"{MAX_CLEAR_RUNS} (a record stays far below the 256 KiB record limit whatever max_tiles is); "
+            "`clear_tiles_omitted` counts tiles beyond them. Readers turn older per-tile entries into runs.", ""]
     return "\n".join(out)

@@ -9,6 +9,9 @@ backend_factory  BackendFactory: (model path, verified model bytes, backend kind
                  -> Backend; called at start-up and again when a scrub reloads the model.
 log_sink         LogSink: append(record) -> seq, close(); default: a DecisionLog on config.log.path
                  (with the gate's clock), or none when no path is configured.
+
+DecisionLog has one port of its own, io (LogIO: write(fd, data) -> bytes written, fsync(fd)); default
+flight.decisionlog.OsLogIO (os.write, os.fsync). HIL's hil.killpoints.KillLogIO dies inside append with it.
 """
 from __future__ import annotations
 
@@ -47,3 +50,10 @@ class LogSink(Protocol):
 
 
 BackendFactory = Callable[[Path, bytes, str, int, int, int], Backend]
+
+
+class LogIO(Protocol):
+    def write(self, fd: int, data) -> int:
+        """os.write semantics: may write fewer bytes than given, or raise OSError."""
+
+    def fsync(self, fd: int) -> None: ...

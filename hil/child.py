@@ -35,6 +35,40 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _load(item, load_item, cache: dict) -> dict:
+    """A stream item's scene. Generated scenes are synthesised once per child and handed out read-only
+    (synthesis took ~10x a frame's gating; the fault injectors copy before they change anything); scene
+    files are read per frame."""
+    if item.generate is None:
+        return load_item(item)
+    if item.index not in cache:
+        scene = load_item(item)
+        for v in scene.values():
+            if isinstance(v, np.ndarray):
+                v.flags.writeable = False
+        cache[item.index] = scene
+    return dict(cache[item.index])
+
+
+def _apply_pressure(limit: int, budget_mib: float, rng) -> tuple[np.ndarray | None, int, int]:
+    """memory_pressure: touch a ballast that leaves the gate only a little of the address space RLIMIT_AS
+    still allows (64..256 KiB, 256 KiB..4 MiB or 4 MiB..budget/2, one third each). Returns the ballast,
+    its resident KiB and the KiB of address space left; (None, 0, left) when no ballast could be placed."""
+    lo, hi = [(64, 256), (256, 4096), (4096, max(4097, int(budget_mib * 512)))][int(rng.integers(3))]
+    leave = int(rng.integers(lo, hi)) * 1024
+    for _ in range(8):                                   # bounded: widen the margin if the allocator needs it
+        free = limit - _status_kib("VmSize") * 1024
+        n = (free - leave) // 4096 * 4096
+        if n <= 0:
+            break
+        try:
+            ballast = np.ones(n, np.uint8)               # written: resident, not only reserved
+            return ballast, n // 1024, (limit - _status_kib("VmSize") * 1024) // 1024
+        except MemoryError:
+            leave += 256 * 1024
+    return None, 0, (limit - _status_kib("VmSize") * 1024) // 1024
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", required=True, help="job.json written by hil.runner")
@@ -48,19 +82,26 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
 
-    from flight import CloudGate, ModelIntegrityError
+    from flight import CloudGate, DecisionLog, ModelIntegrityError
+    from flight.config import LogConfig
     from flight.model import default_card, load_card
 
     from .faults import (FaultBackendFactory, FaultClock, apply_frame_faults, apply_radiometry_fault, flip_bits,
                          flip_runtime_weights)
+    from .killpoints import KILL_SITES, KillLogIO, KillPoint
     from .streams import StreamItem, load_item
 
-    # fault injectors enter through the gate's ports (flight.ports), never by patching flight internals
+    # fault injectors enter through the gate's ports (flight.ports), never by patching flight internals;
+    # hard kills land inside the tile loop (backend port) and inside DecisionLog.append (its io port)
     clock, backends = FaultClock(), FaultBackendFactory()
+    kill = KillPoint(os.open(out / "frames.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    backends.on_infer = kill.on_infer
+    dlog = DecisionLog(out / "decisions.jsonl", "every", LogConfig.max_bytes, LogConfig.keep, clock=clock,
+                       io=KillLogIO(kill))
     gate = CloudGate.from_model(job.get("model"), clock=clock, backend_factory=backends, backend=job["backend"],
                                 threads=threads, deadline_s=job["deadline_s"],
                                 update={"bist_every": int(job.get("bist_every", 50))},
-                                log={"path": str(out / "decisions.jsonl"), "fsync": "every"})
+                                log_sink=dlog)
     baseline_vms = _status_kib("VmSize")
     limit = (baseline_vms * 1024 + int(job["budget_mib"] * 2**20) + int(job["frame_headroom_mib"] * 2**20))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -69,6 +110,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng([job["seed"], a.start])
     model_copy_dir = Path(tempfile.mkdtemp(prefix="hil-model-"))
     card = load_card(Path(job["model"]) if job.get("model") and job["model"].endswith(".yaml") else default_card())
+    generated: dict = {}                 # generated scenes, made once per child (read-only; faults copy)
     frames = open(out / "frames.jsonl", "a", buffering=1)
     period = job["period_s"]
     t_start = time.monotonic()
@@ -76,19 +118,23 @@ def main(argv=None) -> int:
         for i in range(a.start, len(plan)):
             item = items[i % len(items)]
             faults = plan[i]
+            scene = d = None                 # the previous frame's buffers go before the idle RSS is read
+            rss_idle = _status_kib("VmRSS") / 1024
             rec = {"frame": i, "item": item.index, "source": item.source, "expected": item.expected_action,
                    "known_miss": item.known_miss, "known_action": item.known_action,
-                   "priority": item.priority, "faults": faults, "pid": os.getpid()}
-            if "hard_kill" in faults:
-                frames.write(json.dumps({"frame": i, "marker": "hard_kill_armed"}) + "\n")
-                time.sleep(0.05)             # the harness SIGKILLs us here or inside process()
+                   "priority": item.priority, "faults": faults, "pid": os.getpid(), "rss_idle_mib": rss_idle}
+            if "hard_kill" in faults:        # seeded per frame: the same sites whatever restarts came before
+                krng = np.random.default_rng([job["seed"], i, 15])
+                kill.arm(i, KILL_SITES[int(krng.integers(len(KILL_SITES)))], krng)
             if job["realtime"]:
                 time.sleep(max(0.0, t_start + (i - a.start) * period - time.monotonic()))
             if "dropped_frame" in faults:
+                if kill.site:
+                    kill.fire("before_process")
                 rec.update(dropped=True)
                 frames.write(json.dumps(rec) + "\n")
                 continue
-            scene = load_item(item)
+            scene = _load(item, load_item, generated)
             if any(f in faults for f in ("seu_frame", "truncated_frame", "short_frame", "nan_burst", "stuck_band",
                                          "dead_band", "saturation")):
                 scene = apply_frame_faults(scene, faults, rng)
@@ -114,15 +160,16 @@ def main(argv=None) -> int:
             if "seu_weights" in faults:                 # in the weights the runtime executes (not a copy)
                 rec["weights_flipped_at"] = flip_runtime_weights(backends.backend, 1, rng)
             clock.wall_offset_s = float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6])) if "clock_jump" in faults else 0.0
-            ballast = None
-            if "memory_pressure" in faults:
-                try:
-                    ballast = np.ones(int(job["budget_mib"] * 0.9 * 2**20), np.uint8)
-                except MemoryError:
-                    rec["ballast_failed"] = True
+            ballast, ballast_kib = None, 0
             backends.stall_s = job["deadline_s"] / 2 if "deadline_overrun" in faults else 0.0
             rss_before = _status_kib("VmRSS")
             _reset_peak_rss()
+            if "memory_pressure" in faults:  # after the peak reset, inside RLIMIT_AS, for the frame only
+                ballast, ballast_kib, rec["pressure_left_kib"] = _apply_pressure(
+                    limit, job["budget_mib"], np.random.default_rng([job["seed"], i, 16]))
+                rec["ballast_mib"] = ballast_kib / 1024
+                if ballast is None:
+                    rec["ballast_failed"] = True
             fsize = None
             try:
                 if "log_short_write" in faults:          # only the gate's own writes see the limit
@@ -142,17 +189,20 @@ def main(argv=None) -> int:
                     raise
                 rec.update(action="crash", crash=f"{type(e).__name__}: {e}")
             finally:
+                peak = _status_kib("VmHWM")
+                ballast = None                    # the pressure lasts the frame only
                 if fsize is not None:
                     resource.setrlimit(resource.RLIMIT_FSIZE, fsize)
                 backends.stall_s, clock.wall_offset_s = 0.0, 0.0
-            peak = _status_kib("VmHWM")
-            rec["gate_peak_growth_mib"] = max(peak - rss_before, 0) / 1024
+            if kill.site:                         # the armed site was not reached inside process()
+                kill.fire("after_process")
+            rec["gate_peak_growth_mib"] = max(peak - rss_before - ballast_kib, 0) / 1024
             rec["rss_mib"] = _status_kib("VmRSS") / 1024
             rec["vms_growth_mib"] = (_status_kib("VmSize") - baseline_vms) / 1024
-            del ballast
             rec["macs"] = float(rec.get("tiles", 0) or 0) * float(rec.get("tile_pixels", 0) or 0) * float(job["macs_per_pixel"])
             frames.write(json.dumps(rec) + "\n")
     finally:
+        kill.disarm()
         gate.close()
         frames.close()
         shutil.rmtree(model_copy_dir, ignore_errors=True)

@@ -23,9 +23,9 @@ FAULT_CLASSES = (
     "saturation",       # a region at full scale
     "dropped_frame",    # frame never delivered
     "clock_jump",       # wall clock jumps (the log's UTC), monotonic clock unaffected
-    "memory_pressure",  # ballast allocated up to ~90 % of the gate's budget during the frame
+    "memory_pressure",  # ballast takes the address space RLIMIT_AS leaves, down to 64 KiB..budget/2, during the frame
     "deadline_overrun", # the runtime stalls: each tile takes longer than the deadline allows
-    "hard_kill",        # SIGKILL of the gate process mid-frame; the harness restarts it
+    "hard_kill",        # SIGKILL inside the tile loop or DecisionLog.append (hil.killpoints); the harness restarts
     "log_short_write",  # the log's filesystem fills up mid-record (RLIMIT_FSIZE a few bytes past the end)
     "log_vanished",     # the decision log file is removed under the running gate (moved to OUT/vanished/)
     "implausible_radiometry",  # the frame arrives in the wrong units (DN without its scale, or x10000)
@@ -156,6 +156,7 @@ class FaultBackendFactory:
         self.model_image: bytes | None = None
         self.backend = None
         self.opened = 0
+        self.on_infer = None                         # called before each inference (hil.killpoints.KillPoint)
 
     def __call__(self, path, model_bytes, kind, threads, tile, n_bands):
         from flight.backends import OrtBackend, open_backend
@@ -185,6 +186,8 @@ class _StallableBackend:
         return getattr(self._inner, name)
 
     def infer(self, planes, mask_out) -> None:
+        if self._factory.on_infer is not None:
+            self._factory.on_infer()
         if self._factory.stall_s:
             time.sleep(self._factory.stall_s)
         self._inner.infer(planes, mask_out)

@@ -14,6 +14,9 @@ from .boards import Board
 from .faults import FAULT_CLASSES
 
 
+SOAK_FRAMES = 200               # runs this long get the flat-RSS requirement
+
+
 def _pct(v, q):
     if not v:
         return None
@@ -41,6 +44,13 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     duplicate_seqs = sorted(k for k, c in Counter(all_seqs).items() if c > 1)
     reported = {f["seq"] for f in processed if f.get("seq") is not None}
     lost = sorted(reported - log_seqs)
+    by_seq = {r["seq"]: r for r in log.records}
+    # an acked seq must be that frame's own record (a seq reused after a restart would pass the set check)
+    mismatched = sorted(f["seq"] for f in processed if f.get("seq") in by_seq and
+                        (by_seq[f["seq"]].get("scene_id"), by_seq[f["seq"]].get("action")) != (f.get("scene_id"), f["action"]))
+    acked_in_order = [f["seq"] for f in sorted(processed, key=lambda f: f["frame"]) if f.get("seq") is not None]
+    seq_back = [(a, b) for a, b in zip(acked_in_order, acked_in_order[1:]) if b <= a]
+    rss = rss_flatness(frames)
     crashes = [f for f in processed if f["action"] == "crash"]
     labelled_all = [f for f in processed if f.get("expected")]
     labelled = [f for f in labelled_all if not f.get("faults")]          # a fault may legitimately change the action
@@ -67,13 +77,17 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
             outcome = Counter((f.get("fault_code") or f.get("action") or ("dropped" if f.get("dropped") else "?")) for f in hit)
         fault_stats[c] = {"injected": len(hit), "outcomes": dict(outcome)}
     planned_kills = sum(1 for i in range(n_frames) if "hard_kill" in _planned(out, i))
+    sites = events.get("kill_sites", {})
     fault_stats["hard_kill"] = {"injected": events["hard_kills"], "planned": planned_kills,
-                                "outcomes": {"killed_and_restarted": events["hard_kills"]}}
+                                "outcomes": {"killed_and_restarted": events["hard_kills"], **{f"at {k}": v for k, v in sorted(sites.items())}}}
+    pressure = [f for f in processed if "memory_pressure" in f.get("faults", [])]
+    pressure_real = [f for f in pressure if f.get("ballast_mib", 0) > 0 and not f.get("ballast_failed")
+                     and f.get("pressure_left_kib", 1e12) <= board.gate_budget_mib * 512]
     refused = [f["model_file_refused"] for f in frames if "model_file_refused" in f]
     # an upset in the runtime's executed weights is caught by the scrub of the runtime's own buffer (LiteRT)
-    # or by the known-answer self-test (both backends) before the frame is gated
-    scrubbed = [bool({"model_scrub_repaired", "model_bist_recovered"} & _event_codes(f)) for f in processed
-                if "seu_weights" in f.get("faults", []) and f.get("weights_flipped_at")]
+    # or by the known-answer self-test (both backends) before the frame is gated, or the reload could not run
+    # (memory pressure) and the frame faulted instead of being gated
+    scrubbed = [_upset_caught(f) for f in processed if "seu_weights" in f.get("faults", []) and f.get("weights_flipped_at")]
     n_faults = sum(s["injected"] for s in fault_stats.values())
     implausible = [f for f in processed if "implausible_radiometry" in f.get("faults", [])]
     implausible_gated = [f for f in implausible if f["action"] != "fault"]
@@ -82,12 +96,27 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     reqs = [
         ("no payload-loop crash", len(crashes) == 0 and events["child_crashes"] == 0,
          f"{len(crashes)} crashes in {len(processed)} frames, {events['child_crashes']} child deaths"),
-        ("no lost complete log record", not lost and bool(reported) if processed else True,
-         f"{len(lost)} of {len(reported)} acknowledged records lost"),
+        ("no lost complete log record", not lost and not mismatched and bool(reported) if processed else True,
+         f"{len(lost)} of {len(reported)} acknowledged records lost, {len(mismatched)} acked seqs hold another frame's record"),
         ("no duplicate log seq", not duplicate_seqs, f"{len(duplicate_seqs)} of {len(log_seqs)} seqs logged more than once"),
+        ("acknowledged seqs strictly increase, restarts included", not seq_back,
+         f"{len(seq_back)} steps back in {len(acked_in_order)} acked seqs" + (f" (first {seq_back[0]})" if seq_back else "")),
         ("decision log readable", len(log.problems) <= torn_allowed,
          f"{len(log.problems)} skipped line(s) (<= {torn_allowed} torn by kills allowed)"),
     ]
+    if n_frames >= SOAK_FRAMES:                    # a soak: RSS must stay flat (short runs only report it)
+        reqs.append(("flat RSS", rss["passed"], rss["detail"]))
+    if rates.get("hard_kill"):
+        reqs.append(("every planned hard kill landed at a kill point and was restarted",
+                     events["hard_kills"] == planned_kills and planned_kills > 0,
+                     f"{events['hard_kills']}/{planned_kills} kills: " +
+                     (", ".join(f"{k} {v}" for k, v in sorted(sites.items())) or "none")))
+    if rates.get("memory_pressure"):
+        reqs.append(("memory pressure applied inside RLIMIT_AS during the frame", bool(pressure) and
+                     len(pressure_real) == len(pressure),
+                     f"{len(pressure_real)}/{len(pressure)} pressure frames with a resident ballast leaving <= budget/2 "
+                     f"of address space (min left {min([f.get('pressure_left_kib', 0) for f in pressure], default=0)} KiB); "
+                     f"outcomes {dict(Counter(f.get('fault_code') or f['action'] for f in pressure))}"))
     if rates.get("seu_model_file"):
         reqs.append(("every corrupted model refused", bool(refused) and all(refused),
                      f"{sum(map(bool, refused))}/{len(refused)} refused"))
@@ -118,7 +147,8 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
          bool(gated) and len(misses) <= board.deadline_miss_allowance * len(gated),
          f"{len(misses)}/{len(gated)} answered frames over {board.deadline_s}s (allowance {board.deadline_miss_allowance:.0%})"),
         ("gate memory within budget", bool(measured) and mem_peak <= board.gate_budget_mib,
-         f"peak growth {mem_peak:.1f} MiB / {board.gate_budget_mib} MiB over {len(measured)} frames"),
+         f"peak growth {mem_peak:.1f} MiB / {board.gate_budget_mib} MiB over {len(measured)} frames "
+         f"({sum(1 for f in measured if f.get('ballast_mib'))} under memory pressure, ballast excluded)"),
     ]
     lat = [f["latency_s"] for f in gated]
     emu = [f["emulated_latency_s"] for f in gated]
@@ -135,7 +165,9 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
         "faults_injected": n_faults, "fault_rates": {k: v for k, v in rates.items() if v},
         "fault_classes": fault_stats, "events": events,
         "log": {"records": len(log.records), "skipped_lines": len(log.problems), "lost_records": lost,
-                "duplicate_seqs": duplicate_seqs},
+                "duplicate_seqs": duplicate_seqs, "mismatched_seqs": mismatched, "acked": len(reported),
+                "seq_steps_back": len(seq_back)},
+        "rss": rss,
         "wrong_actions": [{"frame": f["frame"], "source": f["source"], "expected": f["expected"], "got": f["action"],
                            "cloud_fraction": f.get("cloud_fraction")} for f in wrong],
         "requirements": [{"requirement": r, "passed": bool(ok), "detail": d} for r, ok, d in reqs],
@@ -145,6 +177,52 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     (out / "report.md").write_text(_markdown(report, processed))
     _plots(board, processed, out)
     return report
+
+
+def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: float = 2.0,
+                 max_growth_mib: float = 8.0) -> dict:
+    """RSS between frames (at the top of each, the previous frame's buffers released), per child process (a
+    restart starts a new one). The first `warmup` frames of a process are its warm-up (first use of each
+    fault path, the scene cache). After it: the pooled within-process slope (least squares, each process
+    centred on its own mean) must stay under max_slope_mib_per_1k MiB per 1000 frames, and no process may
+    grow more than max_growth_mib above its RSS at the end of its warm-up."""
+    seg: dict = {}
+    for f in sorted((f for f in frames if "rss_idle_mib" in f and "pid" in f), key=lambda f: f["frame"]):
+        seg.setdefault(f["pid"], []).append(f["rss_idle_mib"])        # between frames: the loop's own state
+    sxx = sxy = 0.0
+    used, longest, drift, growth = 0, 0, None, 0.0
+    for vals in seg.values():
+        v = vals[warmup:]
+        if len(v) < 2:
+            continue
+        mx, my = (len(v) - 1) / 2, sum(v) / len(v)
+        sxx += sum((i - mx) ** 2 for i in range(len(v)))
+        sxy += sum((i - mx) * (y - my) for i, y in enumerate(v))
+        used += len(v)
+        growth = max(growth, max(v) - v[0])
+        if len(v) > longest:
+            k = max(1, min(20, len(v) // 4))
+            longest, drift = len(v), sorted(v[-k:])[k // 2] - sorted(v[:k])[k // 2]
+    slope = 1000 * sxy / sxx if sxx else None
+    steady = [x for vals in seg.values() for x in vals[warmup:]]
+    ok = slope is not None and slope <= max_slope_mib_per_1k and growth <= max_growth_mib
+    detail = (f"slope {slope:+.2f} MiB/1000 frames (<= {max_slope_mib_per_1k}), max growth after warm-up "
+              f"{growth:.1f} MiB (<= {max_growth_mib}) over {used} frames in {len(seg)} processes ({warmup} warm-up "
+              f"frames each); RSS {min(steady):.1f}..{max(steady):.1f} MiB; longest process {longest + warmup} "
+              f"frames, drift {drift:+.1f} MiB" if slope is not None else
+              f"not enough frames after the {warmup}-frame warm-up of each process")
+    return {"passed": ok, "slope_mib_per_1000_frames": slope, "max_growth_mib": growth, "frames": used,
+            "processes": len(seg), "warmup_frames": warmup, "min_mib": min(steady, default=None),
+            "max_mib": max(steady, default=None), "longest_process_frames": longest + warmup if longest else 0,
+            "longest_drift_mib": drift, "detail": detail}
+
+
+def _upset_caught(f: dict) -> bool:
+    """A weight upset was caught: the scrub repaired it before the frame was gated, or the reload could not
+    run (memory pressure: out_of_memory, model_reload_failed) and the frame faulted, not gated (the next
+    frame reloads)."""
+    return bool({"model_scrub_repaired", "model_bist_recovered"} & _event_codes(f)) or \
+        f.get("fault_code") in ("out_of_memory", "model_reload_failed")
 
 
 def _event_codes(frame: dict) -> set[str]:

@@ -17,15 +17,35 @@ from .paths import REPO
 from .streams import load_stream, missing_real_scenes
 
 
-def _read_frames(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
+class _Tail:
+    """frames.jsonl read incrementally (a 10 000-frame soak must not re-parse the file every poll)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.frames, self.markers, self._part = path, 0, [], [], b""
+
+    def poll(self) -> int:
+        """Parse what was appended since the last poll; returns the number of new frame records."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        self.offset += len(data)
+        lines = (self._part + data).split(b"\n")
+        self._part = lines.pop()
+        n = 0
+        for line in lines:
             try:
-                out.append(json.loads(line))
+                r = json.loads(line)
             except ValueError:
-                pass                          # a line torn by a kill; the frame counts as killed
-    return out
+                continue                      # a line torn by a kill
+            if "marker" in r:
+                self.markers.append(r)
+            else:
+                self.frames.append(r)
+                n += 1
+        return n
 
 
 def run_board(board: Board | str, stream: str, out: Path, faults: str | None = None, seed: int = 0,
@@ -66,48 +86,49 @@ def run_board(board: Board | str, stream: str, out: Path, faults: str | None = N
            "bist_every": 1 if rates.get("seu_weights") else 50}
     (out / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0}
+    # a fixed glibc mmap threshold: frame-sized buffers (the payload's scene copies) go back to the OS when
+    # freed, so RSS between frames shows what the loop keeps, not the allocator's sliding threshold
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
+    events = {"hard_kills": 0, "restarts": 0, "watchdog_kills": 0, "child_crashes": 0, "kill_sites": {}}
     start = 0
     watchdog_s = max(board.deadline_s * watchdog_factor, 60.0)
     t_run = time.monotonic()
+    tail = _Tail(out / "frames.jsonl")
     while start < n:
-        proc = subprocess.Popen([sys.executable, "-m", "hil.child", "--job", str(out / "job.json"), "--start", str(start)],
-                                cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=open(out / "child.stderr", "a"))
-        seen = len(_read_frames(out / "frames.jsonl"))
+        with open(out / "child.stderr", "a") as err:           # the child holds its own descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "hil.child", "--job", str(out / "job.json"), "--start",
+                                     str(start)], cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=err)
         last_progress = time.monotonic()
-        killed_at = None
+        watchdog_at = None
         while proc.poll() is None:
-            time.sleep(0.02)
-            recs = _read_frames(out / "frames.jsonl")
-            if len(recs) != seen:
-                seen = len(recs)
+            time.sleep(0.05)
+            if tail.poll():
                 last_progress = time.monotonic()
                 if progress:
-                    done = sum(1 for r in recs if "marker" not in r)
+                    done = len(tail.frames)
                     if sys.stderr.isatty() or done % max(1, n // 10) == 0:
                         print(f"\r[{board.name}] {name}: frame {done}/{n}", end="" if sys.stderr.isatty() else "\n",
                               file=sys.stderr, flush=True)
-                armed = [r for r in recs if r.get("marker") == "hard_kill_armed" and r.get("pid") is None]
-                if armed and armed[-1]["frame"] >= start and not any(
-                        r.get("frame") == armed[-1]["frame"] and "marker" not in r for r in recs):
-                    time.sleep(0.06)          # land the kill inside process() or the log write
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    killed_at = armed[-1]["frame"]
-                    events["hard_kills"] += 1
-                    break
             if time.monotonic() - last_progress > watchdog_s:
                 proc.kill()
                 proc.wait()
                 events["watchdog_kills"] += 1
-                recs = _read_frames(out / "frames.jsonl")
-                killed_at = max([r["frame"] for r in recs], default=start - 1) + 1
+                tail.poll()
+                watchdog_at = max([r["frame"] for r in tail.frames], default=start - 1) + 1
                 break
-        recs = [r for r in _read_frames(out / "frames.jsonl") if "marker" not in r]
-        last = max([r["frame"] for r in recs], default=start - 1)
-        if killed_at is not None:
-            start = max(killed_at, last) + 1
+        tail.poll()
+        last = max([r["frame"] for r in tail.frames if r["frame"] >= start], default=start - 1)
+        # a hard kill is the child's own SIGKILL at an armed kill point (hil.killpoints), announced by a marker
+        kill = next((m for m in reversed(tail.markers) if m.get("marker") == "hard_kill" and m.get("pid") == proc.pid),
+                    None)
+        if watchdog_at is not None:
+            start = max(watchdog_at, last + 1)
             events["restarts"] += 1
+        elif kill is not None and proc.returncode == -signal.SIGKILL:
+            events["hard_kills"] += 1
+            events["kill_sites"][kill["site"]] = events["kill_sites"].get(kill["site"], 0) + 1
+            events["restarts"] += 1
+            start = max(kill["frame"], last) + 1      # the killed frame is lost (its record may be logged, unacked)
         elif proc.returncode != 0:
             events["child_crashes"] += 1
             events["restarts"] += 1

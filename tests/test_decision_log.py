@@ -41,7 +41,8 @@ def test_truncated_mid_record_is_reported_and_skipped(tmp_path):
     _write(p, 2)                                      # the writer terminates the torn line first
     res = read_log(p)
     assert [r["i"] for r in res.records] == list(range(9)) + [0, 1]
-    assert [r["seq"] for r in res.records] == list(range(11))
+    # seq 9 was acknowledged before the file was cut: it is never handed out again (high-water mark)
+    assert [r["seq"] for r in res.records] == list(range(9)) + [10, 11]
 
 
 def test_corrupt_byte_fails_crc_only_for_that_record(tmp_path):
@@ -328,3 +329,38 @@ def test_a_failed_recreate_is_retried_not_fatal(tmp_path):
     seq = log.append({"action": "discard"})                      # the writer recovers
     log.close()
     assert [r["seq"] for r in read_log(p).records] == [seq]
+
+
+def test_seq_never_goes_back_when_the_log_vanished_before_a_restart(tmp_path):
+    """Outside review of issue 9: FILE deleted (or cut) while no writer ran made the next writer restart at
+    seq 0 (or at FILE.1's end), duplicating acknowledged seqs. The high-water mark in FILE.lock prevents it."""
+    p = tmp_path / "d.jsonl"
+    _write(p, 5)
+    p.unlink()                                                   # gone while no writer ran
+    _write(p, 2)
+    assert [r["seq"] for r in read_log(p).records] == [5, 6]
+    _write(p, 30, max_bytes=2000, keep=3)                        # rotated: FILE.1 .. FILE.3
+    p.unlink()
+    with DecisionLog(p, max_bytes=2000, keep=3) as log:          # FILE.1's end is not the high-water mark
+        assert log.append({"action": "discard"}) == 37
+    os.truncate(p, 0)                                            # cut while no writer ran
+    with DecisionLog(p) as log:
+        assert log.append({"action": "discard"}) == 38
+
+
+def test_torn_high_water_slot_falls_back_to_the_other(tmp_path):
+    """The mark is two alternating CRC-checked slots: a torn or corrupt slot leaves the previous one."""
+    from flight.decisionlog import _HWM_SLOT
+
+    p, lock = tmp_path / "d.jsonl", tmp_path / "d.jsonl.lock"
+    _write(p, 8)                                                 # last acked seq 7 (slot 1), 6 in slot 0
+    raw = bytearray(lock.read_bytes())
+    assert len(raw) == 2 * _HWM_SLOT
+    raw[_HWM_SLOT + 25] ^= 0x10                                  # slot 1 corrupt
+    lock.write_bytes(bytes(raw))
+    p.unlink()
+    with DecisionLog(p) as log:
+        assert log.append({"action": "downlink"}) == 7           # from slot 0 (6): no acked seq reused
+    lock.write_bytes(b"garbage")                                 # both slots unreadable: FILE's own end
+    with DecisionLog(p) as log:
+        assert log.append({"action": "downlink"}) == 8

@@ -144,3 +144,65 @@ def test_bare_landsat_band_ids_need_the_sensor_key_and_a_string_is_refused():
             g.process(scene, "bgrn", strict=True)
     with pytest.raises(ConfigError, match="sensor"):
         config_from_dict({"sensor": "landsat99"})
+
+
+def _runs_to_tiles(runs):
+    return {(r, c) for r, c0, c1, _ in runs for c in range(c0, c1 + 1)}
+
+
+def test_clear_tiles_are_logged_as_bounded_row_runs(tmp_path):
+    """Outside review of issue 9: a partial downlink with many clear tiles (large max_tiles) made a record
+    over the 256 KiB limit, refused by the log (log_write_failed). Schema 3 logs row runs, at most
+    MAX_CLEAR_RUNS of them, and counts what did not fit."""
+    from flight import DecisionLog
+    from flight.decisionlog import MAX_RECORD_BYTES, encode_record
+    from flight.logschema import MAX_CLEAR_RUNS
+
+    stripes = [(r, c, 0.01 * (c % 3)) for r in range(0, 400, 2) for c in range(200)]        # 40 000 clear tiles
+    d = Decision(action="downlink", cloud_fraction=0.5, valid_fraction=1.0, partial=True, clear_tiles=stripes)
+    rec = d.to_record()
+    assert len(rec["clear_tiles"]) == 200 and rec["clear_tiles_omitted"] == 0
+    assert rec["clear_tiles"][0] == [0, 0, 199, 0.02]
+    assert _runs_to_tiles(rec["clear_tiles"]) == {(r, c) for r, c, _ in stripes}
+    with DecisionLog(tmp_path / "d.jsonl") as log:
+        assert log.append(rec) == 0                                        # was: refused, > 256 KiB
+    back = read_log(tmp_path / "d.jsonl").records[0]
+    assert _runs_to_tiles(back["clear_tiles"]) == {(r, c) for r, c, _ in stripes}
+
+    checker = [(r, c, 0.0) for r in range(300) for c in range(300) if (r + c) % 2 == 0]     # runs of one tile
+    rec = Decision(action="downlink", cloud_fraction=0.5, valid_fraction=1.0, partial=True,
+                   clear_tiles=checker).to_record()
+    assert len(rec["clear_tiles"]) == MAX_CLEAR_RUNS and rec["clear_tiles_omitted"] == len(checker) - MAX_CLEAR_RUNS
+    assert len(encode_record(dict(rec, seq=0, schema=SCHEMA_VERSION))) < MAX_RECORD_BYTES // 2
+
+
+def test_gate_partial_downlink_with_more_runs_than_a_record_holds(tmp_path):
+    """End to end: a checkerboard of clear/cloudy tiles over 8 320 tiles (4 160 clear runs > MAX_CLEAR_RUNS):
+    the decision keeps every clear tile, the record the first runs, an event says so, and it is logged."""
+    from conftest import brightness_backend
+    from flight.logschema import MAX_CLEAR_RUNS
+
+    rows, cols, t = 64, 130, 32
+    cell = np.where((np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0), 25, 150).astype(np.uint8)
+    scene = np.repeat(np.repeat(cell, t, axis=0), t, axis=1)[..., None].repeat(4, axis=2)   # 2048 x 4160 x 4
+    g = CloudGate.from_model(backend_factory=brightness_backend, tile=t, overlap=0, max_tiles=rows * cols,
+                             early_exit={"enabled": False}, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
+    d = g.process(scene, BANDS, radiometry=(1 / 255, 0.0))
+    g.close()
+    assert d.action == "downlink" and d.partial and len(d.clear_tiles) == rows * cols // 2
+    assert d.log_seq == 0 and "clear_tiles_truncated" in [e["code"] for e in d.degraded]
+    rec = read_log(tmp_path / "d.jsonl").records[0]
+    assert len(rec["clear_tiles"]) == MAX_CLEAR_RUNS
+    assert rec["clear_tiles_omitted"] == d.clear_tiles_omitted == rows * cols // 2 - MAX_CLEAR_RUNS
+    assert _runs_to_tiles(rec["clear_tiles"]) < {(r, c) for r, c, _ in d.clear_tiles}
+
+
+def test_older_per_tile_clear_lists_read_back_as_runs(tmp_path):
+    from flight.decisionlog import encode_record
+
+    old = {"schema": 2, "seq": 0, "action": "downlink", "partial": True, "degraded": [],
+           "clear_tiles": [[0, 1, 0.05], [0, 2, 0.01], [3, 0, 0.0]]}
+    (tmp_path / "d.jsonl").write_bytes(encode_record(old))
+    rec = read_log(tmp_path / "d.jsonl").records[0]
+    assert rec["clear_tiles"] == [[0, 1, 2, 0.05], [3, 0, 0, 0.0]] and rec["clear_tiles_omitted"] == 0
+    assert validate_record(dict(old, clear_tiles=[[1, "x", 2]])) is not None

@@ -275,6 +275,70 @@ def test_memmap_file_shrunk_under_the_mapping_is_a_fault_not_sigbus(tmp_path):
     assert lines[3] != "fault"
 
 
+_SHRINK_MID_SCAN = """
+import os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+from flight.backends import open_backend
+p = {path!r}
+BANDS = ("blue", "green", "red", "nir")
+mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.uint16, shape=(1200, 1200, 4))
+mm[:] = 9000
+mm.flush(); del mm
+calls = {{"n": 0, "cut_at": None}}
+
+class CuttingBackend:                       # through the backend-factory port: the file shrinks mid-scan
+    def __init__(self, inner):
+        self._inner = inner
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+    def infer(self, planes, mask_out):
+        calls["n"] += 1
+        if calls["n"] == calls["cut_at"]:
+            os.truncate(p, 4096)
+        self._inner.infer(planes, mask_out)
+
+gate = CloudGate.from_model(early_exit={{"enabled": False}}, backend="litert",
+                            backend_factory=lambda *a: CuttingBackend(open_backend(*a)))
+scene = np.load(p, mmap_mode="r")
+d = gate.process(scene, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.tiles_total, flush=True)
+calls["n"], calls["cut_at"] = 0, 2
+d = gate.process(scene, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, calls["n"], flush=True)
+os.unlink(p)
+np.lib.format.open_memmap(p, mode="w+", dtype=np.uint16, shape=(1200, 1200, 4))[:] = 9000
+plain = np.asarray(np.load(p, mmap_mode="r"))                # a plain ndarray whose base is the memmap
+calls["cut_at"] = None
+os.truncate(p, 4096)
+d = gate.process(plain, BANDS, radiometry=(2e-5, -0.1))
+print(d.action, d.fault_code, flush=True)
+print(gate.process(np.full((64, 64, 4), 0.1, np.float32), BANDS).action, flush=True)
+"""
+
+
+def test_memmap_file_shrinking_mid_scan_or_behind_asarray_is_a_fault_not_sigbus(tmp_path):
+    """Outside review of issue 9: the backing file was checked once per scene, so a shrink during the tile
+    scan still SIGBUSed, and np.asarray(memmap) was not checked at all. Now checked before every tile."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", _SHRINK_MID_SCAN.format(root=str(ROOT), path=str(tmp_path / "s.npy"))],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-1500:])
+    lines = r.stdout.split("\n")
+    first, total = lines[0].split()
+    assert first != "fault" and int(total) >= 9
+    action, code, inferred = lines[1].split()
+    assert (action, code, inferred) == ("fault", "scene_file_truncated", "2")   # cut after tile 2, faulted at tile 3
+    assert lines[2] == "fault scene_file_truncated"
+    assert lines[3] != "fault"
+
+
 def test_unordered_band_names_are_refused_not_hash_ordered():
     """A set has no order: accepting it made the action depend on PYTHONHASHSEED (outside review)."""
     g = CloudGate.from_model(backend="onnxruntime")
@@ -294,3 +358,189 @@ def test_faulted_frame_mask_is_no_decision_everywhere():
     mask = np.full((64, 64), 7, np.uint8)                     # implausible radiometry: no class pixels left behind
     d = g.process(scene * 10000, ("blue", "green", "red", "nir"), mask_out=mask)
     assert d.action == "fault" and (mask == 255).all()
+
+
+class _AllocFailingBackend:
+    """A runtime that cannot allocate (MemoryError) on chosen calls, through the backend-factory port."""
+
+    def __init__(self, inner, fail_on):
+        self._inner, self._fail_on, self.calls = inner, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def infer(self, planes, mask_out):
+        self.calls += 1
+        if self.calls in self._fail_on:
+            raise MemoryError("std::bad_alloc")
+        self._inner.infer(planes, mask_out)
+
+
+def test_out_of_memory_is_a_typed_fault_and_the_loop_lives_on(tmp_path):
+    """Issue 9 item 16: a frame that runs out of memory faulted as 'internal' (and under the HIL's memory
+    pressure nothing ever checked it). Now a typed out_of_memory fault, logged; strict mode raises it."""
+    from conftest import brightness_backend
+    from flight import OutOfMemoryError
+
+    holder = {}
+
+    def factory(*a):
+        holder["b"] = _AllocFailingBackend(brightness_backend(*a), fail_on=set())
+        return holder["b"]
+
+    g = CloudGate.from_model(backend_factory=factory, early_exit={"enabled": False},
+                             log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
+    holder["b"].calls, holder["b"]._fail_on = 0, {2, 5}     # armed after the load's self-test ran its tiles
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    ds = [g.process(scene, BANDS) for _ in range(4)]
+    assert [d.fault_code for d in ds] == [None, "out_of_memory", None, None]
+    assert "out of memory" in ds[1].fault and ds[1].log_seq is not None
+    with pytest.raises(OutOfMemoryError) as e:
+        g.process(scene, BANDS, strict=True)
+    assert isinstance(e.value, MemoryError) and e.value.code == "out_of_memory"
+    g.close()
+    codes = [r["fault_code"] for r in read_log(tmp_path / "d.jsonl").records]
+    assert codes == [None, "out_of_memory", None, None]
+
+
+_AT_THE_LIMIT = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+from hil.streams import generate_scene
+def vms():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+g = CloudGate.from_model(backend={backend!r}, threads=1, log={{"path": {log!r}, "fsync": "every"}})
+scenes = [generate_scene(k, 3, s) for k, s in (("partly", 384), ("clear", 256), ("overcast", 320))]
+out = []
+for i in range(12):
+    if i == 3:                                       # a warm runtime has its arenas: steady state from here
+        d = g.process(scenes[0]["bands"], scenes[0]["band_names"])
+        out.append(["unlimited", d.action, d.log_seq, d.fault])
+    sc = scenes[i % 3]
+    lim = vms() + (i % 3) * 65536                    # 0, 64 KiB, 128 KiB of address space left
+    resource.setrlimit(resource.RLIMIT_AS, (lim, resource.RLIM_INFINITY))
+    try:
+        d = g.process(sc["bands"], sc["band_names"], scene_id="s%d" % i)
+        out.append([d.action, d.fault_code, d.log_seq, d.fault])
+    except BaseException as e:
+        out.append(["raised", type(e).__name__, None, None])
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+def test_gate_at_its_address_space_limit_answers_every_frame(tmp_path, backend):
+    """Real pressure (RLIMIT_AS at the current size, 0-128 KiB left). A cold onnxruntime session cannot
+    allocate its arena ("Failed to allocate memory": was an 'internal' fault): out_of_memory faults, logged,
+    and the gate recovers once memory is back. Warm, the steady state allocates no address space: every
+    frame is decided. process() never raises."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = _AT_THE_LIMIT.format(root=str(ROOT), backend=backend, log=str(tmp_path / "d.jsonl"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    unlimited = out.pop(3)
+    assert unlimited[1] != "fault" and unlimited[2] is not None, unlimited
+    assert all(a != "raised" and (a != "fault" or c == "out_of_memory") for a, c, _, _ in out), out
+    assert all(a != "fault" for a, _, _, _ in out[3:]), out[3:]
+    logged = sorted([s for _, _, s, _ in out if s is not None] + [unlimited[2]])
+    assert [x["seq"] for x in read_log(tmp_path / "d.jsonl").records] == logged
+
+
+_RELOAD_UNDER_PRESSURE = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import CloudGate
+from hil.faults import FaultBackendFactory, flip_runtime_weights
+from hil.streams import generate_scene
+def vms():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+bf = FaultBackendFactory()
+g = CloudGate.from_model(backend="litert", backend_factory=bf, threads=1)
+sc = generate_scene("partly", 3, 384)
+g.process(sc["bands"], sc["band_names"])
+out = []
+for k in range(32):                                   # 0 .. 2 MiB of address space left, in 64 KiB steps
+    flip_runtime_weights(bf.backend, 1, np.random.default_rng(k))   # an upset in the executed weights: reload
+    resource.setrlimit(resource.RLIMIT_AS, (vms() + k * 65536, resource.RLIM_INFINITY))
+    d = g.process(sc["bands"], sc["band_names"])
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    d2 = g.process(sc["bands"], sc["band_names"])
+    out.append([d.action, d.fault_code, [e["code"] for e in d.degraded], d2.action, [e["code"] for e in d2.degraded]])
+print(json.dumps(out))
+"""
+
+
+def test_model_reload_without_memory_is_out_of_memory_not_model_corrupt():
+    """HIL soak finding (seu_weights + memory_pressure): the scrub's reload of a verified model, refused by
+    LiteRT for lack of memory (XNNPack 'failed to reshape runtime'), faulted 'model_corrupt'. It is an
+    out_of_memory fault; the next frame reloads and gates."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", _RELOAD_UNDER_PRESSURE.format(root=str(ROOT))], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for action, code, events, next_action, next_events in out:
+        if action == "fault":
+            assert code == "out_of_memory" and next_action != "fault" and \
+                {"model_scrub_repaired", "model_bist_recovered"} & set(next_events), out   # reloaded next frame
+        else:
+            assert "model_scrub_repaired" in events, out
+    assert any(a == "fault" for a, *_ in out), "no reload ran out of memory: the sweep did not reach the limit"
+
+
+def test_refused_reload_of_a_verified_model_is_not_model_corrupt(tmp_path):
+    """HIL soak finding: under memory pressure LiteRT refused to reopen the verified model with an empty
+    message ('LiteRT refused ...: '), and the frame faulted model_corrupt although the file was fine. It is
+    model_reload_failed (ModelReloadError, transient); the next frame reloads and gates."""
+    from conftest import brightness_backend
+    from flight import ModelIntegrityError, ModelReloadError
+
+    calls = {"n": 0}
+
+    def factory(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:                              # the scrub's first reload
+            raise ModelIntegrityError("LiteRT refused cloudgate-s4.int8.tflite: ")
+        return brightness_backend(*a)
+
+    g = CloudGate.from_model(backend_factory=factory, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"},
+                             update={"bist_every": 1})      # a self-test before every frame
+    scene = np.full((64, 64, 4), 0.1, np.float32)
+    assert g.process(scene, BANDS).action != "fault"
+    g.backend.infer = _always_cloud(g.backend)              # the running runtime goes wrong: the next self-test
+    d1, d2 = g.process(scene, BANDS), g.process(scene, BANDS)   # fails and the recovery reload is refused
+    assert (d1.action, d1.fault_code) == ("fault", "model_reload_failed") and "retried" in d1.fault, d1.fault
+    assert d2.action != "fault" and [e["code"] for e in d2.degraded] == ["model_bist_recovered"], d2
+    calls["n"] = 1
+    g.backend.infer = _always_cloud(g.backend)
+    with pytest.raises(ModelReloadError):
+        g.process(scene, BANDS, strict=True)
+    g.close()
+
+
+def _always_cloud(backend):
+    def infer(planes, mask_out):
+        mask_out.fill(1)
+    return infer

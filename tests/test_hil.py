@@ -360,3 +360,92 @@ def test_update_campaign_short(tmp_path):
         assert rep["by_class"][c]["updates"] >= 2 and rep["by_class"][c]["as_expected"] == rep["by_class"][c]["updates"], c
     assert rep["upsets"]["caught"] == rep["upsets"]["with_flips"] >= 1
     assert rep["install_s_host"]["n"] >= 1 and rep["bist_s_host"]["p50"] and rep["bist_s_emulated"] > 0
+
+
+_KILL_IN_APPEND = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from flight import DecisionLog
+from hil.killpoints import KillLogIO, KillPoint
+kp = KillPoint(os.open({marks!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+log = DecisionLog({log!r}, "every", io=KillLogIO(kp))
+for i in range(5):
+    print(log.append({{"action": "downlink", "scene_id": "s%d" % i}}), flush=True)   # acknowledged
+kp.arm(5, {site!r}, np.random.default_rng(1))
+log.append({{"action": "discard", "scene_id": "killed"}})
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("site", ["append_mid_line", "append_before_fsync", "append_after_fsync"])
+def test_kill_points_inside_decision_log_append(tmp_path, site):
+    """Issue 9 item 15: a kill inside DecisionLog.append (mid-line, before or after its fsync) loses no
+    acknowledged record; the restart resumes after the last one (never reusing an acked seq)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from flight import DecisionLog, read_log
+
+    log, marks = tmp_path / "d.jsonl", tmp_path / "marks.jsonl"
+    r = subprocess.run([sys.executable, "-c", _KILL_IN_APPEND.format(root=str(ROOT), marks=str(marks), log=str(log),
+                                                                      site=site)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == -signal.SIGKILL and "survived" not in r.stdout, (r.returncode, r.stderr[-800:])
+    acked = [int(x) for x in r.stdout.split()]
+    assert acked == [0, 1, 2, 3, 4]
+    assert json.loads(marks.read_text()) == {"frame": 5, "marker": "hard_kill", "site": site, "pid": json.loads(
+        marks.read_text())["pid"]}
+    res = read_log(log)
+    assert [x["seq"] for x in res.records if x["scene_id"] != "killed"] == acked
+    assert len(res.problems) == (1 if site == "append_mid_line" else 0)          # the torn line, reported
+    unacked = [x["seq"] for x in res.records if x["scene_id"] == "killed"]         # whole on disk, never acked
+    assert unacked == ([] if site == "append_mid_line" else [5])
+    with DecisionLog(log) as again:
+        assert again.append({"action": "downlink"}) == (5 if site == "append_mid_line" else 6)
+    assert len(read_log(log).problems) == len(res.problems)                      # the torn line stays one problem
+
+
+def test_hard_kills_land_in_the_tile_loop_and_in_append_and_lose_nothing(tmp_path):
+    """Issue 9 item 15: kills used to land 60 ms after a marker, always before process() ran. Now the child
+    arms a kill point; the report counts where kills landed; after every kill and restart no acknowledged
+    record is lost or reused (by seq and by the frame that acked it), and no seq is duplicated."""
+    from hil.killpoints import KILL_SITES
+    from hil.runner import run_board
+
+    rep = run_board("myriad-x", str(ROOT / "hil/streams/campaign.yaml"), tmp_path,
+                    faults="hard_kill:0.5,log_vanished:0.2,log_short_write:0.1", seed=4, frames=40, progress=False)
+    sites = rep["events"]["kill_sites"]
+    assert sum(sites.values()) == rep["events"]["hard_kills"] == rep["fault_classes"]["hard_kill"]["planned"] >= 12
+    assert set(KILL_SITES) <= set(sites), sites                          # every in-process site was hit
+    assert rep["log"]["lost_records"] == [] and rep["log"]["duplicate_seqs"] == []
+    assert rep["log"]["mismatched_seqs"] == [] and rep["log"]["seq_steps_back"] == 0
+    assert rep["log"]["skipped_lines"] <= sites.get("append_mid_line", 0)   # only torn lines of mid-line kills
+    req = {r["requirement"]: r["passed"] for r in rep["requirements"]}
+    assert req["every planned hard kill landed at a kill point and was restarted"]
+    assert req["acknowledged seqs strictly increase, restarts included"] and req["no lost complete log record"]
+    assert rep["events"]["child_crashes"] == 0 and rep["passed"], rep["requirements"]
+
+
+def test_memory_pressure_is_real_and_counted(tmp_path):
+    """Issue 9 item 16: the ballast was allocated before the peak reset and never pressed on the gate. Now it
+    is placed after the reset, resident, leaving 64 KiB..budget/2 of the RLIMIT_AS address space; those frames
+    count in the memory row (ballast excluded) and fault cleanly if they run out."""
+    from hil.runner import run_board
+
+    rep = run_board("myriad2", str(ROOT / "hil/streams/campaign.yaml"), tmp_path, faults="memory_pressure:0.6",
+                    seed=2, frames=24, progress=False)
+    frames = [json.loads(x) for x in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    pressed = [f for f in frames if "memory_pressure" in f.get("faults", [])]
+    budget = load_board("myriad2").gate_budget_mib
+    assert len(pressed) >= 8
+    assert all(f["ballast_mib"] > budget * 0.4 and f["pressure_left_kib"] <= budget * 512 for f in pressed), pressed
+    assert min(f["pressure_left_kib"] for f in pressed) < 256
+    assert all(f["action"] != "crash" and f.get("fault_code") in (None, "out_of_memory") for f in pressed)
+    assert all(f["gate_peak_growth_mib"] < budget for f in pressed)              # the ballast is not the gate's
+    req = {r["requirement"]: r for r in rep["requirements"]}
+    assert req["memory pressure applied inside RLIMIT_AS during the frame"]["passed"]
+    assert f"{len(pressed)} under memory pressure" in req["gate memory within budget"]["detail"]
+    assert rep["passed"], rep["requirements"]
