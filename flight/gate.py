@@ -339,7 +339,10 @@ class CloudGate:
         self._t_valid = np.zeros(n, np.int64)            # valid pixels,
         self._t_area = np.zeros(n, np.int64)             # scene pixels,
         self._t_done = np.zeros(n, bool)                 # visited
+        self._row_visits = np.zeros(n, np.int64)         # per tile row: tiles visited (memmap page release)
+        self._row_released = np.zeros(n, bool)
         self._map: _SceneMap | None = None               # the mmap behind the scene being processed
+        self._map_addr = 0                               # its start address (page release stays inside it)
         self._history = TargetHistory(cfg.policy.max_targets)
         ee = cfg.early_exit
         self._est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
@@ -962,6 +965,8 @@ class CloudGate:
                 "L1C, (2e-5, -0.1) for Landsat-8) or set radiometry_scale/radiometry_offset in the gate config")
         self._map = self._scene_map(scene)
         self._check_backing_file(self._map)
+        # the mapping's own address range: page release never advises memory outside it
+        self._map_addr = np.frombuffer(self._map.mm, np.uint8).ctypes.data if self._map is not None else 0
         # model_input = (value * scale + offset) * in_gain + in_offset, clipped to the backend's input range
         in_gain, in_offset = self.backend.input_affine
         q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
@@ -975,6 +980,9 @@ class CloudGate:
         cfg, est, step = self.config, self._est, self._step
         est.reset(n_tiles, step * step, h * w)
         self._t_done[:n_tiles] = False
+        ny = -(-n_tiles // nx)
+        self._row_visits[:ny] = 0
+        self._row_released[:ny] = False
         scan = _Scan()
         early_ok = cfg.early_exit.enabled and mask_out is None
         stride = _golden_step(n_tiles)
@@ -998,6 +1006,7 @@ class CloudGate:
                 if not self._t_done[idx]:
                     ty, tx = divmod(idx, nx)
                     mask_out[ty * step:min(ty * step + step, h), tx * step:min(tx * step + step, w)] = INVALID
+        self._release_pages(scene, 0, h)                  # whatever the scan left resident (early exit, deadline)
         return scan
 
     def _visit_tile(self, scene, idx, nx, h, w, src_idx, imap, mask_out, valid_mask, scan: _Scan) -> None:
@@ -1030,7 +1039,7 @@ class CloudGate:
             np.copyto(dst, m)
             np.logical_not(v, out=hit)
             np.copyto(dst, INVALID, where=hit)
-        self._release_pages(scene, wy0, min(wy0 + t, h))
+        self._row_visited(scene, ty, nx, h)
         area = (cy1 - cy0) * (cx1 - cx0)
         self._t_cloud[idx], self._t_valid[idx], self._t_area[idx], self._t_done[idx] = nc, nv, area, True
         scan.cloud_px += nc
@@ -1193,26 +1202,51 @@ class CloudGate:
             raise SceneFileError(f"the file backing the memmap scene ({sm.name}) shrank to {size} bytes under a "
                                  f"{sm.need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
 
+    def _row_visited(self, scene: np.ndarray, ty: int, nx: int, h: int) -> None:
+        """One more tile of tile row ty done. A row's window rows are read by its own tiles and its two
+        neighbour rows' only, so they are released once those three rows are complete: every page once,
+        after its last reader (releasing after each tile, in the spread visiting order, made the next tile
+        of the band fault the pages back in -- from disk for r+/c maps, whose pages MADV_PAGEOUT evicts)."""
+        if self._map is None or self._map.mode is None:
+            return
+        self._row_visits[ty] += 1
+        if self._row_visits[ty] < nx:
+            return
+        step, half, t = self._step, self._half, self._tile
+        ny = -(-h // step)
+        for r in (ty - 1, ty, ty + 1):                   # bounded: three rows
+            if not 0 <= r < ny or self._row_released[r]:
+                continue
+            if all(self._row_visits[q] >= nx for q in (r - 1, r, r + 1) if 0 <= q < ny):
+                self._row_released[r] = True
+                wy0 = min(max(r * step - half, 0), max(h - t, 0))
+                self._release_pages(scene, wy0, min(wy0 + t, h))
+
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
-        """Drop already-read rows of a memmap from our resident set, so RSS stays flat whatever the scene
+        """Drop rows y0..y1 of a memmap scene from our resident set, so RSS stays flat whatever the scene
         size. Read-only maps: MADV_DONTNEED (the page cache keeps the data). Writable (r+, w+) and
         copy-on-write (c) maps: MADV_PAGEOUT, which reclaims without discarding anything -- DONTNEED on a
-        copy-on-write map would throw away the caller's in-memory changes to the scene."""
+        copy-on-write map would throw away the caller's in-memory changes to the scene. The range is the
+        rows' real extent (any strides, negative ones too) clamped to the mapping itself: advice outside
+        it would hit whatever memory lies next to the map."""
         sm = self._map
-        if _libc is None or sm is None or sm.mode is None:
+        if _libc is None or sm is None or sm.mode is None or y1 <= y0 or scene.size == 0:
             return
         mode = sm.mode
         advice = _MADV_DONTNEED if mode in ("r", "readonly") else _MADV_PAGEOUT if mode in ("r+", "w+", "c") else None
         if advice is None:
             return
-        row = scene.strides[0]
-        if row <= 0:
-            return
-        start = scene.ctypes.data + y0 * row
+        s0, s1, s2 = scene.strides
+        _, w, c = scene.shape
+        lo = min(y0 * s0, (y1 - 1) * s0) + min(0, (w - 1) * s1) + min(0, (c - 1) * s2)
+        hi = max(y0 * s0, (y1 - 1) * s0) + max(0, (w - 1) * s1) + max(0, (c - 1) * s2) + scene.itemsize
         page = mmap.PAGESIZE
-        a0 = start - start % page
-        a1 = scene.ctypes.data + y1 * row
-        a1 -= a1 % page
+        map_lo, map_len = self._map_addr, len(sm.mm)
+        map_hi = map_lo + -(-map_len // page) * page
+        a0 = max(scene.ctypes.data + lo, map_lo)
+        a1 = min(scene.ctypes.data + hi, map_hi)
+        a0 -= a0 % page                                  # whole pages inside the mapping (map_lo is aligned)
+        a1 -= a1 % page if a1 < map_hi else 0
         if a1 > a0:
             _libc.madvise(ctypes.c_void_p(a0), ctypes.c_size_t(a1 - a0), advice)  # a hint: failure changes nothing
 
