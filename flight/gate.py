@@ -339,8 +339,6 @@ class CloudGate:
         self._t_valid = np.zeros(n, np.int64)            # valid pixels,
         self._t_area = np.zeros(n, np.int64)             # scene pixels,
         self._t_done = np.zeros(n, bool)                 # visited
-        self._row_visits = np.zeros(n, np.int64)         # per tile row: tiles visited (memmap page release)
-        self._row_released = np.zeros(n, bool)
         self._map: _SceneMap | None = None               # the mmap behind the scene being processed
         self._map_addr = 0                               # its start address (page release stays inside it)
         self._history = TargetHistory(cfg.policy.max_targets)
@@ -980,9 +978,6 @@ class CloudGate:
         cfg, est, step = self.config, self._est, self._step
         est.reset(n_tiles, step * step, h * w)
         self._t_done[:n_tiles] = False
-        ny = -(-n_tiles // nx)
-        self._row_visits[:ny] = 0
-        self._row_released[:ny] = False
         scan = _Scan()
         early_ok = cfg.early_exit.enabled and mask_out is None
         stride = _golden_step(n_tiles)
@@ -1006,7 +1001,6 @@ class CloudGate:
                 if not self._t_done[idx]:
                     ty, tx = divmod(idx, nx)
                     mask_out[ty * step:min(ty * step + step, h), tx * step:min(tx * step + step, w)] = INVALID
-        self._release_pages(scene, 0, h)                  # whatever the scan left resident (early exit, deadline)
         return scan
 
     def _visit_tile(self, scene, idx, nx, h, w, src_idx, imap, mask_out, valid_mask, scan: _Scan) -> None:
@@ -1039,7 +1033,7 @@ class CloudGate:
             np.copyto(dst, m)
             np.logical_not(v, out=hit)
             np.copyto(dst, INVALID, where=hit)
-        self._row_visited(scene, ty, nx, h)
+        self._release_pages(scene, wy0, min(wy0 + t, h))
         area = (cy1 - cy0) * (cx1 - cx0)
         self._t_cloud[idx], self._t_valid[idx], self._t_area[idx], self._t_done[idx] = nc, nv, area, True
         scan.cloud_px += nc
@@ -1202,31 +1196,14 @@ class CloudGate:
             raise SceneFileError(f"the file backing the memmap scene ({sm.name}) shrank to {size} bytes under a "
                                  f"{sm.need}-byte mapping; reading it would kill the process (SIGBUS). Re-open the scene")
 
-    def _row_visited(self, scene: np.ndarray, ty: int, nx: int, h: int) -> None:
-        """One more tile of tile row ty done. A row's window rows are read by its own tiles and its two
-        neighbour rows' only, so they are released once those three rows are complete: every page once,
-        after its last reader (releasing after each tile, in the spread visiting order, made the next tile
-        of the band fault the pages back in -- from disk for r+/c maps, whose pages MADV_PAGEOUT evicts)."""
-        if self._map is None or self._map.mode is None:
-            return
-        self._row_visits[ty] += 1
-        if self._row_visits[ty] < nx:
-            return
-        step, half, t = self._step, self._half, self._tile
-        ny = -(-h // step)
-        for r in (ty - 1, ty, ty + 1):                   # bounded: three rows
-            if not 0 <= r < ny or self._row_released[r]:
-                continue
-            if all(self._row_visits[q] >= nx for q in (r - 1, r, r + 1) if 0 <= q < ny):
-                self._row_released[r] = True
-                wy0 = min(max(r * step - half, 0), max(h - t, 0))
-                self._release_pages(scene, wy0, min(wy0 + t, h))
-
     def _release_pages(self, scene: np.ndarray, y0: int, y1: int) -> None:
         """Drop rows y0..y1 of a memmap scene from our resident set, so RSS stays flat whatever the scene
         size. Read-only maps: MADV_DONTNEED (the page cache keeps the data). Writable (r+, w+) and
         copy-on-write (c) maps: MADV_PAGEOUT, which reclaims without discarding anything -- DONTNEED on a
-        copy-on-write map would throw away the caller's in-memory changes to the scene. The range is the
+        copy-on-write map would throw away the caller's in-memory changes to the scene. Released after
+        every tile (tiles are visited in a spread order, so waiting for a row band to complete would keep
+        nearly the whole scene resident); the cost is that later tiles of the band fault their pages back
+        in, from the page cache for r maps, from the file for r+/c maps (PAGEOUT evicts). The range is the
         rows' real extent (any strides, negative ones too) clamped to the mapping itself: advice outside
         it would hit whatever memory lies next to the map."""
         sm = self._map
