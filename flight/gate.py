@@ -1310,25 +1310,21 @@ class CloudGate:
         lo, hi = self.backend.input_range
         oor = self._oor[:rh, :rw]                        # any band outside the plausible reflectance range
         oor.fill(False)
+        invalid = not vsub.all()
+        if invalid:                                      # NaN/Inf/no-data never reach the model
+            np.logical_not(vsub, out=nz)                 # (nz is free again: it now marks invalid pixels)
         for ci, si in enumerate(src_idx):
             if si < 0:
                 continue
             p = planes[ci, :rh, :rw]
             if offset:
                 np.add(p, offset, out=p)
-            np.less(p, p_lo, out=tsub)
+            np.less(p, p_lo, out=tsub)                   # out of range is judged before the fill
             np.logical_or(oor, tsub, out=oor)
             np.greater(p, p_hi, out=tsub)
             np.logical_or(oor, tsub, out=oor)
-        invalid = not vsub.all()
-        if invalid:                                      # NaN/Inf/no-data never reach the model
-            np.logical_not(vsub, out=tsub)
-        for ci, si in enumerate(src_idx):
-            if si < 0:
-                continue
-            p = planes[ci, :rh, :rw]
             if invalid:
-                np.copyto(p, fill, where=tsub)
+                np.copyto(p, fill, where=nz)
             np.clip(p, lo, hi, out=p)                    # saturated or absurd values stay in range
         if rh < t or rw < t:
             self._pad(rh, rw)
