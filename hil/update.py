@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 from .boards import load_board
-from .runner import _read_frames as _frames   # one reader of a child's frames.jsonl (torn lines skipped)
 from .streams import REPO
 
 UPDATE_FAULTS = ("none", "corrupt_package", "wrong_key", "truncated", "kill_install", "kill_switch",
@@ -225,6 +224,17 @@ def child_main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------- the parent
+def _frames(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass                          # a line torn by a kill
+    return out
+
+
 def _wait_frames(path: Path, n_more: int, proc, timeout: float = 120.0) -> None:
     start = sum(1 for f in _frames(path) if "action" in f)
     t0 = time.monotonic()
