@@ -41,9 +41,14 @@ def test_card_is_complete():
     assert card["quantization"]["torch_vs_keras_max_logit_diff"] < 1e-4
 
 
-def test_tflite_agrees_with_onnx_on_real_scenes(real_dir, gate_litert, gate_ort):
+def test_tflite_agrees_with_onnx_on_real_scenes(real_dir):
+    from flight import CloudGate
     from flight.scenefile import read_npz_scene
 
+    # fresh gates, not the session fixtures: the in-process onnxruntime weight-upset tests (hil.faults
+    # flips an initializer in every copy it finds in this process's memory) leave the long-lived fixture
+    # sessions' weights flipped (seen: agreement 0.9923 after tests/test_model_update.py ran)
+    gate_litert, gate_ort = CloudGate.from_model(backend="litert"), CloudGate.from_model(backend="onnxruntime")
     same = total = 0
     for p in sorted(real_dir.glob("*/*.npz")):
         sc = read_npz_scene(p)
@@ -54,4 +59,5 @@ def test_tflite_agrees_with_onnx_on_real_scenes(real_dir, gate_litert, gate_ort)
             g.process(sc["bands"], sc["band_names"], mask_out=m, valid_mask=sc["valid_mask"], radiometry=sc["radiometry"])
         same += int((m1 == m2).sum())
         total += m1.size
+    gate_litert.close(), gate_ort.close()
     assert same / total >= 0.995, same / total
