@@ -34,6 +34,12 @@ class Backend(Protocol):
     #   model_buffer: bytes | None          the buffer the runtime was built from and still reads
 
 
+def planar_view(backend) -> np.ndarray:
+    """backend.planes as (C, T, T), whatever the backend's layout (a view: writes land in the input buffer)."""
+    planes = backend.planes
+    return planes.transpose(2, 0, 1) if getattr(backend, "layout", "chw") == "hwc" else planes
+
+
 class _Argmax3:
     """Allocation-free 3-class argmax on score planes (ties resolve to the lower class)."""
 

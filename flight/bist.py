@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backends import planar_view
 from .errors import ModelIntegrityError
 from .golden import DN_SCALE
 
@@ -57,9 +58,7 @@ class BistResult:
 def load_tile(dn: np.ndarray, backend) -> None:
     """Golden DN (C, T, T) -> backend.planes in model-input units, as the gate loads a scene tile with
     radiometry (DN_SCALE, 0): value * (scale * gain) + offset, clipped to the backend's input range."""
-    planes = backend.planes
-    if getattr(backend, "layout", "chw") == "hwc":     # pixel-interleaved input buffer: the same values
-        planes = planes.transpose(2, 0, 1)
+    planes = planar_view(backend)                        # the same values whatever the buffer's layout
     if planes.shape != dn.shape:
         raise ModelIntegrityError(f"golden tiles are {tuple(dn.shape)} (channels, tile, tile) but the runtime "
                                   f"takes {tuple(planes.shape)}: the tiles were made for another model or tile size")

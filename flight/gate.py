@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .bands import canonical_band
-from .backends import Backend, open_backend
+from .backends import Backend, open_backend, planar_view
 from .bist import BistResult, compare_reference, run_tiles
 from .config import GateConfig, config_from_dict, load_config
 from .decisionlog import DecisionLog
@@ -461,8 +461,8 @@ class CloudGate:
         self.optional_bands = tuple(lm.card.optional_bands)
         self.backend = lm.backend
         self._planes = lm.backend.planes                 # the backend owns the input buffer
-        self._layout = getattr(lm.backend, "layout", "chw")
-        self._hwc = _HwcPlan(self._tile, lm.card.input_channels, self._layout)
+        self._planes_chw = planar_view(lm.backend)       # the same buffer as (C, T, T), for the band loops
+        self._hwc = _HwcPlan(self._tile, lm.card.input_channels, getattr(lm.backend, "layout", "chw"))
         self.buffer_bytes = self._fixed_bytes + self._planes.nbytes
         if len(self._references) >= 8:
             self._references.pop(next(iter(self._references)))
@@ -475,7 +475,7 @@ class CloudGate:
         """Release the running runtime (a failed one; keeps the card so faults say which model failed)."""
         self.backend = _NoModel(self._tile)
         self._planes = self.backend.planes
-        self._layout, self._hwc = "chw", _HwcPlan(self._tile, 0, "chw")
+        self._planes_chw, self._hwc = self._planes, _HwcPlan(self._tile, 0, "chw")
         self._model_ok = False
 
     def _set_unavailable(self, why: str) -> None:
@@ -1284,7 +1284,7 @@ class CloudGate:
         """Band by band into the (C, T, T) view of the input buffer (ONNX Runtime's NCHW input; any band order)."""
         t = self._tile
         rh, rw = min(t, h - wy0), min(t, w - wx0)
-        planes = self._planes if self._layout == "chw" else self._planes.transpose(2, 0, 1)
+        planes = self._planes_chw
         scale, offset, fill, p_lo, p_hi = imap.scale, imap.offset, imap.fill, imap.plausible_lo, imap.plausible_hi
         vsub, nz, tsub = self._valid[:rh, :rw], self._nonzero[:rh, :rw], self._tmp[:rh, :rw]
         vsub.fill(True)
@@ -1333,7 +1333,7 @@ class CloudGate:
     def _pad(self, rh: int, rw: int) -> None:
         """Reflect the valid region into the rest of the tile buffer (edge replication if too thin)."""
         t = self._tile
-        r = self._planes if self._layout == "chw" else self._planes.transpose(2, 0, 1)   # (C, T, T) either way
+        r = self._planes_chw
         for y in range(rh, t):                           # bounded: < tile iterations
             k = y - rh + 1
             r[:, y, :rw] = r[:, max(rh - 1 - k, 0) if rh > 1 else 0, :rw]
