@@ -1,4 +1,4 @@
-"""python -m ground {pool,distill,export,evaluate,make-models,ablate,split} ..."""
+"""python -m ground {pool,distill,export,evaluate,make-models,ablate,split,cv} ..."""
 from __future__ import annotations
 
 import argparse
@@ -38,8 +38,15 @@ def main(argv=None) -> int:
     a.add_argument("--report", default=None, help="aggregate finished runs into REPORT.md/.json/_pareto.png")
     s = sub.add_parser("split", help="print the committed split of the real labelled scenes (--draw re-draws it)")
     s.add_argument("--draw", action="store_true")
+    from .cv import add_parser as add_cv_parser
+
+    add_cv_parser(sub)
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "cv":
+            from .cv import main as cv_main
+
+            return cv_main(args)
         if args.cmd == "pool":
             from .distill import build_transfer_set, load_config
 

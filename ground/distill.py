@@ -25,6 +25,7 @@ from hil.synth import SYNTH_BANDS
 from .teachers import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_CODE = ("ground/distill.py", "ground/losses.py", "ground/student.py")
 _REQUIRED = ("experiment", "seed", "student", "teachers", "pool", "data", "train", "losses")
 
 
@@ -155,10 +156,14 @@ def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout
 
 def _fingerprint(cfg: dict, terms: list[dict], data_key: str, train_idx, init: str | None) -> str:
     """What determines a run's weights: the config (but its path, calibration and mining), the loss
-    terms, the view pool's key, the views trained on and the starting weights."""
+    terms, the view pool's key (which covers the view code), the views trained on, the starting weights
+    and the training code itself (TRAIN_CODE)."""
     body = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("losses", "baseline", "calibration", "mining")}
+    from .transfer import code_digest
+
     idx_digest = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
-    return hashlib.sha256(json.dumps([body, terms, data_key, idx_digest, init], sort_keys=True,
+    code = code_digest(*TRAIN_CODE)   # a code change (loss, sampler, student) never reuses an old student.pt
+    return hashlib.sha256(json.dumps([body, terms, data_key, idx_digest, init, code], sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
 
 

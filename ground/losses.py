@@ -33,9 +33,15 @@ def _record(stats: dict | None, key: str, value) -> None:
 
 
 def label_trust(batch, target_probs, cfg, stats=None):
-    """(B,H,W) weight for a KD term: 0 where a human label exists and the teacher's argmax contradicts
-    it (do not distill the teacher's mistakes), 1 elsewhere; all ones unless reject_label_conflicts."""
+    """(B,H,W) weight for a KD term: with kd_on_labelled: false, 0 on every pixel that carries a human
+    label (the label alone teaches there, so the teachers can never overrule it, e.g. calling a labelled
+    clear ice sheet cloud); with reject_label_conflicts, 0 where a human label exists and the teacher's
+    argmax contradicts it; 1 elsewhere."""
     labels = batch["labels"]
+    if not cfg.get("kd_on_labelled", True):
+        lab = labels != IGNORE
+        _record(stats, "kd_skipped_labelled_px", lab.float().mean())
+        return (~lab).to(target_probs.dtype)
     if not cfg.get("reject_label_conflicts", False):
         return torch.ones_like(labels, dtype=target_probs.dtype)
     conflict = (labels != IGNORE) & (target_probs.argmax(1) != labels)
@@ -128,10 +134,16 @@ def dkd(out, batch, cfg, stats=None):
 def sslkd_feature(out, batch, cfg, stats=None):
     """SSLKD backbone-feature alignment through 1x1 adapters: per-pixel cosine distance to each teacher."""
     loss = 0.0
+    weight = None
+    if not cfg.get("kd_on_labelled", True):  # feature cells holding any labelled pixel follow the label alone
+        lab = (batch["labels"] != IGNORE).float().unsqueeze(1)
+        cell = out["adapted"][cfg["teachers"][0]].shape[-1]
+        weight = 1.0 - F.adaptive_max_pool2d(lab, cell).squeeze(1)
     for t in cfg["teachers"]:
         s = F.normalize(out["adapted"][t], dim=1)
         tf = F.normalize(batch["t_feats"][t], dim=1)
-        loss = loss + (1.0 - (s * tf).sum(1)).mean()
+        d = 1.0 - (s * tf).sum(1)
+        loss = loss + (d.mean() if weight is None else (d * weight).mean())
     return loss / len(cfg["teachers"])
 
 

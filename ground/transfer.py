@@ -31,7 +31,7 @@ from hil.synth import SYNTH_BANDS, make_scene, saturation_levels
 from .losses import IGNORE
 from .split import load_split
 
-GENERATOR_VERSION = "views-1"
+GENERATOR_VERSION = "views-2"   # views-2: every view records its source scenes (src.npy) for CV by acquisition
 TILE = 256
 VNIR = SYNTH_BANDS[:4]
 CACHE = Path(os.environ.get("CLOUDGATE_CACHE", Path.home() / ".cache" / "cloudgate"))
@@ -52,9 +52,13 @@ class Source:
         self.digest = hashlib.sha256(np.ascontiguousarray(sc.bands).tobytes()).hexdigest()[:12]
 
 
-def source_scenes(root: Path = SHARED_REAL) -> list[Source]:
-    """Real scenes usable for training: has blue/green/red/nir, not in the evaluation part."""
-    evaluation = set(load_split()["evaluation"])
+def source_scenes(root: Path = SHARED_REAL, include: str = "training") -> list[Source]:
+    """Real scenes usable for training: has blue/green/red/nir; include="training" leaves out the
+    evaluation part of the fixed split, include="all" takes every scene (cross-validation: a fold's
+    held-out scenes are then removed per run by the views' recorded sources, ground/cv.py)."""
+    if include not in ("training", "all"):
+        raise ValueError(f"pool.sources={include!r}: choose 'training' (fixed split) or 'all' (cross-validation)")
+    evaluation = set(load_split()["evaluation"]) if include == "training" else set()
     out = []
     for p in real_scene_paths(root):
         if p.stem in evaluation:
@@ -113,7 +117,10 @@ def _smooth_field(rng, size: int, scale: int = 32) -> np.ndarray:
 def _radiometry(rng, v: np.ndarray, cfg: dict) -> np.ndarray:
     c = v.shape[-1]
     if rng.random() < cfg.get("p_gain", 0.8):
-        v = v * rng.uniform(0.8, 1.2) * rng.uniform(0.92, 1.08, c) + rng.uniform(-0.015, 0.015, c)
+        # scene-wide gain keeps the band ratios that tell bright clear surfaces from cloud decks (green/blue,
+        # nir/blue differ by 5-10 %); the per-band gain (band_gain, default +-8 %) moves them by as much
+        bg = float(cfg.get("band_gain", 0.08))
+        v = v * rng.uniform(0.8, 1.2) * rng.uniform(1 - bg, 1 + bg, c) + rng.uniform(-0.015, 0.015, c)
     if rng.random() < cfg.get("p_haze", 0.2):
         t = (_smooth_field(rng, v.shape[0]) * rng.uniform(0.03, 0.15))[..., None]
         haze = np.array([0.30, 0.28, 0.27, 0.28, 0.22, 0.15], np.float32)[:c]
@@ -136,15 +143,20 @@ def snow_view(rng, size: int, cfg: dict):
     return _radiometry(rng, x, cfg), sc.mask.astype(np.uint8), True, "synthetic_snow"
 
 
-def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict):
-    """One augmented view -> (x (T,T,6) float32, label (T,T) uint8 or IGNORE, has_swir, kind)."""
+def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict, used: list | None = None):
+    """One augmented view -> (x (T,T,6) float32, label (T,T) uint8 or IGNORE, has_swir, kind). The indices
+    of the source scenes whose pixels went into the view are appended to `used` (if given): a view built
+    from a held-out scene must never train that fold."""
+    used = [] if used is None else used
     size = cfg.get("tile", TILE)
     if cfg.get("generator") == "synthetic_snow":
         return snow_view(rng, size, cfg)
     r = rng.random()
     if r < cfg.get("synthetic_share", 0.1):
         # procedural clouds composited on a real crop (the generator draws the cloud field)
-        src = sources[int(rng.integers(len(sources)))]
+        si = int(rng.integers(len(sources)))
+        src = sources[si]
+        used.append(si)
         bg, _ = _crop(rng, src, size)
         sc = make_scene(int(rng.integers(2**31)), size, background=bg)
         x = sc.reflectance.copy()
@@ -153,6 +165,7 @@ def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict):
         return _radiometry(rng, x, cfg), np.full((size, size), IGNORE, np.uint8), src.has_swir, "synthetic"
     use_lab = labelled and rng.random() < cfg.get("labelled_view_share", 0.5)
     i = labelled[int(rng.integers(len(labelled)))] if use_lab else int(rng.integers(len(sources)))
+    used.append(i)
     x, lab = _crop(rng, sources[i], size)
     lab = np.full((size, size), IGNORE, np.uint8) if lab is None else lab.astype(np.uint8)
     swir = sources[i].has_swir
@@ -160,6 +173,7 @@ def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict):
     r2 = rng.random()
     if r2 < cfg.get("p_mixup", 0.08) + cfg.get("p_cutmix", 0.12):
         j = int(rng.integers(len(sources)))
+        used.append(j)
         x2, lab2 = _crop(rng, sources[j], size)
         swir = swir and sources[j].has_swir
         if r2 < cfg.get("p_mixup", 0.08):
@@ -178,10 +192,25 @@ def make_view(rng, sources: list[Source], labelled: list[int], cfg: dict):
     return _radiometry(rng, x, cfg), lab, swir, kind
 
 
+def code_digest(*modules: str) -> str:
+    """sha256 (16 hex) of the source files that shape a cached product (paths relative to the repo), so a
+    cache is never reused after the code that made it changed (e.g. an augmentation)."""
+    repo = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(m.encode() + b"\0" + (repo / m).read_bytes())
+    return h.hexdigest()[:16]
+
+
+POOL_CODE = ("ground/transfer.py", "ground/teachers.py", "hil/synth.py")
+
+
 def pool_key(cfg: dict, sources: list[Source]) -> str:
+    """Key of a cached pool: generator version, its config, the source scenes' bytes and the code that
+    makes views and runs the teachers."""
     body = {k: cfg[k] for k in sorted(cfg) if not k.startswith("_")}
-    return hashlib.sha256(json.dumps([GENERATOR_VERSION, body, [(s.name, s.digest) for s in sources]],
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, body, [(s.name, s.digest) for s in sources],
+                                      code_digest(*POOL_CODE)], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_pool(cfg: dict, teachers: list, log=print, cache_dir: Path = CACHE) -> dict:
@@ -190,7 +219,7 @@ def build_pool(cfg: dict, teachers: list, log=print, cache_dir: Path = CACHE) ->
     Returns arrays (memory-mapped from the cache): X (N,T,T,6) float16, Y (N,T,T) uint8,
     swir (N,) bool, kind (N,) str, and per teacher name: probs (N,3,T,T) uint8 (p*255), feats
     (N,64,T/8,T/8) float16. A teacher that needs SWIR on a view without it copies the VNIR teacher."""
-    sources = source_scenes(Path(cfg.get("real_root", SHARED_REAL)))
+    sources = source_scenes(Path(cfg.get("real_root", SHARED_REAL)), cfg.get("sources", "training"))
     if not sources:
         raise FileNotFoundError(f"no real scenes under {cfg.get('real_root', SHARED_REAL)}: the transfer set is built "
                                 "from ../shared/data/real")
@@ -203,19 +232,23 @@ def build_pool(cfg: dict, teachers: list, log=print, cache_dir: Path = CACHE) ->
     d.mkdir(parents=True, exist_ok=True)
     n, size = int(cfg["views"]), int(cfg.get("tile", TILE))
     labelled = [i for i, s in enumerate(sources) if s.label is not None]
-    log(f"transfer pool {key}: {n} views from {len(sources)} real scenes ({len(labelled)} labelled, training part): "
+    log(f"transfer pool {key}: {n} views from {len(sources)} real scenes ({len(labelled)} labelled): "
         + ", ".join(s.name for s in sources))
     X = np.lib.format.open_memmap(d / "X.npy", "w+", np.float16, (n, size, size, 6))
     Y = np.lib.format.open_memmap(d / "Y.npy", "w+", np.uint8, (n, size, size))
     swir = np.zeros(n, bool)
+    src = np.full((n, 2), -1, np.int16)   # source scene indices (meta["sources"]) per view; -1 = none
     kinds = []
     for i in range(n):
         rng = np.random.default_rng([int(cfg.get("seed", 0)), i])
-        x, y, s, k = make_view(rng, sources, labelled, cfg)
+        used: list[int] = []
+        x, y, s, k = make_view(rng, sources, labelled, cfg, used)
         X[i], Y[i], swir[i] = x, y, s
+        src[i, :len(used)] = used[:2]
         kinds.append(k)
     X.flush(); Y.flush()
     np.save(d / "swir.npy", swir)
+    np.save(d / "src.npy", src)
     t0 = time.time()
     for t in teachers:
         probs = np.lib.format.open_memmap(d / f"{t.key}_probs.npy", "w+", np.uint8, (n, 3, size, size))
@@ -249,7 +282,8 @@ def build_pool(cfg: dict, teachers: list, log=print, cache_dir: Path = CACHE) ->
 
 def _open_pool(d: Path, meta: dict) -> dict:
     pool = {"X": np.load(d / "X.npy", mmap_mode="r"), "Y": np.load(d / "Y.npy", mmap_mode="r"),
-            "swir": np.load(d / "swir.npy"), "kinds": meta["kinds"], "key": meta["key"], "meta": meta, "dir": str(d),
+            "swir": np.load(d / "swir.npy"), "kinds": meta["kinds"],
+            "src": np.load(d / "src.npy") if (d / "src.npy").exists() else None, "key": meta["key"], "meta": meta, "dir": str(d),
             "t_probs": {}, "t_feats": {}}
     for k in meta["teachers"]:
         pool["t_probs"][k] = np.load(d / f"{k}_probs.npy", mmap_mode="r")
