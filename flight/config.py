@@ -20,7 +20,7 @@ FSYNC_WORDS: tuple[str, ...] = ("every", "never")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    version: str = "policy-1"
+    version: str = "policy-2"          # policy-2: the discard guard (flight.evidence)
     downlink_max_cloud: float = 0.30    # cloud fraction at or below which the whole frame goes down
     discard_min_cloud: float = 0.70     # at or above: discard (Φsat-1's 70 % rule) or reacquire
     reacquire_priority: int = 2         # targets with priority >= this are re-acquired instead of discarded
@@ -29,6 +29,11 @@ class PolicyConfig:
     min_valid_fraction: float = 0.05    # below: too little valid data to judge -> discard/reacquire, degraded
     tile_clear_max: float = 0.10        # a tile is "clear" for partial downlink at or below this cloud fraction
     max_targets: int = 1024             # bounded hysteresis memory (targets remembered)
+    # discard guard (flight.evidence): a frame the policy would drop is downlinked instead when at least
+    # discard_guard_min_bright of its sampled valid pixels are bright and their median green/blue is at or
+    # below discard_guard_green_blue (snow/ice-like); chosen by cross-validation (docs/results/cv.md); 0: off
+    discard_guard_green_blue: float = 0.89
+    discard_guard_min_bright: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ def validate(cfg: GateConfig) -> GateConfig:
     need(0 <= p.min_valid_fraction < 1, "policy.min_valid_fraction", "must be in [0, 1)")
     need(0 <= p.tile_clear_max <= 1, "policy.tile_clear_max", "must be in [0, 1]")
     need(1 <= p.max_targets <= 1_000_000, "policy.max_targets", "must be 1..1000000")
+    need(0 <= p.discard_guard_green_blue <= 2, "policy.discard_guard_green_blue", "must be in [0, 2] (0 disables the guard)")
+    need(0 < p.discard_guard_min_bright <= 1, "policy.discard_guard_min_bright", "must be in (0, 1]")
     e = cfg.early_exit
     need(0.5 <= e.confidence < 1, "early_exit.confidence", "must be in [0.5, 1)")
     need(e.min_tiles >= 1, "early_exit.min_tiles", "must be >= 1")

@@ -34,12 +34,13 @@ from .errors import (AllInvalidSceneError, ArgumentError, BandMismatchError, Clo
                      ConfigError, ImplausibleRadiometryError, ModelError, ModelIntegrityError, SceneDtypeError,
                      SceneFileError, SceneShapeError, ValidMaskError)
 from .estimate import FractionEstimator
+from .evidence import BrightSurfaceProbe, review_discard
 from .logschema import DECISION_FIELDS, MAX_ID_CHARS, degraded_text, event, model_event
 from .model import GATE_CLASSES, ModelCard
 from .modelsource import CardSource, PackageSource, SlotSource, Source, open_loaded
 from .errors import ModelReloadError, OutOfMemoryError
 from .logschema import MAX_CLEAR_RUNS, clear_tiles_record
-from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide, policy_band
+from .policy import ACTIONS, Action, PolicyDecision, TargetHistory, TileCounts, decide, policy_band
 from .ports import BackendFactory, Clock, LogSink, SystemClock
 
 __all__ = ["ACTIONS", "Action", "CloudGate", "Decision"]
@@ -344,6 +345,7 @@ class CloudGate:
         self._history = TargetHistory(cfg.policy.max_targets)
         ee = cfg.early_exit
         self._est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
+        self._probe = BrightSurfaceProbe()   # the discard guard's fixed sample buffers (flight.evidence)
         if log_sink is None and cfg.log.path:
             log_sink = DecisionLog(cfg.log.path, cfg.log.fsync, cfg.log.max_bytes, cfg.log.keep, clock=self._clock)
         self.log = log_sink
@@ -914,8 +916,9 @@ class CloudGate:
         # 4. policy (pure)
         tiles = TileCounts(self._t_cloud, self._t_valid, self._t_done, n_tiles, nx)
         pd = decide(cf, vf, priority, previous, tiles, cfg.policy)
+        pd, events = self._discard_guard(pd, scene, src_idx, imap, valid_mask)
         self._history.record(target_id, pd.action)
-        rule, reason, events = pd.rule, pd.reason, []
+        rule, reason = pd.rule, pd.reason
         if scan.deadline:
             events.append(event("deadline", f"deadline {cfg.deadline_s}s reached after {n}/{n_tiles} tiles"))
             rule, reason = ("deadline" if rule == "threshold" else rule), f"on {n}/{n_tiles} tiles (deadline): {reason}"
@@ -943,6 +946,24 @@ class CloudGate:
             scene_bytes=scene_bytes, downlink_bytes=self._downlink_bytes(pd, scene_bytes, nx, h * w),
             infer_s=scan.infer_s, tile_pixels=self._tile * self._tile, core_pixels=step,
             hysteresis=reason if rule == "hysteresis" else None)
+
+    def _discard_guard(self, pd, scene, src_idx, imap, valid_mask):
+        """Never discard what the model cannot tell apart (flight.evidence): a frame the policy would drop
+        whose bright pixels look like snow/ice is downlinked instead. -> (decision, events)"""
+        p = self.config.policy
+        bands = self.card.bands
+        if pd.action not in ("discard", "reacquire") or p.discard_guard_green_blue <= 0 or \
+                "blue" not in bands or "green" not in bands:
+            return pd, []
+        b, g = src_idx[bands.index("blue")], src_idx[bands.index("green")]
+        share, gb, sat = self._probe.measure(scene, b, g, *imap.radiometry, valid_mask)
+        override, why = review_discard(pd.action, pd.rule, share, gb, p.discard_guard_green_blue,
+                                       p.discard_guard_min_bright, sat)
+        if not override:
+            return pd, []
+        pd = PolicyDecision("downlink", False, [], pd.band, "ambiguous_surface", f"{why} (policy: {pd.reason})",
+                            pd.thresholds)
+        return pd, [event("ambiguous_bright_surface", why)]
 
     def _input_map(self, scene, radiometry) -> _InputMap:
         cfg = self.config

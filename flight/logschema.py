@@ -42,6 +42,9 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
     EventCode("deadline", "warning", "the deadline stopped the tile scan; the decision uses the visited tiles only"),
     EventCode("partial_list_incomplete", "info", "the partial-downlink list covers the visited tiles only"),
     EventCode("low_valid_fraction", "warning", "valid fraction below policy.min_valid_fraction: too little data to judge"),
+    EventCode("ambiguous_bright_surface", "warning", "the policy would have dropped this frame, but its bright pixels "
+              "look like snow/ice (median green/blue at or below policy.discard_guard_green_blue): downlinked instead "
+              "(rule ambiguous_surface; flight/evidence.py)"),
     EventCode("model_scrub_repaired", "warning", "the runtime's own model buffer (LiteRT: the flatbuffer the "
               "interpreter reads) failed its sha256 scrub; the model was reloaded verified before this frame"),
     EventCode("model_bist_recovered", "warning", "the known-answer self-test before this frame failed (or a runtime "

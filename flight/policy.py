@@ -27,8 +27,10 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 #   min_valid_fraction  too little valid data to judge the frame
 #   early_exit          the threshold rule, applied to a confidence bound after a sample of the tiles
 #   deadline            the threshold rule on the tiles visited before the deadline stopped the scan
+#   ambiguous_surface   the policy would have dropped the frame, but its bright pixels look like snow/ice
+#                       (flight.evidence): downlinked instead, never discarded on an ambiguous call
 #   fault               no decision: the frame (or the gate) faulted; see fault_code
-Rule = Literal["threshold", "hysteresis", "min_valid_fraction", "early_exit", "deadline", "fault"]
+Rule = Literal["threshold", "hysteresis", "min_valid_fraction", "early_exit", "deadline", "ambiguous_surface", "fault"]
 RULES: tuple[str, ...] = get_args(Rule)
 # What each band means for a priority-0 frame: low, downlink the whole frame; mid, prune cloudy tiles
 # (downlink with partial=True, or discard when no tile is clear); high, discard (Φsat-1's 70 % rule).

@@ -162,7 +162,7 @@ def score_fold(card: Path, stems: set[str]) -> dict:
 
     from .evaluate import scene_row
 
-    gate = CloudGate.from_model(str(card), backend="onnxruntime", threads=1)
+    gate = CloudGate.from_model(str(card), backend="onnxruntime", threads=1, early_exit={"enabled": False})
     rows = {}
     try:
         for stem, scene in scene_frames(stems):
@@ -176,10 +176,59 @@ def score_fold(card: Path, stems: set[str]) -> dict:
             row = scene_row(mask, float(d.cloud_fraction), d.action, fs["label"])
             row["rule"] = d.rule
             row["degraded"] = [e["code"] for e in d.degraded]
+            row["probe"] = probe_stats(fs)
             rows[stem] = row
     finally:
         gate.close()
     return rows
+
+
+def probe_stats(fs: dict) -> list[float] | None:
+    """The discard guard's measurement of a frame (flight.evidence): [bright share, green/blue, saturated]."""
+    from flight.evidence import BrightSurfaceProbe
+
+    names = list(fs["band_names"])
+    if not {"blue", "green"} <= set(names):
+        return None
+    return [float(v) for v in BrightSurfaceProbe().measure(fs["bands"], names.index("blue"), names.index("green"),
+                                                          *fs["radiometry"], fs["valid_mask"])]
+
+
+def action_at(row: dict, threshold: float) -> str:
+    """The gate's action on a scored scene had policy.discard_guard_green_blue been `threshold` (the same
+    pure rule, flight.evidence.review_discard, on the recorded probe)."""
+    from flight.config import PolicyConfig
+    from flight.evidence import review_discard
+
+    dropped = row["action"] in ("discard", "reacquire") or row.get("rule") == "ambiguous_surface"
+    if not dropped:
+        return row["action"]
+    pre = "discard" if row.get("rule") == "ambiguous_surface" else row["action"]
+    pr = row.get("probe")
+    if pr is None:
+        return pre
+    p = PolicyConfig()
+    return "downlink" if review_discard(pre, "threshold", pr[0], pr[1], threshold, p.discard_guard_min_bright, pr[2])[0] else pre
+
+
+GUARD_GRID = tuple(round(0.80 + 0.01 * i, 2) for i in range(21))
+
+
+def dropped_before_guard(row: dict) -> bool:
+    return row["action"] in ("discard", "reacquire") or row.get("rule") == "ambiguous_surface"
+
+
+def choose_guard(rows: dict[str, dict]) -> float:
+    """The operating point, a rule fixed before any fold was scored: the largest green/blue threshold on
+    GUARD_GRID at which the guard keeps none of the given (training-fold) scenes that the model rightly
+    drops (label cloud fraction >= discard_min_cloud): maximal protection of bright clear frames at no
+    measured bandwidth cost on the scenes the threshold is chosen on."""
+    from flight.config import PolicyConfig
+
+    hi = PolicyConfig().discard_min_cloud
+    decks = [r for r in rows.values() if "fault" not in r and r["cloud_fraction_ref"] >= hi and dropped_before_guard(r)]
+    ok = [t for t in GUARD_GRID if all(action_at(r, t) != "downlink" for r in decks)]
+    return max(ok) if ok else 0.0
 
 
 def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[list[str]], log=print) -> dict:
@@ -215,7 +264,7 @@ def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[li
 def references(out: Path = RUNS / "references.json", log=print) -> dict:
     """Teachers (CSmask, as their users run them) and the Fmask-style threshold on every labelled scene:
     no training, so no folds; the same arrays as the students."""
-    from .evaluate import reference_contenders, scene_row
+    from .evaluate import gate_policy_action, reference_contenders, scene_row
 
     if out.exists():
         return json.loads(out.read_text())
@@ -224,10 +273,13 @@ def references(out: Path = RUNS / "references.json", log=print) -> dict:
     for stem, scene in scene_frames(set(labelled_stems())):
         log(f"references: {stem}")
         fs = scene.frame()
+        valid = fs["valid_mask"] if fs["valid_mask"] is not None else np.ones(fs["bands"].shape[:2], bool)
         for name, c in contenders.items():
             r = c(fs, scene)
             if r is not None:
-                rows.setdefault(name, {})[stem] = scene_row(*r, fs["label"])
+                mask, cf, _ = r   # the policy's action before the guard; the guard is applied per fold (action_at)
+                row = scene_row(mask, cf, gate_policy_action(mask, valid, cf), fs["label"])
+                rows.setdefault(name, {})[stem] = {**row, "rule": "threshold", "probe": probe_stats(fs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     return rows
@@ -286,6 +338,67 @@ def collect(arm: str) -> dict[int, dict[str, dict]]:
     return out
 
 
+def apply_guard_by_fold(rows: dict[str, dict], folds: list[list[str]]) -> dict[int, float]:
+    """In place: each scene's action under the guard threshold chosen (choose_guard) on the other folds'
+    scenes of the same contender and seed. Returns {fold: threshold}."""
+    chosen = {k: choose_guard({s: r for s, r in rows.items() if s not in f}) for k, f in enumerate(folds)}
+    for k, f in enumerate(folds):   # every threshold is chosen on the unchanged rows first
+        t = chosen[k]
+        for s in f:
+            if s in rows and "fault" not in rows[s]:
+                rows[s]["action"] = action_at(rows[s], t)
+                rows[s]["guard_threshold"] = t
+    return chosen
+
+
+def guard_curve(per_contender_rows: dict[str, list[dict[str, dict]]], path: Path) -> list[str]:
+    """Clear scenes discarded vs overcast scenes downlinked as the guard threshold sweeps GUARD_GRID (every
+    scene, every seed), one line per contender; PNG beside the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import CLEAR_MAX, OVERCAST_MIN
+
+    lines = ["| contender | " + " | ".join(f"{t:.2f}" for t in GUARD_GRID[::2]) + " |",
+             "|---|" + "---|" * len(GUARD_GRID[::2])]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, seeds in per_contender_rows.items():
+        clear, over = [], []
+        for t in GUARD_GRID:
+            c = o = 0
+            for rows in seeds:
+                for r in rows.values():
+                    if "fault" in r:
+                        continue
+                    a = action_at(r, t)
+                    c += r["cloud_fraction_ref"] <= CLEAR_MAX and a in ("discard", "reacquire")
+                    o += r["cloud_fraction_ref"] >= OVERCAST_MIN and a == "downlink"
+            clear.append(c / len(seeds))
+            over.append(o / len(seeds))
+        ax[0].plot(GUARD_GRID, clear, marker="o", ms=3, label=name)
+        ax[1].plot(GUARD_GRID, over, marker="o", ms=3, label=name)
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f} / {o:.1f}" for c, o in list(zip(clear, over))[::2]) + " |")
+    for a, title in zip(ax, ("clear scenes (label CF <= 0.05) discarded", "overcast scenes (label CF >= 0.95) downlinked")):
+        a.set_xlabel("policy.discard_guard_green_blue (median green/blue of bright pixels)")
+        a.set_ylabel("scenes (mean over seeds)")
+        a.set_title(title, fontsize=9)
+        a.axvline(PolicyConfigDefault(), color="k", ls="--", lw=0.8)
+        a.grid(alpha=0.3)
+    ax[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return lines
+
+
+def PolicyConfigDefault() -> float:
+    from flight.config import PolicyConfig
+
+    return PolicyConfig().discard_guard_green_blue
+
+
 def _ci(draws: np.ndarray) -> str:
     lo, hi = np.percentile(draws, [2.5, 97.5])
     return f"[{lo:.3f}, {hi:.3f}]"
@@ -299,7 +412,17 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
     all_stems = sorted(s for f in folds for s in f)
     arms = {a: collect(a) for a in cv["arms"]}
     arms = {a: v for a, v in arms.items() if v and all(set(all_stems) <= set(rows) for rows in v.values())}
-    result = {"folds": folds, "arms": {}, "references": {}}
+    result = {"folds": folds, "arms": {}, "references": {}, "guard": {}}
+    # the guard's operating point: curve on the raw rows, then each fold's threshold chosen on the others
+    curve = guard_curve({**{a: list(v.values()) for a, v in arms.items()},
+                         **{n: [r] for n, r in refs.items() if n != "teacher_6b"}}, out.with_name(out.name + "_guard.png"))
+    refs = copy.deepcopy(refs)
+    arms = copy.deepcopy(arms)
+    for a, per_seed in arms.items():
+        result["guard"][a] = {"per_fold": {seed: apply_guard_by_fold(rows, folds) for seed, rows in per_seed.items()},
+                              "all_scenes": {seed: choose_guard(rows) for seed, rows in collect(a).items()}}
+    for n, rows in refs.items():
+        result["guard"][n] = {"per_fold": apply_guard_by_fold(rows, folds), "all_scenes": choose_guard(references()[n])}
     lines = ["# Cross-validation by acquisition over every shared labelled scene", "",
              f"Command: `python -m ground cv run` then `python -m ground cv report --out {out}` "
              f"(config `ground/configs/cv.yaml`, folds `ground/data/cv_folds.yaml`: {len(folds)} folds, "
@@ -406,6 +529,16 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
             result["stability"].setdefault(s, {})[a] = cfs
             cells.append(" / ".join(f"{c:.2f}" for c in cfs))
         lines.append(f"| {s} | {ref:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Decision safety: the discard guard's operating point (flight/evidence.py)", "",
+              "Clear scenes discarded / overcast scenes downlinked (mean over seeds) as `policy.discard_guard_green_blue` "
+              f"sweeps {GUARD_GRID[0]:.2f}..{GUARD_GRID[-1]:.2f} (every second value shown; plot: "
+              f"`{out.name}_guard.png`). The table above applies, per fold, the threshold chosen on the other folds "
+              "by the pre-declared rule (`ground.cv.choose_guard`: the largest threshold that keeps no rightly dropped "
+              "overcast training scene).", "", *curve, "",
+              "| contender | threshold chosen per fold (held-out fold: threshold) | on all scenes (the shipped default) |",
+              "|---|---|---|"]
+    for n, g in result["guard"].items():
+        lines.append(f"| {n} | {g['per_fold']} | {g['all_scenes']} |")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)

@@ -90,7 +90,7 @@ class MaskContender:
         mask = self.fn(scene.reflectance(self.bands), self.bands).astype(np.uint8)
         valid = fs["valid_mask"] if fs["valid_mask"] is not None else np.ones(mask.shape, bool)
         cf = float(np.count_nonzero((mask == CLOUD) & valid) / max(np.count_nonzero(valid), 1))
-        return mask, cf, gate_policy_action(mask, valid, cf)
+        return mask, cf, gate_policy_action(mask, valid, cf, fs)
 
     def close(self):
         pass
@@ -107,15 +107,25 @@ def reference_contenders(with_teachers: bool = True) -> dict:
     return out
 
 
-def gate_policy_action(mask: np.ndarray, valid: np.ndarray, cf: float) -> str:
+def gate_policy_action(mask: np.ndarray, valid: np.ndarray, cf: float, fs: dict | None = None) -> str:
     """The action the gate's policy (default config, priority 0, no history) takes on a whole-scene mask
-    that did not come from the gate: flight.policy.decide on the mask's counts over the gate's tile cores."""
+    that did not come from the gate: flight.policy.decide on the mask's counts over the gate's tile cores,
+    then the gate's discard guard (flight.evidence) on the frame `fs` when given."""
     from flight.config import GateConfig
+    from flight.evidence import BrightSurfaceProbe, review_discard
     from flight.policy import TileCounts, decide
 
     g = GateConfig()
     tiles = TileCounts.from_mask(mask == CLOUD, valid, g.tile - g.overlap)
-    return decide(cf, float(valid.mean()), 0, None, tiles, g.policy).action
+    pd = decide(cf, float(valid.mean()), 0, None, tiles, g.policy)
+    if fs is not None and pd.action in ("discard", "reacquire") and {"blue", "green"} <= set(fs["band_names"]):
+        names = list(fs["band_names"])
+        share, gb, sat = BrightSurfaceProbe().measure(fs["bands"], names.index("blue"), names.index("green"),
+                                                      *fs["radiometry"], fs["valid_mask"])
+        if review_discard(pd.action, pd.rule, share, gb, g.policy.discard_guard_green_blue,
+                          g.policy.discard_guard_min_bright, sat)[0]:
+            return "downlink"
+    return pd.action
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -155,9 +165,12 @@ def summarise(rows: dict[str, dict]) -> dict:
 
 def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: Path | None = None,
                keep_masks: bool = False, log=None) -> dict:
-    """Per-scene rows and per-part summaries for the labelled real scenes of the committed split."""
+    """Per-scene rows and per-part summaries for the labelled real scenes of the committed split; the part
+    "all" is every labelled scene present."""
     split = load_split()
-    wanted = {s: part for part in parts for s in split[part]}
+    wanted = {s: part for part in parts if part != "all" for s in split[part]}
+    if "all" in parts:
+        wanted = {p.stem: "all" for p in real_scene_paths(scenes_dir or SHARED_REAL) if load_npz(p).labelled}
     out = {part: {"scenes": {}, "summary": {}} for part in parts}
     masks = {}
     for p in real_scene_paths(scenes_dir or SHARED_REAL):
@@ -223,7 +236,9 @@ def format_report(real: dict, synthetic: dict | None = None) -> str:
     lines = []
     for part, res in real.items():
         title = {"evaluation": "Evaluation part (never trained, calibrated or chosen on)",
-                 "training": "Training part (trained / calibrated on: not evidence of generalisation)"}.get(part, part)
+                 "training": "Training part (trained / calibrated on: not evidence of generalisation)",
+                 "all": "Every labelled scene (in-sample for a model trained on all of them: a regression guard; "
+                        "generalisation is the cross-validation table, docs/results/cv.md)"}.get(part, part)
         lines += [f"### {title}", "", *summary_table(res["summary"]), "",
                   "| scene | contender | label CF | CF | CF err | policy band (label's) | gate action | IoU |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -294,7 +309,9 @@ def evaluate_card(card_path: Path, parts=("evaluation", "training"), with_teache
 
 
 def evaluate_cli(card_path: str, out: str | None) -> None:
-    real, synthetic, masks = evaluate_card(Path(card_path), keep_masks=bool(out), log=print)
+    card = yaml.safe_load(Path(card_path).read_text())
+    parts = ("all",) if "folds_file" in (card.get("data") or {}) else ("evaluation", "training")
+    real, synthetic, masks = evaluate_card(Path(card_path), parts=parts, keep_masks=bool(out), log=print)
     text = format_report(real, synthetic)
     print(text)
     if out:
@@ -302,6 +319,6 @@ def evaluate_cli(card_path: str, out: str | None) -> None:
         o.mkdir(parents=True, exist_ok=True)
         (o / "evaluation.md").write_text(text + "\n")
         (o / "evaluation.yaml").write_text(yaml.safe_dump({"real": real, "synthetic": synthetic}, sort_keys=False))
-        save_mask_png({k: v for k, v in masks.items() if k in real.get("evaluation", {}).get("scenes", {})},
+        save_mask_png({k: v for k, v in masks.items() if k in real.get(parts[0], {}).get("scenes", {})},
                       o / "masks_evaluation.png")
         print(f"wrote {o}/evaluation.md, evaluation.yaml, masks_evaluation.png")

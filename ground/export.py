@@ -26,6 +26,15 @@ DEVELOPMENT_NOTE = (
     "No knob was tuned on evaluation scores.")
 
 
+DEVELOPMENT_NOTE_V6 = (
+    "Round 3 (issue 18): the recipe (pool of every shared scene, per-band gain +-1 %, teacher terms skip labelled "
+    "pixels), the KD arm and the discard guard's threshold were chosen on cross-validation by acquisition over every "
+    "shared labelled scene; the shipped model then trained on all of them, so its in-sample scores are a regression "
+    "guard only. Known before: the 12-scene evaluation part's scores of v4/v5 and the issue's description of the "
+    "scenes kept aside (two clear snow scenes discarded, the 4-band teacher ahead); nothing was tuned on the kept-aside "
+    "scenes, which no one here has seen.")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -205,11 +214,23 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     teachers = [{"name": t["name"], "package": "ukis-csmask==1.0.0", "model": f"model_{t['kind']}_{t.get('level', 'l1c')}.onnx",
                  "license": "Apache-2.0"} for t in cfg["teachers"]]
     split = load_split()
-    data = {"split_file": str(SPLIT_FILE.relative_to(REPO)), "evaluation_part": split["evaluation"],
-            "trained_or_calibrated_on": {"labelled_training_part": split["training"],
-                                         "transfer_pool_sources": ts["meta"]["sources"],
-                                         "transfer_pool_key": ts["key"]},
-            "disclosure": DEVELOPMENT_NOTE}
+    every_scene = cfg["pool"].get("sources", "training") == "all"
+    if every_scene:   # round 3: chosen by cross-validation, then trained on every shared labelled scene
+        from .cv import FOLDS_FILE, load_folds
+
+        data = {"selection": "cross-validation by acquisition over every shared labelled scene "
+                             "(python -m ground cv run / report; docs/results/cv.md)",
+                "folds_file": str(FOLDS_FILE.relative_to(REPO)),
+                "trained_or_calibrated_on": {"labelled_scenes": sorted(s for f in load_folds() for s in f),
+                                             "transfer_pool_sources": ts["meta"]["sources"],
+                                             "transfer_pool_key": ts["key"]},
+                "disclosure": DEVELOPMENT_NOTE_V6}
+    else:
+        data = {"split_file": str(SPLIT_FILE.relative_to(REPO)), "evaluation_part": split["evaluation"],
+                "trained_or_calibrated_on": {"labelled_training_part": split["training"],
+                                             "transfer_pool_sources": ts["meta"]["sources"],
+                                             "transfer_pool_key": ts["key"]},
+                "disclosure": DEVELOPMENT_NOTE}
     command = ("python -m ground make-models --config " + str(Path(config_path).resolve().relative_to(REPO))
                if Path(config_path).resolve().is_relative_to(REPO) else " ".join(shlex.quote(a) for a in sys.argv))
     base_card = None
@@ -228,12 +249,30 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
                       **({"baseline_card": base_card.name} if base_card else {}))
     card_path = out_dir / f"{name}.yaml"
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
-    real, synthetic, _ = evaluate_card(card_path)
-    card["metrics"] = {"method": "CloudGate.process(mask_out=...) on the shipped artifacts; teachers via CSmask; "
-                                 "python -m ground evaluate --model " + str(card_path),
-                       "real_evaluation_part": real["evaluation"]["summary"],
-                       "real_training_part": real["training"]["summary"],
-                       "real_evaluation_scenes": real["evaluation"]["scenes"],
-                       "synthetic": synthetic}
+    if every_scene:
+        real, synthetic, _ = evaluate_card(card_path, parts=("all",))
+        card["metrics"] = {"method": "CloudGate.process(mask_out=...) on the shipped artifacts; teachers via CSmask; "
+                                     "python -m ground evaluate --model " + str(card_path),
+                           "real_in_sample": real["all"]["summary"],
+                           "real_in_sample_note": "every labelled scene trained this model: a regression guard, not "
+                                                  "evidence of generalisation (that is the CV table, cv_selection)",
+                           "real_in_sample_scenes": real["all"]["scenes"],
+                           "synthetic": synthetic}
+        cv_json = REPO / "docs" / "results" / "cv.json"
+        if cv_json.exists():
+            import json
+
+            cvr = json.loads(cv_json.read_text())
+            card["cv_selection"] = {"report": "docs/results/cv.md", "arm": cfg.get("arm"),
+                                    "arms": {a: {k: v for k, v in e.items() if k != "per_seed"} for a, e in cvr["arms"].items()},
+                                    "references": cvr["references"], "paired": cvr.get("paired", {})}
+    else:
+        real, synthetic, _ = evaluate_card(card_path)
+        card["metrics"] = {"method": "CloudGate.process(mask_out=...) on the shipped artifacts; teachers via CSmask; "
+                                     "python -m ground evaluate --model " + str(card_path),
+                           "real_evaluation_part": real["evaluation"]["summary"],
+                           "real_training_part": real["training"]["summary"],
+                           "real_evaluation_scenes": real["evaluation"]["scenes"],
+                           "synthetic": synthetic}
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
     return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()}}

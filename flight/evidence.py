@@ -1,0 +1,98 @@
+"""Evidence a discard must have: never discard what the model cannot tell apart from cloud.
+
+Discarding a clear frame destroys the data the gate exists to save; downlinking an overcast one costs
+bandwidth. Bright clear snow and ice look like cloud decks in VNIR to a small model (and to its teachers);
+what still separates them is a small band ratio. Over bright pixels (blue TOA reflectance > 0.3) of the
+shared Landsat-8 scenes, clear snow/ice has green/blue 0.855 (median) while every cloud deck has 0.906-1.15:
+a surface seen through the whole atmosphere carries its Rayleigh path radiance (blue-heavy), a cloud top
+high in it carries less. So before a discard (or a re-acquisition, which also drops the frame) the gate
+looks at a bounded, fixed sample of the scene (at most SAMPLE x SAMPLE pixels on a regular grid, buffers
+allocated once) and, when enough of it is bright and its median green/blue is at or below
+`policy.discard_guard_green_blue`, downlinks the frame instead, with the rule "ambiguous_surface" and an
+`ambiguous_bright_surface` event: a planner sees why, and the data is kept. The threshold is chosen by
+cross-validation over acquisitions (ground/cv.py, docs/results/cv.md); 0 disables the guard.
+
+Saturation erases the same cue: where blue and green both sit at their sample maximum (the detector's
+ceiling: 8-bit sensors over snow, e.g. Landsat-7 over the Himalaya) the ratio is the ratio of the
+saturation levels, not of the surface. When at least `SATURATED_SHARE` of the bright sampled pixels are
+saturated in both bands, the frame is not dropped either (same rule and event, the reason says which).
+
+Limits, stated: Level-2A (atmospherically corrected) products remove the Rayleigh term, so the ratio is
+not a snow cue there; the guard then does not fire and the model's call stands. Cloud decks that saturate
+a detector are downlinked too: bandwidth spent, never a clear frame lost.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLE = 64                  # the sample grid is at most SAMPLE x SAMPLE pixels, whatever the scene size
+BRIGHT_BLUE = 0.30           # TOA reflectance above which a pixel is "bright" (snow, ice, cloud)
+SATURATED_SHARE = 0.25       # bright pixels at the blue and green ceiling at once: the ratio is unreadable
+
+
+class BrightSurfaceProbe:
+    """Median green/blue of the bright pixels of a strided sample of one scene. Buffers are allocated at
+    construction; `measure` allocates nothing but numpy's scalar results."""
+
+    def __init__(self, sample: int = SAMPLE):
+        self.sample = int(sample)
+        shape = (self.sample, self.sample)
+        self._blue = np.empty(shape, np.float32)
+        self._green = np.empty(shape, np.float32)
+        self._bright = np.empty(shape, bool)
+        self._tmp = np.empty(shape, bool)
+        self._ratio = np.empty(self.sample * self.sample, np.float32)
+
+    def measure(self, scene: np.ndarray, blue: int, green: int, scale: float, offset: float,
+                valid_mask: np.ndarray | None = None) -> tuple[float, float, float]:
+        """-> (bright share of the valid sampled pixels (0..1), median green/blue over them (NaN when
+        none), share of the bright ones at the sample's blue and green maximum at once (saturated)).
+
+        scene: (H, W, C) array as passed to the gate; blue, green: channel indices; scale, offset: the
+        frame's radiometry (reflectance = value * scale + offset); valid_mask: (H, W) bool or None."""
+        h, w = scene.shape[:2]
+        sy, sx = -(-h // self.sample), -(-w // self.sample)
+        vb, vg = scene[::sy, ::sx, blue], scene[::sy, ::sx, green]
+        ny, nx = vb.shape
+        b, g = self._blue[:ny, :nx], self._green[:ny, :nx]
+        np.multiply(vb, scale, out=b, casting="unsafe")
+        b += offset
+        np.multiply(vg, scale, out=g, casting="unsafe")
+        g += offset
+        bright, tmp = self._bright[:ny, :nx], self._tmp[:ny, :nx]
+        np.isfinite(g, out=tmp)
+        np.greater(b, BRIGHT_BLUE, out=bright)          # NaN compares False: invalid pixels are never bright
+        bright &= tmp
+        n_valid = ny * nx
+        if valid_mask is not None:
+            vm = valid_mask[::sy, ::sx]
+            bright &= vm
+            n_valid = int(np.count_nonzero(vm))
+        n = int(np.count_nonzero(bright))
+        if n == 0 or n_valid == 0:
+            return 0.0, float("nan"), 0.0
+        bb, gg = b[bright], g[bright]
+        sat = float(np.count_nonzero((bb >= bb.max()) & (gg >= gg.max()))) / n if n >= 16 else 0.0
+        r = self._ratio[:n]
+        np.divide(gg, bb, out=r)
+        return n / n_valid, float(np.median(r)), sat
+
+
+def review_discard(action: str, rule: str, share: float, green_blue: float, threshold: float,
+                   min_share: float, saturated: float = 0.0) -> tuple[bool, str]:
+    """Pure rule: should a frame the policy would drop (discard / reacquire by threshold or hysteresis) be
+    downlinked because its bright pixels look like snow/ice rather than cloud, or are saturated so that
+    nothing tells them apart? share, green_blue, saturated: BrightSurfaceProbe.measure's results;
+    threshold, min_share: policy.discard_guard_green_blue / discard_guard_min_bright. -> (override, reason)"""
+    if action not in ("discard", "reacquire") or rule not in ("threshold", "hysteresis") or threshold <= 0:
+        return False, ""
+    if share < min_share or not np.isfinite(green_blue):
+        return False, ""
+    if saturated >= SATURATED_SHARE:
+        return True, (f"{saturated:.0%} of the bright pixels ({share:.0%} of the sample) are saturated in blue and "
+                      f"green: their band ratio is unreadable, so snow/ice cannot be told from cloud")
+    if green_blue > threshold:
+        return False, ""
+    return True, (f"bright pixels ({share:.0%} of the sample) have median green/blue {green_blue:.3f} <= "
+                  f"discard_guard_green_blue {threshold:.3f}: snow/ice-like, the model's cloud call is not trusted "
+                  f"enough to drop the frame")
