@@ -231,7 +231,8 @@ def choose_guard(rows: dict[str, dict]) -> float:
     return max(ok) if ok else 0.0
 
 
-def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[list[str]], log=print) -> dict:
+def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[list[str]], log=print,
+            ts: dict | None = None) -> dict:
     d = run_dir(arm, fold, seed)
     res_path = d / "result.json"
     if res_path.exists():
@@ -242,13 +243,13 @@ def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[li
     cfg["experiment"] = f"cv_{arm}_f{fold}_s{seed}"
     cfg["train"] = {**cfg["train"], "steps": int(cv["steps"])}
     cfg["losses"] = cv["arms"][arm]
-    ts = build_transfer_set(cfg, log=log)
+    ts = ts if ts is not None else build_transfer_set(cfg, log=log)
     train_idx, held_idx = fold_views(ts, held)
     t0 = time.time()
     pt = train(cfg, ts, d / "train", cfg["losses"], cfg["experiment"], log, train_idx=train_idx)
     train_s = time.time() - t0
     spec, model = load_student(pt)
-    dis = disagreement(model, cfg, ts, held_idx) if len(held_idx) else np.array([])
+    dis = disagreement(model, cfg, ts, held_idx) if len(held_idx) and ts["t_probs"] else np.array([])
     card = export_onnx_int8(spec, model, d / "model", f"cv-{arm}-f{fold}-s{seed}",
                             calibration_tiles(ts, spec, train_idx))
     rows = score_fold(card, held)
@@ -586,3 +587,58 @@ def add_parser(sub) -> None:
     c.add_argument("--folds", default=None, help="run: comma-separated fold indices")
     c.add_argument("--seeds", default=None, help="run: comma-separated seeds (default: the config's)")
     c.add_argument("--out", default="docs/results/cv", help="report: output path without suffix")
+
+
+# ----------------------------------------------------------------------------------- acceptance
+def winner(cvr: dict) -> str | None:
+    """The arm the CV picks (rule fixed before scoring): 0 clear scenes discarded first, then the highest mean
+    action agreement, then the lowest mean |CF err|."""
+    arms = cvr.get("arms", {})
+    if not arms:
+        return None
+    return min(arms, key=lambda a: (len(arms[a]["clear_discarded_scenes"]), -arms[a]["action_agreement"]["mean"],
+                                    arms[a]["mean_abs_cf_error"]["mean"]))
+
+
+def acceptance_failures(cvr: dict, arm: str) -> list[str]:
+    """Issue 18's acceptance on the committed CV table for the shipped arm, each miss with its numbers."""
+    a, t = cvr["arms"].get(arm), cvr["references"].get("teacher_4b")
+    if a is None or t is None:
+        return [f"the CV table has no arm {arm!r} or no teacher_4b row"]
+    out = []
+    sa, ta = a["action_agreement"]["mean"], t["action_agreement"]["mean"]
+    sc, tc = a["mean_abs_cf_error"]["mean"], t["mean_abs_cf_error"]["mean"]
+    si, ti = a["pooled_cloud_iou"]["mean"], t["pooled_cloud_iou"]["mean"]
+    if sa < ta:
+        out.append(f"action agreement {sa:.3f} < teacher_4b {ta:.3f}")
+    if sc > tc + 0.02:
+        out.append(f"mean |CF err| {sc:.3f} > teacher_4b {tc:.3f} + 0.02")
+    if si < 0.95 * ti:
+        out.append(f"pooled IoU {si:.3f} < 0.95 x teacher_4b {ti:.3f} = {0.95 * ti:.3f}")
+    if a["clear_discarded_scenes"]:
+        out.append(f"clear scenes discarded in some fold/seed: {a['clear_discarded_scenes']}")
+    if winner(cvr) != arm:
+        out.append(f"shipped arm {arm!r} is not the CV winner {winner(cvr)!r}")
+    return out
+
+
+def record_shipped(card_path: Path, out: Path = REPO / "docs" / "results" / "cv") -> None:
+    """Name the shipped artifacts (sha256) and arm in the committed CV table, so CI can check that the table
+    describes the model that ships."""
+    card = yaml.safe_load(Path(card_path).read_text())
+    js = out.with_suffix(".json")
+    cvr = json.loads(js.read_text())
+    arm = (card.get("cv_selection") or {}).get("arm")
+    cvr["shipped"] = {"card": Path(card_path).name, "arm": arm,
+                      "artifacts": {k: v["sha256"] for k, v in card["artifacts"].items()},
+                      "acceptance_failures": acceptance_failures(cvr, arm) if arm else ["no arm named"]}
+    js.write_text(json.dumps(cvr, indent=1))
+    md = out.with_suffix(".md")
+    text = md.read_text().split("\n## Shipped model\n")[0]
+    fails = cvr["shipped"]["acceptance_failures"]
+    text += ("\n## Shipped model\n\n" + f"`models/{cvr['shipped']['card']}` = arm **{arm}** trained on every shared "
+             "labelled scene with the same recipe; artifacts (sha256): "
+             + ", ".join(f"{k} `{v[:16]}…`" for k, v in cvr["shipped"]["artifacts"].items()) + ".\n\n"
+             + ("Acceptance (issue 18) on this table: **met**.\n" if not fails else
+                "Acceptance (issue 18) on this table: **not met**: " + "; ".join(fails) + ".\n"))
+    md.write_text(text)

@@ -71,7 +71,7 @@ def build_transfer_set(cfg: dict, log=print) -> dict:
         raise ConfigError(f"data: train_views + candidate_views + probe_views = {n_train + n_cand + n_probe} "
                           f"> pool.views = {len(pool['X'])}")
     keys = {t["name"]: t["kind"] + "_" + t.get("level", "l1c") for t in cfg["teachers"]}
-    ts = {"X": pool["X"], "Y": pool["Y"], "swir": pool["swir"], "key": pool["key"], "meta": pool["meta"],
+    ts = {"X": pool["X"], "Y": pool["Y"], "swir": pool["swir"], "src": pool.get("src"), "key": pool["key"], "meta": pool["meta"],
           "train": np.arange(n_train), "candidates": np.arange(n_train, n_train + n_cand),
           "probe": np.arange(n_train + n_cand, n_train + n_cand + n_probe),
           "t_probs": {n: pool["t_probs"][k] for n, k in keys.items()},
@@ -129,7 +129,19 @@ def _augment(rng: np.random.Generator, arrays: list[np.ndarray]) -> list[np.ndar
     return out
 
 
-def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout: float = 0.0) -> dict:
+def _crop_arrays(rng, arrays: list[np.ndarray], crop: int, full: int) -> list[np.ndarray]:
+    """The same random crop of side `crop` (a multiple of 8) from every (..., H, W) array of one sample;
+    arrays on a coarser grid (teacher features at 1/8) are cut at the matching, aligned window."""
+    y0, x0 = (int(rng.integers(0, (full - crop) // 8 + 1)) * 8 for _ in range(2))
+    out = []
+    for a in arrays:
+        f = full // a.shape[-1]
+        out.append(np.ascontiguousarray(a[..., y0 // f:(y0 + crop) // f, x0 // f:(x0 + crop) // f]))
+    return out
+
+
+def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout: float = 0.0,
+           crop: int | None = None) -> dict:
     """Views idx as one training batch in model-input order. A view whose source has the optional bands
     (SWIR) loses them with probability optional_dropout (planes 0, presence flag 0), so one student
     learns both the with-SWIR and the VNIR-only input it meets in flight."""
@@ -143,6 +155,8 @@ def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout
         arrs += [ts["t_feats"][t][i].astype(np.float32) for t in tfs]
         if augment:
             arrs = _augment(rng, arrs)
+        if crop and crop < arrs[0].shape[-1]:   # train.crop: random crops of the views (cheaper steps)
+            arrs = _crop_arrays(rng, arrs, crop, arrs[0].shape[-1])
         xs.append(arrs[0]), ys.append(arrs[1])
         for j, t in enumerate(tps):
             tps[t].append(arrs[2 + j])
@@ -271,7 +285,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         while step < steps:
             idx = _sample(cfg, ts, train_idx, step, tr["batch"])[rank * per_rank:(rank + 1) * per_rank]
             batch = _batch(ts, idx, spec, np.random.default_rng([cfg["seed"], step, rank]),
-                           optional_dropout=optional_dropout(cfg))
+                           optional_dropout=optional_dropout(cfg), crop=tr.get("crop"))
             model.train()
             logits, feat, adapted = net(batch["x"])
             out = {"logits": logits, "feat": feat, "adapted": adapted}

@@ -275,4 +275,8 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
                            "real_evaluation_scenes": real["evaluation"]["scenes"],
                            "synthetic": synthetic}
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
+    if every_scene and "cv_selection" in card and Path(out_dir).resolve() == (REPO / "models").resolve():
+        from .cv import record_shipped
+
+        record_shipped(card_path)   # the committed CV table names the artifacts that ship
     return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()}}
