@@ -547,6 +547,39 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
     return result
 
 
+def label_conflicts(cfg: dict, out: Path, max_views: int = 60) -> str:
+    """Where the teacher and the human labels disagree, per labelled scene of the pool: views made from it
+    (labelled / without labels: mixup, synthetic composites), and the share of labelled pixels (clear or
+    cloud) whose label the teacher's argmax contradicts, at most `max_views` labelled views per scene."""
+    ts = build_transfer_set(cfg)
+    names, src, Y = ts["meta"]["sources"], ts["src"], ts["Y"]
+    teacher = cfg["teachers"][0]["name"]
+    P = ts["t_probs"][teacher]
+    rows = []
+    for si, n in enumerate(names):
+        idx = np.flatnonzero((src == si).any(1))
+        lab = [i for i in idx if (np.asarray(Y[i]) != 255).any()]
+        if not lab:
+            continue
+        conflict = cloud_on_clear = total = 0
+        for i in lab[:max_views]:
+            y, t = np.asarray(Y[i]), np.asarray(P[i]).argmax(0)
+            m = (y != 255) & (y != 2) & (t != 2)
+            conflict += np.count_nonzero((t != y) & m)
+            cloud_on_clear += np.count_nonzero((t == 1) & (y == 0) & m)
+            total += np.count_nonzero(m)
+        rows.append((n, len(idx), len(lab), len(idx) - len(lab), conflict / max(total, 1), cloud_on_clear / max(total, 1)))
+    rows.sort(key=lambda r: -r[4])
+    lines = [f"# Teacher ({teacher}) vs human labels on the pool views (`python -m ground cv conflicts`)", "",
+             "| scene | views | with labels | without labels | teacher contradicts the label | teacher says cloud on labelled clear |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {a} | {b} | {c} | {d:.3f} | {e:.3f} |" for n, a, b, c, d, e in rows]
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
 def main(args) -> int:
     if args.cv_cmd == "folds":
         if args.draw:
@@ -558,6 +591,9 @@ def main(args) -> int:
     folds = load_folds()
     if args.cv_cmd == "references":
         references()
+        return 0
+    if args.cv_cmd == "conflicts":
+        print(label_conflicts(base, Path(args.out).with_name("label_conflicts.md")))
         return 0
     if args.cv_cmd == "report":
         report(cv, Path(args.out), folds)
@@ -580,7 +616,7 @@ def main(args) -> int:
 
 def add_parser(sub) -> None:
     c = sub.add_parser("cv", help="cross-validation by acquisition over every shared labelled scene (ground/cv.py)")
-    c.add_argument("cv_cmd", choices=("folds", "run", "references", "report"))
+    c.add_argument("cv_cmd", choices=("folds", "run", "references", "report", "conflicts"))
     c.add_argument("--config", default=str(CV_CONFIG))
     c.add_argument("--draw", action="store_true", help="folds: re-draw the folds from the scenes present")
     c.add_argument("--only", default=None, help="run: comma-separated arms")

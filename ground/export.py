@@ -250,7 +250,8 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     card_path = out_dir / f"{name}.yaml"
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
     if every_scene:
-        real, synthetic, _ = evaluate_card(card_path, parts=("all",))
+        # the teachers' rows are in the CV table (same arrays); in-sample they would compare nothing new
+        real, synthetic, _ = evaluate_card(card_path, parts=("all",), with_teachers=False)
         card["metrics"] = {"method": "CloudGate.process(mask_out=...) on the shipped artifacts; teachers via CSmask; "
                                      "python -m ground evaluate --model " + str(card_path),
                            "real_in_sample": real["all"]["summary"],

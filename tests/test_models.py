@@ -30,14 +30,14 @@ def test_card_is_complete():
     assert card["parameters"] <= 65_000 and card["teacher_ratio"]["parameters"] >= 300
     assert card["teacher_ratio"]["macs_per_pixel"] >= 100
     assert card["artifacts"]["onnx_int8"]["bytes"] <= 150_000
-    # real split parts and synthetic never mixed; the card names the split and what was trained on
-    assert {"real_evaluation_part", "real_training_part", "synthetic"} <= set(card["metrics"])
-    from ground.split import load_split
-
-    split = load_split()
-    assert card["data"]["evaluation_part"] == split["evaluation"]
-    assert card["data"]["trained_or_calibrated_on"]["labelled_training_part"] == split["training"]
-    assert not set(split["evaluation"]) & set(card["data"]["trained_or_calibrated_on"]["transfer_pool_sources"])
+    # chosen by cross-validation, trained on every shared labelled scene: real in-sample and synthetic never
+    # mixed; the card names the folds, the CV table it was chosen by and what it trained on
+    assert {"real_in_sample", "synthetic"} <= set(card["metrics"])
+    assert card["data"]["folds_file"] == "ground/data/cv_folds.yaml"
+    assert {"arm", "arms", "references", "report"} <= set(card["cv_selection"])
+    assert card["cv_selection"]["arm"] in card["cv_selection"]["arms"]
+    assert set(card["data"]["trained_or_calibrated_on"]["labelled_scenes"]) <= \
+        set(card["data"]["trained_or_calibrated_on"]["transfer_pool_sources"])
     assert card["quantization"]["torch_vs_keras_max_logit_diff"] < 1e-4
 
 
