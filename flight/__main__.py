@@ -10,7 +10,7 @@
    python -m flight model status --store DIR [--key KEYFILE] [--verify]
 
 Exit status (run, log): 0 done; 1 some input could not be read; 2 nothing to do (missing/unreadable file,
-empty or missing directory, bad config or model).
+a decision log without one intact record, empty or missing directory, bad config or model).
 Exit status (model): 0 done; 1 refused: the package or slot does not verify (signature, truncation,
 card <-> model mismatch, known-answer self-test), nothing active changed; 2 usage: a missing file, key
 or store, a bad key; 3 the store is busy (another install or switch holds its lock). The mission key is
@@ -87,7 +87,7 @@ def _run(a) -> int:
 
 
 def _summary(a) -> int:
-    from .logsummary import summarize
+    from .logsummary import NoReadableRecordError, summarize
 
     p = Path(a.file)
     if not p.is_file():
@@ -99,8 +99,22 @@ def _summary(a) -> int:
     except OSError as e:
         print(f"error: decision log {p} is unreadable: {e}", file=sys.stderr)
         return 2
-    print(summarize(p, a.png, a.action, a.reason, a.limit))
+    try:
+        text = summarize(p, a.png, a.action, a.reason, a.limit)
+    except NoReadableRecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_safely(text)
     return 0
+
+
+def _print_safely(text: str) -> None:
+    """print text on any terminal encoding (what the terminal cannot show comes out as an escape)."""
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):           # a replaced stdout (tests, pipes wrapped by a caller)
+        pass
+    print(text, flush=True)
 
 
 def _schema(a) -> int:
