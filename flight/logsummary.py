@@ -95,7 +95,7 @@ def _volume(recs) -> list[str]:
     return lines
 
 
-def _action_text(r: dict) -> str:
+def action_text(r: dict) -> str:
     """The action, with partial downlinks marked (only the clear tiles go down)."""
     a = str(r.get("action", "?"))
     return f"{a} PARTIAL" if r.get("partial") else a
@@ -105,7 +105,7 @@ def _frame_line(r: dict, id_width: int) -> str:
     tiles = f"{r.get('tiles_processed', 0)}/{r.get('tiles_total', 0)}"
     why = r.get("reason") or r.get("fault") or ""
     return (f"  {r.get('seq', '-'):>6} {str(r.get('utc', ''))[:19]:19s} {safe_text(r.get('scene_id', '')):{id_width}s} "
-            f"{_action_text(r):16s} {r.get('rule', '') or '-':18s} cloud={r.get('cloud_fraction', 0):.3f} "
+            f"{action_text(r):16s} {r.get('rule', '') or '-':18s} cloud={r.get('cloud_fraction', 0):.3f} "
             f"valid={r.get('valid_fraction', 0):.3f} tiles={tiles:7s} {why}")
 
 
@@ -157,42 +157,83 @@ def summarize(path: str | Path, png: str | None = None, action: str | None = Non
     return "\n".join(safe_text(x) for x in lines)
 
 
-def _time_axis(recs):
+def policy_lines(recs) -> list[tuple[str, float, str, float, str]]:
+    """(key, value, line style, width, label) of the policy thresholds the records were decided with (their
+    "thresholds"): the policy's own edges (hysteresis only ever widens a target's band, so the narrowest
+    values seen), then the widened edges where a target's previous action moved them (thinner)."""
+    seen: dict = {}
+    for r in recs:
+        for k, v in (r.get("thresholds") or {}).items():
+            if isinstance(v, (int, float)):
+                seen.setdefault(k, set()).add(float(v))
+    out = []
+    for key, style, pick in (("downlink_max_cloud", "--", min), ("discard_min_cloud", ":", max),
+                             ("reacquire_min_cloud", "-.", min)):
+        if key not in seen:
+            continue
+        base = pick(seen[key])
+        what = (f" (priority >= {min(seen['reacquire_priority']):g})" if key == "reacquire_min_cloud" and
+                seen.get("reacquire_priority") else "")
+        out.append((key, base, style, 1.0, f"{key} {base:.2f}{what}"))
+        if key != "reacquire_min_cloud":
+            out += [(key, v, style, 0.5, f"{key} {v:.2f} with hysteresis (target's previous action)")
+                    for v in sorted(seen[key] - {base})]
+    return out
+
+
+def _utc(recs):
     try:
-        return [datetime.strptime(r["utc"], "%Y-%m-%dT%H:%M:%S.%fZ") for r in recs], "UTC (record written)"
+        return [datetime.strptime(r["utc"], "%Y-%m-%dT%H:%M:%S.%fZ") for r in recs]
     except (KeyError, TypeError, ValueError):
-        return [r.get("seq", i) for i, r in enumerate(recs)], "record seq (no usable UTC)"
+        return None
 
 
 def _plot(recs, png: str) -> None:
+    """Timeline PNG: cloud fraction per decision against the policy thresholds, faults above the axis.
+    Up to 40 decisions: one tick per decision, labelled with its scene id (first and last UTC in the axis
+    label); more: a UTC axis with unique ticks (or record seq when no UTC is usable)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    x, xlabel = _time_axis(recs)
-    fig, ax = plt.subplots(figsize=(11, 4))
+    utc = _utc(recs)
+    few = len(recs) <= 40
+    if few:
+        x = list(range(len(recs)))
+        span = f", {utc[0]:%Y-%m-%d %H:%M:%S} .. {utc[-1]:%H:%M:%S} UTC" if utc else ""
+        xlabel = f"decision (in log order{span}), labelled with its scene id"
+    elif utc:
+        x, xlabel = utc, "UTC (record written)"
+    else:
+        x, xlabel = [r.get("seq", i) for i, r in enumerate(recs)], "record seq (no usable UTC)"
+    fig, ax = plt.subplots(figsize=(12, 6.0 if few else 4.5))
     for act, col in _COLORS.items():
         idx = [i for i, r in enumerate(recs) if r.get("action") == act]
+        if not idx:
+            continue
         if act == "fault":                               # no cloud fraction: drawn above the axis, never as clear
-            ax.scatter([x[i] for i in idx], [1.08] * len(idx), c=col, marker="x", s=20, label="fault (no fraction)")
-        else:
-            ax.scatter([x[i] for i in idx], [recs[i].get("cloud_fraction", 0) for i in idx], c=col, s=14, label=act)
-    for key, style in (("downlink_max_cloud", "--"), ("discard_min_cloud", ":")):
-        pts = [(x[i], r["thresholds"][key]) for i, r in enumerate(recs) if key in (r.get("thresholds") or {})]
-        if pts:
-            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="k", lw=0.8, ls=style,
-                    label=f"{key} in force")
-    if len(recs) <= 40:                                  # scene ids readable only on short logs
-        for i, r in enumerate(recs):
-            y = 1.08 if r.get("action") == "fault" else r.get("cloud_fraction", 0)
-            ax.annotate(str(r.get("scene_id", ""))[:24], (x[i], y), fontsize=5, rotation=45, xytext=(2, 2),
-                        textcoords="offset points")
+            ax.scatter([x[i] for i in idx], [1.08] * len(idx), c=col, marker="x", s=24, label="fault (no fraction)")
+            continue
+        whole = [i for i in idx if not recs[i].get("partial")]
+        part = [i for i in idx if recs[i].get("partial")]
+        ax.scatter([x[i] for i in whole], [recs[i].get("cloud_fraction", 0) for i in whole], c=col, s=16, label=act)
+        if part:
+            ax.scatter([x[i] for i in part], [recs[i].get("cloud_fraction", 0) for i in part], facecolors="none",
+                       edgecolors=col, s=30, label=f"{act} PARTIAL (clear tiles)")
+    for _, val, style, lw, label in policy_lines(recs):
+        ax.axhline(val, color="k", lw=lw, ls=style, label=label)
+    if few:
+        ax.set_xticks(x)
+        ax.set_xticklabels([safe_text(r.get("scene_id", "")) or f"seq {r.get('seq', '?')}" for r in recs],
+                           rotation=90, fontsize=6)
+        ax.set_xlim(-0.7, len(recs) - 0.3)
+    elif utc:
+        loc = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(loc)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
     ax.set_xlabel(xlabel); ax.set_ylabel("cloud fraction (of valid pixels)"); ax.set_ylim(-0.05, 1.15)
-    if x and isinstance(x[0], datetime):
-        import matplotlib.dates as mdates
-
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M:%S"))
-        fig.autofmt_xdate()
-    ax.legend(loc="center left", fontsize=7, bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout(); fig.savefig(png, dpi=90); plt.close(fig)
+    ax.set_title("decisions: cloud fraction against the policy thresholds (faults drawn above, at 1.08)", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7, bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout(); fig.savefig(png, dpi=90, bbox_inches="tight"); plt.close(fig)
