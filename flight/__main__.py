@@ -26,6 +26,7 @@ from .policy import ACTIONS, RULES
 
 def _run(a) -> int:
     from . import CloudGate, CloudGateError, config_from_dict, load_config
+    from .logsummary import safe_text
     from .scenefile import read_npz_scene
 
     try:
@@ -78,7 +79,7 @@ def _run(a) -> int:
             extra += f" degraded={d.degraded_text}" if d.degraded else ""
             extra += f" rule={d.rule}"
             extra += f" partial={len(d.clear_tiles)} clear tiles" if d.partial else ""
-            print(f"{d.scene_id:40s} {d.action:9s} cloud={d.cloud_fraction:.3f} valid={d.valid_fraction:.3f} "
+            print(f"{safe_text(d.scene_id):40s} {d.action:9s} cloud={d.cloud_fraction:.3f} valid={d.valid_fraction:.3f} "
                   f"tiles={d.tiles_processed}/{d.tiles_total} bound=[{d.confidence_bound[0]:.2f},{d.confidence_bound[1]:.2f}] "
                   f"{d.latency_s * 1e3:.0f}ms{extra}", flush=True)
     if unreadable:

@@ -205,7 +205,7 @@ def _plot(recs, png: str) -> None:
         span = f", {utc[0]:%Y-%m-%d %H:%M:%S} .. {utc[-1]:%H:%M:%S} UTC" if utc else ""
         xlabel = f"decision (in log order{span}), labelled with its scene id"
     elif utc:
-        x, xlabel = utc, "UTC (record written)"
+        x, xlabel = utc, "UTC (record written; the date and hour the ticks count from at the lower right)"
     else:
         x, xlabel = [r.get("seq", i) for i, r in enumerate(recs)], "record seq (no usable UTC)"
     fig, ax = plt.subplots(figsize=(12, 6.0 if few else 4.5))

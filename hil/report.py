@@ -202,11 +202,13 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
 
 
 def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: float = 2.0,
-                 max_growth_mib: float = 8.0, min_span: int = 150, min_frames: int = 300) -> dict:
+                 max_growth_mib: float = 8.0, min_span: int = 150, min_frames: int = 300, smooth: int = 9) -> dict:
     """Flat RSS, measured between frames (at the top of each, the previous frame's buffers released) per
     child process (a restart starts a new one), never across a restart. The first `warmup` frames of a
     process are its warm-up (the scene cache fills, first use of each fault path); what follows is its
-    steady state. Two checks:
+    steady state, taken through a centred rolling median of `smooth` frames (a frame's faults can leave RSS
+    up by a few MiB for a frame or two, e.g. after memory pressure; a leak, which stays, passes the median
+    unchanged). Two checks:
       growth   every process with a steady state stays within max_growth_mib (MiB) of its RSS at the end of
                its warm-up (a large leak fails it even in short processes);
       slope    the pooled within-process slope (least squares, each process centred on its own mean) over
@@ -219,7 +221,7 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
     seg: dict = {}
     for f in sorted((f for f in frames if "rss_idle_mib" in f and "pid" in f), key=lambda f: f["frame"]):
         seg.setdefault(f["pid"], []).append(f["rss_idle_mib"])        # between frames: the loop's own state
-    steady = {pid: vals[warmup:] for pid, vals in seg.items() if len(vals) > warmup}
+    steady = {pid: _rolling_median(vals[warmup:], smooth) for pid, vals in seg.items() if len(vals) > warmup}
     growth = max([max(v) - v[0] for v in steady.values()], default=None)
     long = {pid: v for pid, v in steady.items() if len(v) >= min_span}
     sxx = sxy = 0.0
@@ -252,17 +254,28 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
             detail += (f"slope not judged: {used} steady frames in processes with >= {min_span} (needs {min_frames}; "
                        f"median process {median_len} frames, restarts cut the rest short)" +
                        (f", slope there {slope:+.2f} MiB/1000 frames" if slope is not None else ""))
-        detail += (f"; RSS {min(all_steady):.1f}..{max(all_steady):.1f} MiB, {warmup} warm-up frames per process, "
+        detail += (f"; RSS {min(all_steady):.1f}..{max(all_steady):.1f} MiB ({smooth}-frame rolling median), "
+                   f"{warmup} warm-up frames per process, "
                    f"longest process {lengths[0]} frames (drift {drift:+.1f} MiB)")
     summary = (f"growth {growth:.1f} MiB" if growth is not None else "growth not measured") + (
         f", slope {slope:+.2f} MiB/1000 frames" if judged else ", slope not judged (processes too short)")
     return {"passed": bool(grow_ok and slope_ok), "slope_mib_per_1000_frames": slope, "slope_judged": judged,
             "max_growth_mib": growth, "frames": used, "steady_frames": sum(map(len, steady.values())),
             "processes": len(seg), "processes_judged": len(long), "warmup_frames": warmup, "min_span": min_span,
-            "min_frames": min_frames, "limit_slope_mib_per_1000_frames": max_slope_mib_per_1k,
+            "min_frames": min_frames, "smooth_frames": smooth, "limit_slope_mib_per_1000_frames": max_slope_mib_per_1k,
             "limit_growth_mib": max_growth_mib, "min_mib": min(all_steady, default=None),
             "max_mib": max(all_steady, default=None), "longest_process_frames": lengths[0] if lengths else 0,
             "longest_drift_mib": drift, "detail": detail, "summary": summary}
+
+
+def _rolling_median(v: list[float], k: int) -> list[float]:
+    """Centred rolling median of v over k values (fewer at the ends)."""
+    h = max(k, 1) // 2
+    out = []
+    for i in range(len(v)):
+        w = sorted(v[max(0, i - h):i + h + 1])
+        out.append(w[len(w) // 2])
+    return out
 
 
 def _upset_caught(f: dict) -> bool:
