@@ -480,33 +480,46 @@ def _plots(board: Board, frames: list[dict], out: Path, all_frames: list[dict] |
 
 
 def _plot_rss(a, frames: list[dict], rss: dict) -> None:
-    """RSS between frames, one colour per child process (a restart starts a new one), warm-up frames faded,
-    and the flat-RSS requirement drawn per measured process: from the RSS at the end of its warm-up, the
-    allowed slope and the max-growth ceiling."""
+    """RSS between frames, one colour per child process (a restart starts a new one): warm-up frames faint,
+    then the raw values (thin) and the rolling median the requirement judges (solid), with the flat-RSS
+    limits drawn per process from the median at the end of its warm-up: the max-growth ceiling, and the
+    allowed slope on the processes long enough for the slope to be judged."""
     seg: dict = {}
     for f in sorted(frames, key=lambda f: f["frame"]):
         seg.setdefault(f["pid"], []).append((f["frame"], f["rss_idle_mib"]))
     warm = int(rss.get("warmup_frames", 50))
+    smooth, span = int(rss.get("smooth_frames", 9)), int(rss.get("min_span", 150))
     slope_lim, grow_lim = rss.get("limit_slope_mib_per_1000_frames"), rss.get("limit_growth_mib")
+    labelled: set = set()
+
+    def once(key, text):
+        if key in labelled:
+            return None
+        labelled.add(key)
+        return text
+
     for k, pts in enumerate(seg.values()):
         col = f"C{k % 10}"
         a.plot([p[0] for p in pts[:warm + 1]], [p[1] for p in pts[:warm + 1]], "-", color=col, alpha=0.3, lw=1,
-               label="warm-up frames of a process" if k == 0 else None)
+               label=once("warm", f"warm-up ({warm} frames of each process)"))
         st = pts[warm:]
         if not st:
             continue
-        a.plot([p[0] for p in st], [p[1] for p in st], "-", color=col, lw=1.2,
-               label="after warm-up (one colour per process)" if k == 0 else None)
+        xs = [p[0] for p in st]
+        med = _rolling_median([p[1] for p in st], smooth)
+        a.plot(xs, [p[1] for p in st], "-", color=col, alpha=0.35, lw=0.6, label=once("raw", "between frames (raw)"))
+        a.plot(xs, med, "-", color=col, lw=1.6, label=once("med", f"{smooth}-frame rolling median (judged)"))
         if grow_lim is not None:
-            a.plot([st[0][0], st[-1][0]], [st[0][1] + grow_lim] * 2, ":", color="r", lw=0.8,
-                   label=f"max growth +{grow_lim:g} MiB over warm-up end" if k == 0 else None)
-        if slope_lim is not None and len(st) > 1:
-            a.plot([st[0][0], st[-1][0]], [st[0][1], st[0][1] + slope_lim * (st[-1][0] - st[0][0]) / 1000], "--",
-                   color="r", lw=0.8, label=f"allowed slope {slope_lim:g} MiB/1000 frames" if k == 0 else None)
+            a.plot([xs[0], xs[-1]], [med[0] + grow_lim] * 2, ":", color="r", lw=0.9,
+                   label=once("grow", f"max growth: +{grow_lim:g} MiB over the warm-up end"))
+        if slope_lim is not None and len(st) >= span:
+            a.plot([xs[0], xs[-1]], [med[0], med[0] + slope_lim * (xs[-1] - xs[0]) / 1000], "--", color="r", lw=1.0,
+                   label=once("slope", f"allowed slope {slope_lim:g} MiB/1000 frames (processes with >= {span} "
+                                       "steady frames)"))
     a.set_ylabel("RSS MiB")
-    a.set_title("RSS between frames per child process; flat-RSS requirement: " +
-                (f"{'PASS' if rss.get('passed') else 'FAIL'}: {rss.get('summary', '')}" if rss else
-                 f"not a requirement in runs under {SOAK_FRAMES} frames"), fontsize=9)
+    a.set_title("RSS between frames per child process (one colour each; a kill starts a new one)\nflat-RSS "
+                "requirement: " + (f"{'PASS' if rss.get('passed') else 'FAIL'}: {rss.get('summary', '')}" if rss else
+                                   f"not a requirement in runs under {SOAK_FRAMES} frames"), fontsize=9)
     _legend(a)
 
 
