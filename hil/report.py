@@ -216,7 +216,7 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
                frames). A shorter window cannot resolve that slope: between-frame RSS moves by ~0.5 MiB with
                the last frame's faults, while 2 MiB/1000 frames adds 0.08 MiB over 40 frames. The slope is
                judged only with >= min_frames such frames; otherwise slope_judged is False and the detail
-               says so (a run whose kills restart the gate every ~100 frames cannot measure it; a soak can).
+               says so (a run whose kills restart the gate every ~100 frames may have too few; a soak has many).
     passed: growth holds (over at least one process) and, when judged, the slope holds."""
     seg: dict = {}
     for f in sorted((f for f in frames if "rss_idle_mib" in f and "pid" in f), key=lambda f: f["frame"]):
