@@ -90,7 +90,7 @@ def _volume(recs) -> list[str]:
     if g_bytes - down:
         lines.append("    saved by gating, by cause (of gated): " + ", ".join(
             f"{k} {_mib(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v))
-    lines.append(f"  faulted (of acquired): {_mib(f_bytes)} in {len(faulted)} frames, not gated: nothing "
+    lines.append(f"  faulted (of acquired): {_mib(f_bytes)} in {len(faulted)} faulted frame(s), not gated: nothing "
                  f"downlinked, not counted as saved")
     return lines
 
@@ -154,6 +154,8 @@ def summarize(path: str | Path, png: str | None = None, action: str | None = Non
     if png and recs:
         _plot(recs, png)
         lines.append(f"timeline written to {png}")
+    elif png:
+        lines.append(f"no decisions: no timeline written to {png}")
     return "\n".join(safe_text(x) for x in lines)
 
 

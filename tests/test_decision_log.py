@@ -434,7 +434,7 @@ def test_log_summary_volume_ids_and_partial_marks(tmp_path):
     assert "acquired (all frames with a size): 600.0 MiB in 4 frames" in vol
     assert "gated (of acquired): 300.0 MiB in 3 frames -> 140.0 MiB to downlink, 160.0 MiB saved by gating" in vol
     assert "discard 100.0 MiB, partial-downlink pruning 60.0 MiB" in vol
-    assert "faulted (of acquired): 300.0 MiB in 1 frames, not gated" in vol
+    assert "faulted (of acquired): 300.0 MiB in 1 faulted frame(s), not gated" in vol
     assert "460.0 MiB saved" not in vol                  # the old total counted faulted bytes as saved
     rows = [x for x in out.splitlines() if long_id in x]
     assert len(rows) == 4 and all(long_id + a in x for x, a in zip(rows, ["downlink", "downlink", "discard", "fault"]))
