@@ -10,7 +10,7 @@
    python -m flight model status --store DIR [--key KEYFILE] [--verify]
 
 Exit status (run, log): 0 done; 1 some input could not be read; 2 nothing to do (missing/unreadable file,
-empty or missing directory, bad config or model).
+a decision log without one intact record, empty or missing directory, bad config or model).
 Exit status (model): 0 done; 1 refused: the package or slot does not verify (signature, truncation,
 card <-> model mismatch, known-answer self-test), nothing active changed; 2 usage: a missing file, key
 or store, a bad key; 3 the store is busy (another install or switch holds its lock). The mission key is
@@ -26,6 +26,7 @@ from .policy import ACTIONS, RULES
 
 def _run(a) -> int:
     from . import CloudGate, CloudGateError, config_from_dict, load_config
+    from .logsummary import safe_text
     from .scenefile import read_npz_scene
 
     try:
@@ -78,7 +79,7 @@ def _run(a) -> int:
             extra += f" degraded={d.degraded_text}" if d.degraded else ""
             extra += f" rule={d.rule}"
             extra += f" partial={len(d.clear_tiles)} clear tiles" if d.partial else ""
-            print(f"{d.scene_id:40s} {d.action:9s} cloud={d.cloud_fraction:.3f} valid={d.valid_fraction:.3f} "
+            print(f"{safe_text(d.scene_id):40s} {d.action:9s} cloud={d.cloud_fraction:.3f} valid={d.valid_fraction:.3f} "
                   f"tiles={d.tiles_processed}/{d.tiles_total} bound=[{d.confidence_bound[0]:.2f},{d.confidence_bound[1]:.2f}] "
                   f"{d.latency_s * 1e3:.0f}ms{extra}", flush=True)
     if unreadable:
@@ -87,7 +88,7 @@ def _run(a) -> int:
 
 
 def _summary(a) -> int:
-    from .logsummary import summarize
+    from .logsummary import NoReadableRecordError, summarize
 
     p = Path(a.file)
     if not p.is_file():
@@ -99,8 +100,22 @@ def _summary(a) -> int:
     except OSError as e:
         print(f"error: decision log {p} is unreadable: {e}", file=sys.stderr)
         return 2
-    print(summarize(p, a.png, a.action, a.reason, a.limit))
+    try:
+        text = summarize(p, a.png, a.action, a.reason, a.limit)
+    except NoReadableRecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_safely(text)
     return 0
+
+
+def _print_safely(text: str) -> None:
+    """print text on any terminal encoding (what the terminal cannot show comes out as an escape)."""
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):           # a replaced stdout (tests, pipes wrapped by a caller)
+        pass
+    print(text, flush=True)
 
 
 def _schema(a) -> int:

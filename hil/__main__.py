@@ -11,16 +11,23 @@ from pathlib import Path
 
 
 def _print_decisions(out: Path, limit: int = 60) -> None:
+    from flight.logsummary import action_text, safe_text
+
+    from .report import frame_check, frame_why
+
     frames = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines() if x.strip()]
     frames = [f for f in frames if "action" in f]
-    # "injected" = fault classes the harness injected into the frame; "gate fault" = the gate's fault_code
-    # for a frame it refused (full text in decisions.jsonl / report.md)
-    print(f"{'frame':>5} {'scene':42s} {'action':9s} {'expected':9s} {'cloud':>6} {'tiles':>7} {'host ms':>8} "
-          f"{'gate fault':22s} injected")
+    # "check": the action against the stream's label (KNOWN MISS = a tracked model miss); "rule" and "why":
+    # what decided the action; "injected" = fault classes the harness injected into the frame; "gate fault"
+    # = the gate's fault_code for a frame it refused (full text in decisions.jsonl / report.md)
+    print(f"{'frame':>5} {'scene':42s} {'action':16s} {'expected':9s} {'check':11s} {'cloud':>6} {'tiles':>7} "
+          f"{'host ms':>8} {'rule':18s} {'gate fault':22s} {'injected':20s} why")
     for f in frames[:limit]:
-        print(f"{f['frame']:5d} {f.get('scene_id') or Path(f['source']).stem:42.42s} {f['action']:9s} "
-              f"{f.get('expected') or '':9s} {f.get('cloud_fraction', 0):6.3f} {f.get('tiles', 0):>3}/{f.get('tiles_total', 0):<3} "
-              f"{1e3 * f.get('latency_s', 0):8.1f} {f.get('fault_code') or '-':22s} {','.join(f.get('faults', [])) or '-'}")
+        print(f"{f['frame']:5d} {safe_text(f.get('scene_id') or Path(f['source']).stem):42.42s} {action_text(f):16s} "
+              f"{f.get('expected') or '':9s} {frame_check(f) or '-':11s} {f.get('cloud_fraction', 0):6.3f} "
+              f"{f.get('tiles', 0):>3}/{f.get('tiles_total', 0):<3} {1e3 * f.get('latency_s', 0):8.1f} "
+              f"{f.get('rule') or '-':18s} {f.get('fault_code') or '-':22s} {','.join(f.get('faults', [])) or '-':20s} "
+              f"{frame_why(f, 110)}")
     if len(frames) > limit:
         print(f"... {len(frames) - limit} more in {out}/report.md")
 
@@ -42,7 +49,10 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--realtime", action="store_true", help="pace frames at the board's frame period")
     r.add_argument("--backend", default="litert", choices=["litert", "onnxruntime"])
-    r.add_argument("--quiet", action="store_true", help="only the summary, not one line per decision")
+    r.add_argument("--quiet", action="store_true", help="only the summary: no progress, no line per decision")
+    sub.add_parser("update", add_help=False,
+                   help="in-orbit model update campaign (signed packages, A/B store, kills mid-update); "
+                        "python -m hil update --help for its options")
     sub.add_parser("boards", help="list board profiles")
     a_set = sub.add_parser("arm-setup", help="build the aarch64 QEMU root (cached outside the repo)")
     a_set.add_argument("--root", default=None)
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
     for b in boards:
         out = Path(a.out) / b if len(boards) > 1 else Path(a.out)
         try:
-            rep = run_board(b, a.stream, out, a.faults, a.seed, a.frames, a.realtime, a.backend)
+            rep = run_board(b, a.stream, out, a.faults, a.seed, a.frames, a.realtime, a.backend, progress=not a.quiet)
         except (ProfileError, StreamError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     card = load_card(Path(job["model"]) if job.get("model") and job["model"].endswith(".yaml") else default_card())
     generated: dict = {}                 # generated scenes, made once per child (read-only; faults copy)
     frames = open(out / "frames.jsonl", "a", buffering=1)
+    # tests only: a deliberate leak (KiB kept alive per frame) that the flat-RSS requirement must catch
+    leak_kib, leaked = int(os.environ.get("HIL_TEST_LEAK_KIB_PER_FRAME", "0") or 0), []
     period = job["period_s"]
     t_start = time.monotonic()
     try:
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
             item = items[i % len(items)]
             faults = plan[i]
             scene = d = None                 # the previous frame's buffers go before the idle RSS is read
+            if leak_kib:
+                leaked.append(np.ones(leak_kib * 1024, np.uint8))
             rss_idle = _status_kib("VmRSS") / 1024
             rec = {"frame": i, "item": item.index, "source": item.source, "expected": item.expected_action,
                    "known_miss": item.known_miss, "known_action": item.known_action,
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
                            latency_s=d.latency_s, infer_s=d.infer_s, tiles=d.tiles_processed, tiles_total=d.tiles_total,
                            tile_pixels=d.tile_pixels, seq=d.log_seq, fault_code=d.fault_code, fault=d.fault,
                            degraded=d.degraded, rule=d.rule, early_exit=d.early_exit, scene_id=d.scene_id,
-                           log_failed=d.log_seq is None)
+                           log_failed=d.log_seq is None, reason=d.reason, partial=d.partial,
+                           clear_tiles=len(d.clear_tiles) + d.clear_tiles_omitted, thresholds=d.thresholds)
             except BaseException as e:      # the payload loop must survive; count it as a crash
                 if isinstance(e, KeyboardInterrupt):
                     raise

@@ -119,7 +119,7 @@ def test_log_summary_cli(tmp_path):
                         "cloud_fraction": 0.1 * i})
     out = summarize(p, str(tmp_path / "t.png"))
     assert "downlink=2, discard=1, reacquire=1, fault=1" in out
-    assert "60.0 %" in out and (tmp_path / "t.png").stat().st_size > 1000
+    assert "50.0 % of gated" in out and (tmp_path / "t.png").stat().st_size > 1000   # faulted bytes not saved
 
 
 # ---------------------------------------------------------------- issue 9: robustness at the edges
@@ -364,3 +364,78 @@ def test_torn_high_water_slot_falls_back_to_the_other(tmp_path):
     lock.write_bytes(b"garbage")                                 # both slots unreadable: FILE's own end
     with DecisionLog(p) as log:
         assert log.append({"action": "downlink"}) == 8
+
+
+# ---------------------------------------------------------------- issue 19: log summary for a mission planner
+
+
+def _summary_cli(path, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "flight", "log", "summary", str(path), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(3000).replace(b"\n", b"")[:1500] + b"\n" + os.urandom(64),
+                                     b"\n\n\n", b'{"not": "a record"}\n'])
+def test_log_summary_without_one_readable_record_is_an_error(tmp_path, content):
+    """Issue 19 item 5: random bytes and an empty file exit non-zero with a message; no '-..-' summary."""
+    from flight.logsummary import NoReadableRecordError, summarize
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content)
+    r = _summary_cli(p)
+    assert r.returncode == 2 and "no readable record" in r.stderr and not r.stdout.strip(), (r.returncode, r.stderr)
+    with pytest.raises(NoReadableRecordError, match="no readable record"):
+        summarize(p)
+    _write(p, 2)                                     # one intact record after the junk: a summary, exit 0
+    r = _summary_cli(p)
+    assert r.returncode == 0 and "2 intact records" in r.stdout, r.stderr
+
+
+def test_log_summary_survives_any_id_the_gate_accepts(tmp_path):
+    """Issue 19 item 5: a lone surrogate, control characters and line breaks in a scene id (all accepted by
+    the gate) are printed escaped, one line per frame; the CLI exits 0."""
+    import numpy as np
+
+    from flight import CloudGate
+
+    p = tmp_path / "d.jsonl"
+    ids = ["\ud800", "a\nb\x1b[31mred", "caf\u00e9-\U0001f600"]
+    gate = CloudGate.from_model(log={"path": str(p)})
+    with gate:
+        for sid in ids:
+            d = gate.process(np.full((64, 64, 4), 0.1, np.float32), ("blue", "green", "red", "nir"), scene_id=sid)
+            assert d.action != "fault" and d.log_seq is not None
+    r = _summary_cli(p, "--limit", "0")
+    assert r.returncode == 0, r.stderr
+    frames = [x for x in r.stdout.splitlines() if "cloud=" in x]
+    assert len(frames) == 3 and "\\ud800" in frames[0] and "a\\nb\\x1b[31mred" in frames[1]
+    assert "caf\u00e9-\U0001f600" in frames[2] and "\x1b" not in r.stdout
+
+
+def test_log_summary_volume_ids_and_partial_marks(tmp_path):
+    """Issue 19 item 6: gating savings apart from faulted bytes, each line naming its total; scene ids
+    printed whole (past 32 characters); partial downlinks marked in the per-frame lines."""
+    from flight.logsummary import summarize
+
+    p = tmp_path / "d.jsonl"
+    long_id = "S2B_MSIL1C_20231105T103149_N0509_R108_T32TMT_20231105T123611_tile_0042"
+    with DecisionLog(p) as log:
+        for a, scene, down, partial in [("downlink", 100, 100, False), ("downlink", 100, 40, True),
+                                        ("discard", 100, 0, False), ("fault", 300, 0, False)]:
+            log.append({"action": a, "scene_id": long_id + a + str(partial), "scene_bytes": scene * 2**20,
+                        "downlink_bytes": down * 2**20, "partial": partial, "cloud_fraction": 0.5})
+    out = summarize(p)
+    vol = out[out.index("data volume"):out.index("sequence:")]
+    assert "acquired (all frames with a size): 600.0 MiB in 4 frames" in vol
+    assert "gated (of acquired): 300.0 MiB in 3 frames -> 140.0 MiB to downlink, 160.0 MiB saved by gating" in vol
+    assert "discard 100.0 MiB, partial-downlink pruning 60.0 MiB" in vol
+    assert "faulted (of acquired): 300.0 MiB in 1 faulted frame(s), not gated" in vol
+    assert "460.0 MiB saved" not in vol                  # the old total counted faulted bytes as saved
+    rows = [x for x in out.splitlines() if long_id in x]
+    assert len(rows) == 4 and all(long_id + a in x for x, a in zip(rows, ["downlink", "downlink", "discard", "fault"]))
+    assert ["PARTIAL" in x for x in rows] == [False, True, False, False]
