@@ -6,9 +6,10 @@ another quantization) would otherwise silently change which band feeds which inp
 (unsigned card, signed package, store slot: flight.modelsource.open_loaded), pack and install compares it
 with the card:
 
-    key "cloudgate.card"   canonical JSON of card_description(card): bands in order, optional_bands, the
-                           input channels, classes, tile, input_scaling and output (quantization scale and
-                           zero point, layout), metadata version
+    key "cloudgate.card"   canonical JSON of card_description(card, artifact key): the artifact key the card
+                           lists the file under (onnx_int8 / onnx_fp32 / tflite_int8), bands in order,
+                           optional_bands, the input channels, classes, tile, input_scaling and output
+                           (quantization scale and zero point, layout), units, metadata version
     ONNX                   ModelProto.metadata_props (a StringStringEntryProto)
     TFLite                 Model.metadata (name -> a buffer holding the JSON), as TFLite metadata is stored
 
@@ -35,16 +36,17 @@ _ONNX_METADATA_FIELD = 14            # ModelProto.metadata_props
 _TFLITE_BUFFERS, _TFLITE_METADATA = 4, 6   # Model table field indices (tflite schema)
 
 
-def card_description(card) -> dict:
-    """The card fields the model file must agree with (flight.model.ModelCard)."""
+def card_description(card, artifact_key: str) -> dict:
+    """The card fields the model file must agree with (flight.model.ModelCard), and the artifact key the card
+    lists the file under (onnx_int8, onnx_fp32, tflite_int8: an fp32 model is not the INT8 one)."""
     raw = card.raw
-    return {"meta_version": META_VERSION, "bands": list(card.bands), "optional_bands": list(card.optional_bands),
+    return {"meta_version": META_VERSION, "artifact": artifact_key, "bands": list(card.bands), "optional_bands": list(card.optional_bands),
             "input_channels": card.input_channels, "classes": list(card.classes), "tile": card.tile,
             "input_scaling": raw.get("input_scaling"), "output": raw.get("output"), "units": raw.get("units")}
 
 
-def encode_description(card) -> bytes:
-    return json.dumps(card_description(card), sort_keys=True, separators=(",", ":")).encode()
+def encode_description(card, artifact_key: str) -> bytes:
+    return json.dumps(card_description(card, artifact_key), sort_keys=True, separators=(",", ":")).encode()
 
 
 # ---------------------------------------------------------------- ONNX (protobuf) reading and writing
@@ -225,13 +227,18 @@ def read_description(data: bytes, kind: str) -> dict | None:
     return desc
 
 
-def check_description(card, data: bytes, kind: str, artifact: str) -> str:
-    """Compare the card with what the model file says about itself. Returns "ok" or "missing" (no metadata:
-    the caller decides, see the module docstring); ModelIntegrityError naming every field that disagrees."""
+FLIGHT_KEYS = {"litert": "tflite_int8", "onnxruntime": "onnx_int8"}   # what a flight backend runs
+
+
+def check_description(card, data: bytes, kind: str, artifact: str, artifact_key: str | None = None) -> str:
+    """Compare the card with what the model file says about itself; artifact_key: the card entry the file
+    is loaded as (default: the flight artifact of backend kind, so an fp32 model loaded in place of the INT8
+    one is refused). Returns "ok" or "missing" (no metadata: the caller decides, see the module docstring);
+    ModelIntegrityError naming every field that disagrees."""
     desc = read_description(data, kind)
     if desc is None:
         return "missing"
-    want = card_description(card)
+    want = card_description(card, artifact_key or FLIGHT_KEYS[kind])
     bad = [k for k in want if k != "meta_version" and desc.get(k) != want[k]]
     if bad:
         detail = "; ".join(f"{k}: card {want[k]!r:.120} but the model file says {desc.get(k)!r:.120}" for k in bad)
@@ -248,8 +255,8 @@ MISSING_TEXT = ("carries no CloudGate metadata (exported before it): its card ca
 STAMPABLE = {"onnx_int8": "onnxruntime", "onnx_fp32": "onnxruntime", "tflite_int8": "litert"}
 
 
-def stamp_bytes(card, data: bytes, kind: str) -> bytes:
-    value = encode_description(card)
+def stamp_bytes(card, data: bytes, kind: str, artifact_key: str) -> bytes:
+    value = encode_description(card, artifact_key)
     return stamp_tflite(data, value) if kind == "litert" else stamp_onnx(data, value)
 
 
@@ -270,8 +277,8 @@ def stamp_card(card_path: str | Path, dry_run: bool = False) -> dict[str, tuple[
             continue
         f = card_path.parent / entry["file"]
         old = read_verified(f, entry["sha256"], card_path)
-        new = stamp_bytes(card, old, STAMPABLE[key])
-        if check_description(card, new, STAMPABLE[key], f.name) != "ok":
+        new = stamp_bytes(card, old, STAMPABLE[key], key)
+        if check_description(card, new, STAMPABLE[key], f.name, key) != "ok":
             raise ModelIntegrityError(f"{f.name}: stamping did not take")
         _same_outputs(card, old, new, STAMPABLE[key], f)
         new_sha, old_sha = hashlib.sha256(new).hexdigest(), entry["sha256"]
