@@ -21,9 +21,10 @@ over the target slot. A refused package, a full disk (StoreFullError) or an I/O 
 leaves both slots as they were and no temporary file behind (a kill -9 leaves one, removed by the next
 operation under the lock). install(activate=True) activates in the same critical section.
 
-activate(slot): verify + self-test the slot again, record it as activated (slots/S/activated), then switch
-the pointer (write active.tmp, fsync, rename over active, fsync the directory), then raise the version
-high-water mark. A kill -9 or power loss at any point leaves the previous pointer or the new one.
+activate(slot): verify + self-test the slot again, raise the version high-water mark, switch the pointer
+(write active.tmp, fsync, rename over active, fsync the directory), then record the slot as activated
+(slots/S/activated). A kill -9 or power loss at any point leaves the previous pointer or the new one, and
+a switch killed before its pointer was renamed never counts as an activation.
 
 What a gate may run (resolve_active, and modelsource.SlotSource refuses anything else): the pointer's slot
 while it holds the package the pointer names, and a slot holding the package it was last activated with.
@@ -518,16 +519,18 @@ class ModelStore:
                     "model_version": version}
         p = Pointer(slot, pkg.sha256, self._next_generation(cur),
                     cur.slot if cur and cur.slot != slot else (cur.previous if cur else None), _utc())
+        try:                                              # the mark first: a kill after it refuses older uploads
+            self._raise_hwm(version)                      # a little early, never one too many
+        except OSError as e:
+            raise self._io_error(e, f"recording model_version {version}") from None
         try:
-            self._write_marker(slot, pkg.sha256, p.generation, version)
             self._write_pointer(p, progress)
         except OSError as e:
             raise self._io_error(e, f"switching to slot {slot}") from None
-        try:
-            self._raise_hwm(version)
-        except OSError as e:                              # the activation record carries the version too
-            self.journal("model_switch", f"version high-water file not written ({e}); slot {slot}'s activation "
-                         "record holds the version")
+        try:                                              # after the pointer: a switch killed before it never
+            self._write_marker(slot, pkg.sha256, p.generation, version)     # counts as an activation
+        except OSError as e:                              # the valid pointer still says it; logged
+            self.journal("model_switch", f"slot {slot}: activation record not written ({e}); the pointer names it")
         code = "model_rollback" if reason != "activate" else "model_switch"
         self.journal(code, f"active slot -> {slot} ({pkg.name} model_version {version}, generation {p.generation}; "
                      f"{reason})", package_sha256=pkg.sha256, model_slot=slot, model_name=pkg.name)
@@ -552,8 +555,8 @@ class ModelStore:
                             cur.slot if cur and cur.slot != slot else (cur.previous if cur else None), _utc())
                 m = self.read_marker(slot)
                 version = m["model_version"] if m and m["package_sha256"] == package_sha256 else 0
-                self._write_marker(slot, package_sha256, p.generation, version)
                 self._write_pointer(p)
+                self._write_marker(slot, package_sha256, p.generation, version)
                 self.journal("model_rollback", f"active slot -> {slot} (generation {p.generation}): {reason}"[:2000],
                              package_sha256=package_sha256, model_slot=slot)
         finally:

@@ -249,6 +249,22 @@ def test_damaged_pointer_falls_back_to_the_highest_activated_generation_not_a_st
         assert d.package_sha256 == kit["pkg3"].sha256
 
 
+@pytest.mark.parametrize("phase", ["verify_slot", "pointer_write", "pointer_fsync", "pointer_rename"])
+def test_a_switch_killed_before_its_pointer_landed_is_not_an_activation(tmp_path, kit, phase):
+    st = _store(tmp_path, kit["key"])
+    st.install(kit["v3"], activate=True)
+    st.install(kit["v5"])
+    code = (f"import os, signal\nfrom flight.package import load_key\nfrom flight.slots import ModelStore\n"
+            f"st = ModelStore({str(st.root)!r}, load_key({str(kit['keyfile'])!r}))\n"
+            f"def hook(p):\n    if p == {phase!r}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"st.activate('b', progress=hook)\n")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-1000:]
+    st.pointer_path.write_text("{damaged")
+    assert st.runnable() == ["a"]
+
+
 def test_a_staged_package_in_the_pointer_slot_does_not_run(tmp_path, kit):
     """The active slot rotted and an install replaced it (item 1): the pointer still names that slot, but
     what it holds now was never activated; the gate runs the previous activated model."""
