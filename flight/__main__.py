@@ -176,7 +176,8 @@ def _model(a) -> int:
                 print(f"  {kind}: card <-> model consistent; self-test {r.detail} ({r.seconds * 1e3:.0f} ms)")
             return 0
         store = ModelStore(a.store, key, int(a.max_mib * 2**20), backends=backends, threads=a.threads,
-                           lock_timeout_s=a.lock_timeout)
+                           lock_timeout_s=a.lock_timeout, shadow_frames=getattr(a, "shadow_frames", 0),
+                           shadow_min_agreement=getattr(a, "min_agreement", 0.0))
         if a.modelcmd == "install":
             if not Path(a.package).exists():
                 return err(EXIT_USAGE, f"package {a.package} not found")
@@ -345,6 +346,12 @@ def main(argv=None) -> int:
     ac.add_argument("slot", nargs="?", choices=["a", "b"], help="slot to activate (default: the one not active)")
     ac.add_argument("--allow-downgrade", action="store_true",
                     help="activate a model_version older than the store has activated (journalled)")
+    for p in (ins, ac):
+        p.add_argument("--shadow-frames", type=int, default=0,
+                       help="hold the activation until the package ran this many frames in shadow mode beside the "
+                            "active model (flight.shadow; default 0: not needed)")
+        p.add_argument("--min-agreement", type=float, default=0.0,
+                       help="with --shadow-frames: the shadow run's action agreement needed (0..1)")
     common(msub.add_parser("rollback", help="switch back to the other slot (verified first)"))
     stp = common(msub.add_parser("status", help="active slot, generation, version high-water mark, what each slot "
                                                "holds (exit 0 consistent, 1 a slot or the pointer does not verify, "

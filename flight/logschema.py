@@ -58,6 +58,12 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
               "installed or activated because the operator passed --allow-downgrade"),
     EventCode("model_metadata_missing", "warning", "the model file carries no CloudGate metadata to check its card "
               "against (an artifact exported before metadata; python -m flight model stamp adds it)"),
+    EventCode("model_shadow", "info", "shadow mode: the installed, not yet activated model ran beside the active one "
+              "on a frame (the text gives both actions, the cloud-fraction difference and the pixel agreement), or "
+              "its shadow run started or ended (flight.shadow)"),
+    EventCode("model_shadow_held", "warning", "an activation was held back: the slot's shadow run has too few frames "
+              "or too low an action agreement with the active model (ModelStore shadow_frames / "
+              "shadow_min_agreement)"),
     EventCode("model_switch", "info", "the active model changed (pointer switched and/or the gate swapped models)"),
     EventCode("model_switch_refused", "error", "a switch was refused: the target failed verification or its "
               "self-test; the running model stays"),

@@ -75,6 +75,11 @@ class StoreUnusableError(ModelError):
     code = "store_unusable"
 
 
+class ShadowHeldError(ModelError):
+    """Activation held back: the slot's shadow run (flight.shadow) does not meet the store's bar."""
+    code = "model_shadow_held"
+
+
 class DowngradeError(ModelIntegrityError):
     """The package's model_version is older than the highest version this store has activated."""
     code = "model_downgrade"
@@ -131,11 +136,15 @@ class ModelStore:
 
     def __init__(self, root: str | Path, key: bytes, max_bytes: int = DEFAULT_MAX_PACKAGE_BYTES,
                  backends: tuple[str, ...] | None = None, threads: int = 1, lock_timeout_s: float = 10.0,
-                 reserve_bytes: int = DEFAULT_RESERVE_BYTES):
+                 reserve_bytes: int = DEFAULT_RESERVE_BYTES, shadow_frames: int = 0,
+                 shadow_min_agreement: float = 0.0):
         """root: the store directory. max_bytes: largest package read. lock_timeout_s: seconds to wait for
         the store lock. reserve_bytes: free bytes an install must leave on the store's file system (the
-        decision log and the journal may share it)."""
+        decision log and the journal may share it). shadow_frames, shadow_min_agreement: activating a package
+        that never ran needs a shadow run (flight.shadow) of at least shadow_frames frames with an action
+        agreement of at least shadow_min_agreement (0: no shadow run needed)."""
         self.root = Path(root)
+        self.shadow_frames, self.shadow_min_agreement = int(shadow_frames), float(shadow_min_agreement)
         self.key, self.max_bytes, self.backends, self.threads = key, max_bytes, backends, threads
         self.lock_timeout_s = lock_timeout_s
         self.reserve_bytes = reserve_bytes
@@ -512,6 +521,14 @@ class ModelStore:
                 raise DowngradeError(f"{msg}: refused; an operator who means it passes --allow-downgrade")
             self.journal("model_downgrade_allowed", f"{msg}; activated because the operator allowed the downgrade",
                          model_slot=slot, package_sha256=pkg.sha256, model_name=pkg.name)
+        if self.shadow_frames and not self.activated(slot, pkg.sha256):
+            from .shadow import read_shadow, shadow_verdict
+
+            why = shadow_verdict(read_shadow(self, slot), pkg.sha256, self.shadow_frames, self.shadow_min_agreement)
+            if why:
+                self.journal("model_shadow_held", f"slot {slot} ({pkg.name}) not activated: {why}"[:1000],
+                             model_slot=slot, package_sha256=pkg.sha256, model_name=pkg.name)
+                raise ShadowHeldError(f"slot {slot} ({pkg.name}) held back by shadow mode: {why}")
         if cur and cur.slot == slot and cur.package_sha256 == pkg.sha256:
             if self.read_marker(slot) is None:
                 self._write_marker(slot, pkg.sha256, cur.generation, version)
@@ -634,5 +651,5 @@ def _sha_file(path) -> str:
         return ""
 
 
-__all__ = ["DowngradeError", "FLIGHT_ARTIFACTS", "ModelStore", "Pointer", "SLOTS", "StoreBusyError", "StoreFullError",
+__all__ = ["DowngradeError", "ShadowHeldError", "FLIGHT_ARTIFACTS", "ModelStore", "Pointer", "SLOTS", "StoreBusyError", "StoreFullError",
            "StoreIOError", "StoreUnusableError"]
