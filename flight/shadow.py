@@ -52,14 +52,17 @@ def shadow_verdict(record: dict | None, package_sha256: str, frames: int, min_ag
 
 
 class ShadowMonitor:
-    """Runs the store's staged package beside the active gate. store: flight.slots.ModelStore; frames: N;
+    """Runs the store's staged package beside the active gate. store: flight.slots.ModelStore; key_path:
+    the mission key file (the gate's update.key) the candidate's package is verified with; frames: N;
     gate_options: CloudGate.from_model keyword arguments for the candidate's gate (backend, threads, tile,
     policy...; the active gate's, without log/update); time_budget_s: skip the candidate on a frame when
     the active decision already took longer than this (0: never skip)."""
 
-    def __init__(self, store, frames: int = 20, gate_options: dict | None = None, time_budget_s: float = 0.0):
+    def __init__(self, store, key_path: str | Path, frames: int = 20, gate_options: dict | None = None,
+                 time_budget_s: float = 0.0):
         if frames < 1:
             raise ValueError("shadow frames must be >= 1")
+        self.key_path = str(key_path)
         self.store, self.frames, self.time_budget_s = store, int(frames), float(time_budget_s)
         self.gate_options = dict(gate_options or {})
         self._gate = None
@@ -110,19 +113,14 @@ class ShadowMonitor:
         return True
 
     def _open(self, slot: str):
-        """The candidate's gate: the slot's package, verified with the store's key and self-tested, no log."""
-        import tempfile
-
+        """The candidate's gate: the slot's package, verified with the mission key and self-tested, no log."""
         from . import CloudGate
 
         opts = dict(self.gate_options)
         opts.pop("log", None)
         opts.pop("update", None)
-        with tempfile.NamedTemporaryFile("w", suffix=".key", delete=True) as kf:
-            kf.write(self.store.key.hex() + "\n")
-            kf.flush()
-            return CloudGate.from_model(str(self.store.package_path(slot)), update={"key": kf.name, "bist_every": 0},
-                                        **opts)
+        return CloudGate.from_model(str(self.store.package_path(slot)), update={"key": self.key_path, "bist_every": 0},
+                                    **opts)
 
     def _close(self) -> None:
         if self._gate is not None:
