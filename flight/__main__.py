@@ -5,7 +5,9 @@
    python -m flight model pack CARD|default --out PKG [--key KEYFILE] [--model-version N] [--backend ...]
    python -m flight model verify PKG [--key KEYFILE] [--backend ...]
    python -m flight model install PKG --store DIR [--key KEYFILE] [--activate] [--allow-downgrade]
+                                  [--shadow-frames N --min-agreement X]
    python -m flight model activate [a|b] --store DIR [--key KEYFILE] [--allow-downgrade]
+                                  [--shadow-frames N --min-agreement X]
    python -m flight model rollback --store DIR [--key KEYFILE]
    python -m flight model status --store DIR [--key KEYFILE] [--verify]
    python -m flight model stamp CARD|default [--dry-run]
@@ -118,8 +120,6 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_BUSY, EXIT_NO_SPACE, EXIT_STORE_IO = 1, 2, 3, 4, 
 
 
 def _model(a) -> int:
-    import json
-
     from .errors import ModelError, ModelMissingError
     from .package import PackageKeyError, load_key, pack, write_key
     from .slots import ModelStore, StoreBusyError, StoreFullError, StoreIOError, StoreUnusableError

@@ -7,7 +7,6 @@ Every package is made here from the current models/ (nothing names a band count 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from flight import CloudGate, ModelError, ModelIntegrityError, read_log
+from flight import CloudGate, ModelIntegrityError, read_log
 from flight.model import MODELS_DIR, default_card, load_card
 from flight.package import PackageKeyError, assemble, load_key, pack, write_key
 
@@ -68,6 +67,17 @@ def _scene(card, seed=0):
 
 def _gate(store, kit, **kw):
     return CloudGate.from_model(update={"store": str(store.root), "key": str(kit["keyfile"])}, **kw)
+
+
+def _killed(st, kit, phase: str, call: str) -> None:
+    """Run st.<call>, progress=hook) in a child process that SIGKILLs itself at phase."""
+    code = (f"import os, signal\nfrom flight.package import load_key\nfrom flight.slots import ModelStore\n"
+            f"st = ModelStore({str(st.root)!r}, load_key({str(kit['keyfile'])!r}))\n"
+            f"def hook(p):\n    if p == {phase!r}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"st.{call}, progress=hook)\n")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-1000:]
 
 
 def _leftovers(store):
@@ -149,13 +159,7 @@ def test_write_errors_remove_the_partial_file_and_change_nothing(tmp_path, kit, 
 def test_a_killed_install_leaves_a_temp_file_that_the_next_operation_removes(tmp_path, kit):
     st = _store(tmp_path, kit["key"])
     st.install(kit["v3"], activate=True)
-    code = (f"import os, signal\nfrom flight.package import load_key\nfrom flight.slots import ModelStore\n"
-            f"st = ModelStore({str(st.root)!r}, load_key({str(kit['keyfile'])!r}))\n"
-            f"def hook(p):\n    if p == 'fsync_tmp':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"st.install({str(kit['v5'])!r}, progress=hook)\n")
-    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == -signal.SIGKILL, r.stderr[-1000:]
+    _killed(st, kit, "fsync_tmp", f"install({str(kit['v5'])!r}")
     assert _leftovers(st)                                 # the kill left the partial upload behind...
     st.activate("a")
     assert _leftovers(st) == []                           # ...and the next operation under the lock removed it
@@ -254,13 +258,7 @@ def test_a_switch_killed_before_its_pointer_landed_is_not_an_activation(tmp_path
     st = _store(tmp_path, kit["key"])
     st.install(kit["v3"], activate=True)
     st.install(kit["v5"])
-    code = (f"import os, signal\nfrom flight.package import load_key\nfrom flight.slots import ModelStore\n"
-            f"st = ModelStore({str(st.root)!r}, load_key({str(kit['keyfile'])!r}))\n"
-            f"def hook(p):\n    if p == {phase!r}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"st.activate('b', progress=hook)\n")
-    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == -signal.SIGKILL, r.stderr[-1000:]
+    _killed(st, kit, phase, "activate('b'")
     st.pointer_path.write_text("{damaged")
     assert st.runnable() == ["a"]
 
