@@ -445,6 +445,8 @@ class CloudGate:
         """open_loaded + the memory budget + (reload) the same outputs as at this artifact's first load."""
         cfg = self.config
         lm = open_loaded(src, cfg.backend, self._open_backend, cfg.threads, self._tile)
+        for code, text in lm.notes:                      # issue 17 hook: model-metadata notes (flight.modelmeta)
+            self._event(code, text, lm)
         need = self._fixed_bytes + lm.backend.planes.nbytes
         if need > cfg.memory_budget_mib * 2**20:
             raise ModelError(f"{src.label} needs {need / 2**20:.1f} MiB of gate buffers (input {lm.backend.planes.shape}) "

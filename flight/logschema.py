@@ -55,6 +55,18 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
     EventCode("model_install", "info", "a package verified (signature, card <-> model, self-test) in the standby slot"),
     EventCode("model_install_refused", "error", "a package was refused (signature, truncation, card <-> model "
               "mismatch, self-test); nothing active changed"),
+    EventCode("model_install_no_space", "error", "an install was refused for lack of space on the store's file "
+              "system (the package plus the margin kept for the logs); nothing was written or changed"),
+    EventCode("model_downgrade_allowed", "warning", "a package older than the store's version high-water mark was "
+              "installed or activated because the operator passed --allow-downgrade"),
+    EventCode("model_metadata_missing", "warning", "the model file carries no CloudGate metadata to check its card "
+              "against (an artifact exported before metadata; python -m flight model stamp adds it)"),
+    EventCode("model_shadow", "info", "shadow mode: the installed, not yet activated model ran beside the active one "
+              "on a frame (the text gives both actions, the cloud-fraction difference and the pixel agreement), or "
+              "its shadow run started or ended (flight.shadow)"),
+    EventCode("model_shadow_held", "warning", "an activation was held back: the slot's shadow run has too few frames "
+              "or too low an action agreement with the active model (ModelStore shadow_frames / "
+              "shadow_min_agreement)"),
     EventCode("model_switch", "info", "the active model changed (pointer switched and/or the gate swapped models)"),
     EventCode("model_switch_refused", "error", "a switch was refused: the target failed verification or its "
               "self-test; the running model stays"),

@@ -142,6 +142,10 @@ def card_from_text(text: bytes | str, path: Path) -> ModelCard:
         raise ModelIntegrityError(f"model card {path}: bands, optional_bands and output.classes must be lists of names")
     if len(set(card.bands)) != len(card.bands):
         raise _card_error(path, "bands", f"lists a band twice: {list(card.bands)}")
+    mv = raw.get("model_version")
+    if mv is not None and (not isinstance(mv, int) or isinstance(mv, bool) or not 0 < mv < 2**63):
+        raise _card_error(path, "model_version", f"must be a positive integer (the package's monotonic version), "
+                                                 f"got {mv!r:.40}")
     stray = [b for b in card.optional_bands if b not in card.bands]
     if stray or len(card.optional_bands) >= len(card.bands):
         raise ModelIntegrityError(f"model card {path}: optional_bands {list(card.optional_bands)} must be a proper "

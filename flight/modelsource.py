@@ -21,6 +21,7 @@ from pathlib import Path
 from .bist import BistResult, compare_golden, run_tiles
 from .errors import ModelError, ModelIntegrityError
 from .model import ModelCard, _runtime_available, check_consistency, resolve_model
+from .modelmeta import MISSING_TEXT, check_description
 from .package import BACKEND_ARTIFACT, DEFAULT_MAX_PACKAGE_BYTES, FLIGHT_ARTIFACTS, Package, open_package
 
 
@@ -41,6 +42,8 @@ class LoadedModel:
     bist: BistResult | None = None
     reference: list[str] = field(default_factory=list)   # per golden tile output sha256 right after load
     load_s: float = 0.0
+    metadata: str = ""                        # the model file's own card description: ok | missing (modelmeta)
+    notes: list[tuple[str, str]] = field(default_factory=list)   # (event code, text) for the gate to log
 
     @property
     def package_sha256(self) -> str:
@@ -104,10 +107,49 @@ class PackageSource(Source):
 
 
 class SlotSource(PackageSource):
+    """A store slot. Only an activated package runs (flight.slots.ModelStore.activated): a package installed
+    but never activated (staged) is refused, whatever points at it."""
+
     def __init__(self, store, slot: str):
         self.store, self.slot = store, slot
         super().__init__(store.package_path(slot), store.key, store.max_bytes)
         self.label = f"slot {slot} ({self.path})"
+
+    def _open(self) -> Package:
+        pkg = super()._open()
+        if not self.store.activated(self.slot, pkg.sha256):
+            raise ModelIntegrityError(f"{self.label} holds package {pkg.sha256[:12]} ({pkg.name}), installed but never "
+                                      f"activated: a gate runs only activated packages (python -m flight model "
+                                      f"activate {self.slot} --store {self.store.root})")
+        return pkg
+
+
+_DELEGATE_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate"
+
+
+def quiet_factory(factory):
+    """factory with LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." line dropped: the
+    process's stderr (fd 2) goes to a temporary file while the runtime opens, and every other line written
+    there is passed on afterwards (nothing else is lost). For the store and the model CLI (one thread)."""
+    import os
+    import sys
+    import tempfile
+
+    def opened(*args, **kw):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as tf:
+            os.dup2(tf.fileno(), 2)
+            try:
+                return factory(*args, **kw)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tf.seek(0)
+                rest = b"".join(x for x in tf.read().splitlines(True) if not x.startswith(_DELEGATE_NOTICE))
+                if rest:
+                    os.write(2, rest)
+    return opened
 
 
 def open_loaded(source: Source, backend: str, factory, threads: int, tile: int) -> LoadedModel:
@@ -117,11 +159,14 @@ def open_loaded(source: Source, backend: str, factory, threads: int, tile: int) 
     if pkg is not None and pkg.expected(kind) is None:
         raise ModelIntegrityError(f"{source.label} has no golden results for backend {kind} (it has "
                                   f"{sorted(pkg.golden['expected'])}); it cannot be self-tested here")
+    meta = check_description(card, data, kind, path.name)      # the card must be the model's own, signed or not
     b = factory(path, data, kind, threads, tile, card.input_channels)
     del data                                           # the runtime holds what it needs (LiteRT: this buffer)
     check_consistency(card, b, path.name)
     lm = LoadedModel(card=card, kind=kind, artifact_path=path, sha256=card.sha256_of_loaded, backend=b,
-                     source=source, package=pkg)
+                     source=source, package=pkg, metadata=meta)
+    if meta == "missing" and not source.signed:          # a signed package's card is bound by its signature
+        lm.notes.append(("model_metadata_missing", f"{source.label}: {path.name} {MISSING_TEXT}"))
     t1 = time.perf_counter()
     results = run_tiles(b, lm.golden_tiles())
     bist_s = time.perf_counter() - t1

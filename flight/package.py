@@ -59,9 +59,41 @@ class PackageKeyError(ModelError):
 
 
 # ---------------------------------------------------------------- keys
+KEY_FORMAT = ("one line of hex digits (an even number, at least 64: 32 bytes or more), an optional trailing "
+              "newline, nothing else; python -m flight model keygen FILE writes one")
+MIN_DISTINCT_KEY_BYTES = 16       # 32 random bytes hold ~30 distinct values; fewer than 16 is a pattern, not a key
+
+
+def parse_key(raw: bytes, where: str = "mission key") -> bytes:
+    """The key bytes from a key file's content, in the one key format (KEY_FORMAT). PackageKeyError names
+    what is wrong: empty or whitespace only, not hex, an odd number of digits, fewer than MIN_KEY_BYTES
+    bytes, or too few distinct byte values to be random (all zeros, a repeated pattern)."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise PackageKeyError(f"{where} is not ASCII hex (a raw binary key is not read); the key format: "
+                              f"{KEY_FORMAT}") from None
+    body = text[:-1] if text.endswith("\n") else text
+    body = body[:-1] if body.endswith("\r") else body
+    if not body.strip():
+        raise PackageKeyError(f"{where} is empty or whitespace only; the key format: {KEY_FORMAT}")
+    if not re.fullmatch(r"[0-9a-fA-F]+", body):
+        bad = next((c for c in body if c not in "0123456789abcdefABCDEF"), "?")
+        raise PackageKeyError(f"{where} holds {bad!r}, which is not a hex digit; the key format: {KEY_FORMAT}")
+    if len(body) % 2:
+        raise PackageKeyError(f"{where} holds an odd number ({len(body)}) of hex digits; the key format: {KEY_FORMAT}")
+    key = bytes.fromhex(body)
+    if len(key) < MIN_KEY_BYTES:
+        raise PackageKeyError(f"{where} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed ({KEY_FORMAT})")
+    if len(set(key)) < MIN_DISTINCT_KEY_BYTES:
+        raise PackageKeyError(f"{where} is not random: {len(set(key))} distinct byte values in {len(key)} bytes (at "
+                              f"least {MIN_DISTINCT_KEY_BYTES}); make a key with python -m flight model keygen FILE")
+    return key
+
+
 def load_key(path: str | Path | None = None) -> bytes:
-    """The mission key: a file holding >= 32 bytes as hex (whitespace ignored) or raw bytes. path None:
-    $CLOUDGATE_MISSION_KEY (a path)."""
+    """The mission key from a key file in the one key format (KEY_FORMAT). path None: $CLOUDGATE_MISSION_KEY
+    (a path). PackageKeyError when missing or unusable."""
     if path is None:
         path = os.environ.get("CLOUDGATE_MISSION_KEY")
         if not path:
@@ -71,14 +103,7 @@ def load_key(path: str | Path | None = None) -> bytes:
         raw = read_regular_file(Path(path), 4096, "mission key")
     except ModelError as e:
         raise PackageKeyError(str(e)) from None
-    text = raw.strip()
-    try:
-        key = bytes.fromhex(text.decode("ascii")) if text and re.fullmatch(rb"[0-9a-fA-F\s]+", text) else raw
-    except ValueError:
-        key = raw
-    if len(key) < MIN_KEY_BYTES:
-        raise PackageKeyError(f"mission key {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
-    return key
+    return parse_key(raw, f"mission key {path}")
 
 
 def key_id(key: bytes) -> str:
@@ -312,20 +337,27 @@ def runtime_version(kind: str) -> str:
 
 
 def pack(card_path: str | Path, key: bytes, out: str | Path, *, backends: tuple[str, ...] | None = None,
-         threads: int = 1, seed: int = 20260101, tolerance: dict | None = None) -> Package:
+         threads: int = 1, seed: int = 20260101, tolerance: dict | None = None,
+         model_version: int | None = None) -> Package:
     """Pack the card's flight artifacts with golden tiles and their expected results on every backend
     (default: each flight artifact the card lists whose runtime is installed), sign it with key, write it
-    atomically to out. Refuses a card that does not fit its artifacts (flight.model.check_consistency)."""
+    atomically to out. Refuses a card that does not fit its artifacts (flight.model.check_consistency).
+
+    model_version: the package's monotonic version (the store refuses an upload older than the highest
+    version it has activated: anti-rollback), written into the packaged (signed) card as model_version.
+    Default: the card's own model_version, else the packing time in UTC seconds (a later pack is newer)."""
     import numpy as np
 
     from .backends import open_backend
     from .bist import DEFAULT_TOLERANCE
     from .golden import GOLDEN_KINDS, encode_tile, golden_tiles
     from .model import check_consistency, load_card, read_verified
+    from .modelmeta import check_description
+    from .modelsource import quiet_factory
 
     card_path = Path(card_path)
     card = load_card(card_path)
-    card_bytes = read_regular_file(card_path, 1 << 20, "model card")
+    card_bytes = stamp_version(read_regular_file(card_path, 1 << 20, "model card"), card, model_version)
     artifacts = {}
     for k in FLIGHT_ARTIFACTS:
         if k in card.artifacts:
@@ -342,12 +374,14 @@ def pack(card_path: str | Path, key: bytes, out: str | Path, *, backends: tuple[
             raise ModelMissingError(f"model card {card_path} has no {k} artifact for backend {kind}")
         fname, data = artifacts[k]
         try:
-            b = open_backend(card_path.parent / fname, data, kind, threads, card.tile, card.input_channels)
+            b = quiet_factory(open_backend)(card_path.parent / fname, data, kind, threads, card.tile,
+                                            card.input_channels)
         except ModelError as e:
             if backends is None and "no TFLite runtime" in str(e):
                 continue                                  # the runtime is not installed here: no expectation
             raise
         check_consistency(card, b, fname)
+        check_description(card, data, kind, fname)        # metadata, when the artifact carries it, must agree
         expected[kind] = dict(golden_expected(b, tiles), runtime=runtime_version(kind), artifact=k)
         del b
     if not expected:
@@ -362,23 +396,55 @@ def pack(card_path: str | Path, key: bytes, out: str | Path, *, backends: tuple[
     return parse_package(data, key, Path(out))
 
 
-def write_atomic(path: Path, data: bytes, progress=None) -> None:
-    """Write data to path so that a crash leaves the old file or the new one: write a temporary file in
-    the same directory, fsync it, rename it over path, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
+def package_version(pkg: Package) -> int:
+    """The monotonic model version its signed card carries (0 for a package made before versions)."""
+    return int(pkg.card.raw.get("model_version") or 0)
+
+
+def stamp_version(card_bytes: bytes, card: ModelCard, model_version: int | None) -> bytes:
+    """The card bytes with model_version set (appended when the card has none; the card's own if no
+    version is given; the packing time in UTC seconds if neither)."""
+    have = card.raw.get("model_version")
+    if model_version is None:
+        model_version = have if have is not None else int(time.time())
+    if not isinstance(model_version, int) or isinstance(model_version, bool) or not 0 < model_version < 2**63:
+        raise ModelError(f"model_version must be a positive integer, got {model_version!r:.40}")
+    if have is not None:
+        if have != model_version:
+            raise ModelError(f"model card {card.path} says model_version {have}, asked to pack {model_version}: "
+                             "edit the card or drop --model-version")
+        return card_bytes
+    return card_bytes.rstrip(b"\n") + b"\nmodel_version: %d\n" % model_version
+
+
+def write_synced(tmp: Path, data: bytes, progress=None) -> None:
+    """Write data to tmp (created or truncated) and fsync it. On any OSError (ENOSPC, EIO...) tmp is removed
+    before the error propagates: a failed write leaves no file behind."""
     step = progress or (lambda phase: None)
     step("write_tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view, done = memoryview(data), 0
-        while done < len(data):
-            done += os.write(fd, view[done:done + (1 << 16)])
-            if done < len(data):
-                step("write_tmp_partial")
-        step("fsync_tmp")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view, done = memoryview(data), 0
+            while done < len(data):
+                done += os.write(fd, view[done:done + (1 << 16)])
+                if done < len(data):
+                    step("write_tmp_partial")
+            step("fsync_tmp")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def commit_rename(tmp: Path, path: Path, progress=None) -> None:
+    """Rename tmp over path and fsync the directory (the crash-safe second half of write_atomic)."""
+    step = progress or (lambda phase: None)
     step("rename")
     os.replace(tmp, path)
     step("fsync_dir")
@@ -388,3 +454,12 @@ def write_atomic(path: Path, data: bytes, progress=None) -> None:
     finally:
         os.close(dfd)
     step("written")
+
+
+def write_atomic(path: Path, data: bytes, progress=None) -> None:
+    """Write data to path so that a crash leaves the old file or the new one: write a temporary file in
+    the same directory, fsync it, rename it over path, fsync the directory. A failed write removes the
+    temporary file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_synced(tmp, data, progress)
+    commit_rename(tmp, path, progress)

@@ -160,6 +160,17 @@ def export_artifacts(spec, model, out_dir: Path, name: str, calib: np.ndarray) -
     return artifacts, {**tflite_quant_params(tfl), "torch_vs_keras_max_logit_diff": parity, "tiles": len(calib)}
 
 
+def stamp_artifacts(card_path: Path) -> dict:
+    """Write the card's input/output description (bands and order, scaling, classes, tile, quantization)
+    into its artifacts' own metadata (flight.modelmeta: ONNX metadata_props, TFLite metadata; the gate
+    refuses a card that disagrees with it) and their new sha256 into the card. Returns the card's artifacts."""
+    from flight.model import load_card
+    from flight.modelmeta import stamp_card
+
+    stamp_card(card_path)
+    return load_card(card_path).raw["artifacts"]
+
+
 def model_card(spec, name: str, artifacts: dict, quant: dict, default: bool, **extra) -> dict:
     """The card the gate reads (bands, scaling, classes, artifacts with sha256) plus provenance."""
     from .student import TEACHER_MACS_PER_PIXEL, TEACHER_PARAMS
@@ -242,6 +253,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
         base_card.write_text(yaml.safe_dump(model_card(bspec, bname, b_art, b_q, False, role="no-KD baseline (labels only)",
                                                        calibration=calibration["baseline"], data=data, command=command),
                                             sort_keys=False, width=120))
+        stamp_artifacts(base_card)
     artifacts, quant = export_artifacts(spec, model, out_dir, name, calib)
     card = model_card(spec, name, artifacts, quant, default, calibration=calibration, teachers=teachers, data=data,
                       training=training or {}, command=command,
@@ -249,6 +261,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
                       **({"baseline_card": base_card.name} if base_card else {}))
     card_path = out_dir / f"{name}.yaml"
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
+    card["artifacts"] = stamp_artifacts(card_path)
     if every_scene:
         # the teachers' rows are in the CV table (same arrays); in-sample they would compare nothing new
         real, synthetic, _ = evaluate_card(card_path, parts=("all",), with_teachers=False)

@@ -18,6 +18,17 @@ or hil.update op for the kills, which SIGKILLs itself at a chosen phase of the i
   card_mismatch   signed, but its card does not fit the model (a band fewer, other quantization scale,
                   other classes)
   weight_upset    bit flips in the weights the running gate's runtime executes (hil.faults)
+  disk_full       the store's file system is full: either no room for the package plus the log margin
+                  (refused before writing) or ENOSPC in the middle of the slot write (hil.update op
+                  --no-space): exit 4, nothing changed, no temporary file left
+  replay          an older signed package (a lower model_version than the store has activated): exit 1
+  stale_pointer   a good package installed but not activated, then the active pointer damaged: the
+                  store's fallback (and the gate) must keep the activated model, never the staged one;
+                  the operator then re-activates the running slot (exit 0) to rewrite the pointer
+  rotten_active   the active slot's file rots on disk (bit flips), then an install: a good package goes
+                  into the rotten slot and is activated; a refused one (card mismatch) leaves both slots
+                  as they were, and the operator's rollback to the previous slot (exit 0) restores a
+                  verified pointer. The previous model is never touched
 
 After every update the parent checks the invariants: the active pointer names a slot whose package
 verifies (signature, card <-> model, self-test on the board's backend) and is one of the good packages;
@@ -46,13 +57,15 @@ from .boards import load_board
 from .streams import REPO
 
 UPDATE_FAULTS = ("none", "corrupt_package", "wrong_key", "truncated", "kill_install", "kill_switch",
-                 "bist_mismatch", "card_mismatch", "weight_upset")
+                 "bist_mismatch", "card_mismatch", "weight_upset", "disk_full", "replay", "stale_pointer",
+                 "rotten_active")
 _WEIGHTS = {"none": 3.0, "weight_upset": 1.5}          # relative draw weights (others 1.0)
 INSTALL_PHASES = ("verify_upload", "write_slot", "write_tmp", "write_tmp_partial", "fsync_tmp", "rename",
                   "fsync_dir", "written", "verify_slot", "installed")
 SWITCH_PHASES = ("verify_slot", "pointer_write", "pointer_partial", "pointer_fsync", "pointer_rename",
                  "pointer_fsync_dir", "pointer_done")
-_EXPECT_REFUSED = {"corrupt_package", "wrong_key", "truncated", "bist_mismatch", "card_mismatch"}
+_EXPECT_REFUSED = {"corrupt_package", "wrong_key", "truncated", "bist_mismatch", "card_mismatch", "replay"}
+GOOD_VERSION = 2                                        # model_version of the good packages; the replay is older
 
 
 # ---------------------------------------------------------------- packages for the campaign (ground side)
@@ -83,9 +96,11 @@ def make_packages(work: Path, key: bytes, backend: str) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     out = {}
-    p1 = pack(default_card(), key, work / "v1.cgpkg")
-    p2 = pack(_second_card(), key, work / "v2.cgpkg")
+    p1 = pack(default_card(), key, work / "v1.cgpkg", model_version=GOOD_VERSION)
+    p2 = pack(_second_card(), key, work / "v2.cgpkg", model_version=GOOD_VERSION)
     out["good"] = [work / "v1.cgpkg", work / "v2.cgpkg"]
+    pack(default_card(), key, work / "replay.cgpkg", model_version=GOOD_VERSION - 1)
+    out["replay"] = work / "replay.cgpkg"
     pack(default_card(), os.urandom(32), work / "foreign.cgpkg")
     out["wrong_key"] = work / "foreign.cgpkg"
     golden = json.loads(json.dumps(p1.golden))
@@ -132,12 +147,27 @@ def op_main(argv=None) -> int:
     ap.add_argument("--backend", action="append")
     ap.add_argument("--kill-in", choices=["install", "switch"])
     ap.add_argument("--kill-at")
+    ap.add_argument("--no-space", choices=["precheck", "write"],
+                    help="a full file system: no room before the write, or ENOSPC in the middle of it")
     a = ap.parse_args(argv)
+    import errno
+
     from flight.errors import ModelError
     from flight.package import load_key
-    from flight.slots import ModelStore
+    from flight.slots import ModelStore, StoreFullError
 
     st = ModelStore(a.store, load_key(a.key), backends=tuple(a.backend) if a.backend else None)
+    if a.no_space == "precheck":
+        st.free_bytes = lambda: 64 << 10                   # what statvfs says on a full file system
+    elif a.no_space == "write":
+        real, calls = os.write, [0]
+
+        def full(fd, data):
+            calls[0] += 1
+            if calls[0] > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data)
+        os.write = full                                     # every writer of this process: the disk is full
 
     def hook(where):
         def step(phase):
@@ -148,6 +178,9 @@ def op_main(argv=None) -> int:
     try:
         out = st.install(a.package, progress=hook("install"))
         st.activate(out["slot"], progress=hook("switch"))
+    except StoreFullError as e:
+        print(f"no space: {e}", file=sys.stderr)
+        return 4
     except ModelError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1
@@ -306,6 +339,8 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
             rec["rc"] = None
         else:
             pkg = target
+            rec["verifiable_before"] = _verifiable(store)
+            slot_bytes = {s: _read(store.package_path(s)) for s in ("a", "b")}
             if fault == "corrupt_package":
                 b = bytearray(target.read_bytes())
                 for _ in range(int(rng.integers(1, 9))):
@@ -323,19 +358,61 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
             elif fault == "card_mismatch":
                 pkg = pk["card_mismatch"][int(rng.integers(len(pk["card_mismatch"])))]
                 rec["variant"] = pkg.stem
+            elif fault == "replay":
+                pkg = pk["replay"]
+            elif fault == "rotten_active" and before is not None:
+                other = "b" if before.slot == "a" else "a"
+                refused = other in store.runnable() and rng.random() < 0.5
+                rec["variant"] = "refused_package" if refused else "good_package"
+                if refused:
+                    pkg = pk["card_mismatch"][0]
+                b = bytearray(store.package_path(before.slot).read_bytes())
+                for _ in range(int(rng.integers(1, 5))):
+                    b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+                store.package_path(before.slot).write_bytes(bytes(b))      # rots on disk; no gate restarts
+                slot_bytes[before.slot] = bytes(b)
+                rec["verifiable_before"] = _verifiable(store)
+            verifying = _verifying(store)
+            install = [sys.executable, "-m", "flight", "model", "install", str(pkg), "--store", str(store.root),
+                       "--key", str(out / "mission.key"), "--backend", backend]
+            op = [sys.executable, "-m", "hil.update", "op", "--store", str(store.root), "--key",
+                  str(out / "mission.key"), "--package", str(pkg), "--backend", backend]
             if fault in ("kill_install", "kill_switch"):
                 phase = (INSTALL_PHASES if fault == "kill_install" else SWITCH_PHASES)[
                     int(rng.integers(len(INSTALL_PHASES if fault == "kill_install" else SWITCH_PHASES)))]
                 rec["phase"] = phase
-                cmd = [sys.executable, "-m", "hil.update", "op", "--store", str(store.root), "--key",
-                       str(out / "mission.key"), "--package", str(pkg), "--backend", backend,
-                       "--kill-in", "install" if fault == "kill_install" else "switch", "--kill-at", phase]
+                cmd = op + ["--kill-in", "install" if fault == "kill_install" else "switch", "--kill-at", phase]
+            elif fault == "disk_full":
+                rec["variant"] = ("precheck", "write")[int(rng.integers(2))]
+                cmd = op + ["--no-space", rec["variant"]]
+            elif fault == "stale_pointer":
+                cmd = install                                       # staged, not activated
             else:
-                cmd = [sys.executable, "-m", "flight", "model", "install", str(pkg), "--store", str(store.root),
-                       "--key", str(out / "mission.key"), "--backend", backend, "--activate"]
+                cmd = install + ["--activate"]
             t0 = time.monotonic()
             r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             rec.update(rc=r.returncode, wall_s=round(time.monotonic() - t0, 3), stderr=r.stderr.strip()[-300:])
+            if fault == "stale_pointer":
+                store.pointer_path.write_text('{"slot": "damaged"')          # a torn / rotten pointer
+                rec["runnable"] = store.runnable()
+                _wait_frames(out / "frames.jsonl", 2, child)
+                tail = [f for f in _frames(out / "frames.jsonl") if "action" in f][-2:]
+                rec["gate_kept_activated"] = bool(tail) and all(
+                    f.get("package_sha256") == before.package_sha256 for f in tail)
+                fix = subprocess.run(install[:4] + ["activate", before.slot] + install[6:], cwd=REPO, env=env,
+                                     capture_output=True, text=True, timeout=300)
+                rec["repair_rc"] = fix.returncode
+            elif fault == "rotten_active" and rec.get("variant") == "refused_package":
+                fix = subprocess.run(install[:4] + ["rollback"] + install[6:], cwd=REPO, env=env,
+                                     capture_output=True, text=True, timeout=300)
+                rec["repair_rc"] = fix.returncode
+            rec["leftovers"] = [str(p.relative_to(store.root)) for p in store.root.rglob("*")
+                                if p.name.endswith((".tmp", ".new"))]
+            after_bytes = {s: _read(store.package_path(s)) for s in ("a", "b")}
+            rec["slots_unchanged"] = after_bytes == slot_bytes
+            if fault == "rotten_active":                        # every slot that verified is as it was
+                rec["previous_untouched"] = all(after_bytes[s] == slot_bytes[s] for s in verifying)
+            rec["verifiable_after"] = _verifiable(store)
             _wait_frames(out / "frames.jsonl", 2, child)
         after = ModelStore(store.root, key).read_pointer()
         rec["after"] = after.slot if after else None
@@ -352,15 +429,25 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
         if fault == "none":
             rec["as_expected"] = rec["rc"] == 0 and switched and after.package_sha256 == pk["sha"][str(target)]
         elif fault in _EXPECT_REFUSED:
-            rec["as_expected"] = rec["rc"] == 1 and not switched
+            rec["as_expected"] = rec["rc"] == 1 and not switched and rec["slots_unchanged"]
         elif fault in ("kill_install", "kill_switch"):
             rec["as_expected"] = rec["rc"] == -signal.SIGKILL and (not switched or (
                 fault == "kill_switch" and after.package_sha256 == pk["sha"][str(target)]))
+        elif fault == "disk_full":
+            rec["as_expected"] = rec["rc"] == 4 and not switched and rec["slots_unchanged"] and not rec["leftovers"]
+        elif fault == "stale_pointer":
+            rec["as_expected"] = (rec["rc"] == 0 and rec["runnable"][:1] == [before.slot] and rec["gate_kept_activated"]
+                                  and rec["repair_rc"] == 0 and not switched)
+        elif fault == "rotten_active":
+            if rec.get("variant") == "refused_package":
+                rec["as_expected"] = (rec["rc"] == 1 and rec["previous_untouched"] and rec["repair_rc"] == 0
+                                      and after.slot != before.slot)
+            else:
+                rec["as_expected"] = (rec["rc"] == 0 and rec["previous_untouched"]
+                                      and after.package_sha256 == pk["sha"][str(target)])
         else:
             rec["as_expected"] = not switched
-        if switched:
-            nxt = 1 - nxt
-        elif fault in ("kill_install", "kill_switch") and after is not None:
+        if after is not None:                               # the next good update installs the other model
             nxt = 0 if after.package_sha256 == pk["sha"][str(pk["good"][1])] else 1
         records.append(rec)
         if progress and (i + 1) % 10 == 0:
@@ -373,6 +460,32 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
         child.wait()
     wall = time.monotonic() - t_run
     return _report(board, out, records, pk, child.returncode, wall, time.monotonic() - t_setup, backend)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _verifying(store) -> list[str]:
+    """The slots holding a package that verifies (signature, members, card)."""
+    from flight.errors import ModelError
+    from flight.package import open_package
+
+    out = []
+    for s in ("a", "b"):
+        try:
+            open_package(store.package_path(s), store.key, store.max_bytes)
+            out.append(s)
+        except ModelError:
+            pass
+    return out
+
+
+def _verifiable(store) -> int:
+    return len(_verifying(store))
 
 
 def _pct(v, q):
@@ -429,7 +542,7 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
                        "exit_codes": dict(Counter(str(r.get("rc")) for r in rs))}
         if c in ("kill_install", "kill_switch"):
             by_class[c]["phases"] = dict(Counter(r.get("phase") for r in rs))
-        if c == "card_mismatch":
+        if c in ("card_mismatch", "disk_full", "rotten_active"):
             by_class[c]["variants"] = dict(Counter(r.get("variant") for r in rs))
         if c == "weight_upset":
             by_class[c]["bits"] = dict(Counter(str(r.get("bits")) for r in rs))
@@ -449,7 +562,8 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
          f"{sum(1 for r in records if r.get('active_package_good'))}/{len(records)}"),
         ("every update as expected", all(r.get("as_expected") for r in records),
          f"{sum(1 for r in records if r.get('as_expected'))}/{len(records)} (good: switched; bad: refused, exit 1, "
-         "nothing changed; killed: old or new)"),
+         "nothing changed; killed: old or new; disk full: exit 4, nothing written; stale pointer: the activated model "
+         "kept; rotten active slot: the previous model untouched)"),
         ("the gate runs the active model after every update", all(r.get("gate_on_active") for r in records),
          f"{sum(1 for r in records if r.get('gate_on_active'))}/{len(records)} updates followed by a frame gated "
          "with the active slot's package"),
@@ -459,6 +573,14 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
          f"{sum(caught)}/{len(caught)} upsets caught (scrub of the runtime's buffer or self-test)"),
         ("no frame gated with altered weights", bool(decided) and not altered,
          f"{len(altered)} of {len(decided)} frames differ from the same scene under the same verified model"),
+        ("never zero verifiable models when one existed before", all(
+            r.get("verifiable_after", 1) >= 1 for r in records if r.get("verifiable_before", 0) >= 1),
+         f"{sum(1 for r in records if r.get('verifiable_before', 0) >= 1 and r.get('verifiable_after', 1) < 1)} updates "
+         f"left no slot that verifies ({sum(1 for r in records if 'verifiable_before' in r)} checked)"),
+        ("no temporary file left by a refused or failed install", all(
+            not r.get("leftovers") for r in records if r["fault"] not in ("kill_install", "kill_switch")),
+         f"{sum(1 for r in records if r.get('leftovers') and r['fault'] not in ('kill_install', 'kill_switch'))} "
+         "updates left a .tmp / .new file (a killed install's is removed by the next operation)"),
         ("no payload-loop crash", not crashes and child_rc == 0,
          f"{len(crashes)} crashed frames, gate process exit {child_rc}"),
         ("no lost log record", bool(acked) and not lost, f"{len(lost)} of {len(acked)} acknowledged records lost"),

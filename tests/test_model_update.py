@@ -48,9 +48,9 @@ def kit(tmp_path_factory):
     d = tmp_path_factory.mktemp("pkg")
     write_key(d / "key")
     key = load_key(d / "key")
-    p1 = pack(default_card(), key, d / "m1.cgpkg")
+    p1 = pack(default_card(), key, d / "m1.cgpkg", model_version=2)
     second = _second_card() or default_card()
-    p2 = pack(second, key, d / "m2.cgpkg")
+    p2 = pack(second, key, d / "m2.cgpkg", model_version=2)
     return {"dir": d, "key": key, "keyfile": d / "key", "p1": d / "m1.cgpkg", "p2": d / "m2.cgpkg",
             "pkg1": p1, "pkg2": p2}
 
@@ -78,7 +78,8 @@ def _gate(store_dir, kit, **kw):
 def test_package_round_trip_and_every_decision_names_it(tmp_path, kit):
     pkg = open_package(kit["p1"], kit["key"])
     card = load_card(default_card())
-    assert pkg.card.bands == card.bands and pkg.card.raw == card.raw
+    assert pkg.card.bands == card.bands and dict(pkg.card.raw, model_version=None) == dict(card.raw, model_version=None)
+    assert pkg.card.raw["model_version"] > 0                  # pack signs a monotonic version into the card
     assert {k: v[0] for k, v in pkg.artifacts.items()} == {k: card.artifacts[k]["file"] for k in pkg.artifacts}
     assert pkg.size < 5 * 2**20 and set(pkg.golden["expected"]) == {"litert", "onnxruntime"}
     scene, bands = _scene()
@@ -319,7 +320,9 @@ def test_bist_failure_chain_reload_then_other_slot_then_model_corrupt_with_the_l
     from hil.faults import FaultBackendFactory
 
     st = _store(tmp_path, kit)
-    st.install(kit["p2"])                                       # slot b: the other model
+    st.install(kit["p2"])                                       # slot b: the other model, activated once
+    st.activate("b")                                            # (a staged package is never rolled back to)
+    st.activate("a")
     ports = FaultBackendFactory()
     log = tmp_path / "d.jsonl"
     g = _gate(st.root, kit, backend="onnxruntime", backend_factory=ports, update={"bist_every": 1},
@@ -486,7 +489,7 @@ def test_model_cli_commands_and_exit_codes(tmp_path, kit):
     k = kit["keyfile"]
     store = tmp_path / "store"
     assert _cli("keygen", k).returncode == 2                                  # never overwrites a key
-    r = _cli("pack", default_card(), "--key", k, "--out", tmp_path / "p.cgpkg")
+    r = _cli("pack", default_card(), "--key", k, "--out", tmp_path / "p.cgpkg", "--model-version", 2)
     assert r.returncode == 0 and "golden results for" in r.stdout
     assert _cli("verify", tmp_path / "p.cgpkg", "--key", k).returncode == 0
     assert _cli("verify", tmp_path / "nope.cgpkg", "--key", k).returncode == 2

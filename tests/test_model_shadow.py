@@ -1,0 +1,87 @@
+"""Issue 17 shadow mode: a newly installed model runs beside the active one on the next N frames, its
+disagreement is logged, and activation can require shadow_frames >= N and action agreement >= x."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flight import CloudGate, read_log
+from flight.model import default_card, load_card
+from flight.package import load_key, pack, write_key
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shadow")
+    write_key(d / "key")
+    key = load_key(d / "key")
+    return {"key": key, "keyfile": d / "key", "v5": d / "v5.cgpkg", "v6": d / "v6.cgpkg",
+            "pkg5": pack(default_card(), key, d / "v5.cgpkg", model_version=5),
+            "pkg6": pack(default_card(), key, d / "v6.cgpkg", model_version=6)}
+
+
+def _store(tmp_path, kit, **kw):
+    from flight.slots import ModelStore
+
+    return ModelStore(tmp_path / "store", kit["key"], **kw)
+
+
+@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+def test_staged_model_runs_in_shadow_and_activation_waits_for_it(tmp_path, kit, backend):
+    from flight.shadow import ShadowMonitor, read_shadow
+    from flight.slots import ShadowHeldError
+
+    st = _store(tmp_path, kit)
+    st.install(kit["v5"], activate=True)
+    staged = st.install(kit["v6"])["slot"]
+    gated = _store(tmp_path, kit, shadow_frames=3, shadow_min_agreement=0.9)
+    with pytest.raises(ShadowHeldError, match="no shadow run"):
+        gated.activate(staged)
+    card = load_card(default_card())
+    rng = np.random.default_rng(0)
+    with CloudGate.from_model(backend=backend, update={"store": str(st.root), "key": str(kit["keyfile"])}) as g:
+        mon = ShadowMonitor(st, kit["keyfile"], 3, gate_options={"backend": backend})
+        seen = []
+        for i in range(5):
+            scene = rng.uniform(0.02, 0.6, (300, 300, len(card.bands))).astype(np.float32)
+            mask = np.empty((300, 300), np.uint8)
+            d = g.process(scene, tuple(card.bands), mask_out=mask)
+            assert d.package_sha256 == kit["pkg5"].sha256              # the active model decides
+            seen.append(mon.observe(scene, tuple(card.bands), d, active_mask=mask))
+        mon.close()
+    assert [s is not None for s in seen] == [True, True, True, False, False]      # N frames, then done
+    rec = read_shadow(st, staged)
+    assert rec["frames"] == 3 and rec["action_agreement"] == 1.0 and rec["pixel_agreement"] == 1.0
+    assert rec["package_sha256"] == kit["pkg6"].sha256
+    events = [r["event"] for r in read_log(st.root / "journal.jsonl").records]
+    assert events.count("model_shadow") == 5 and "model_shadow_held" in events    # start, 3 frames, done
+    assert gated.activate(staged)["changed"]
+
+
+def test_a_candidate_that_disagrees_is_held_back(tmp_path, kit):
+    from flight.slots import ShadowHeldError
+
+    st = _store(tmp_path, kit, shadow_frames=10, shadow_min_agreement=0.9)
+    st.install(kit["v5"], activate=True)
+    staged = st.install(kit["v6"])["slot"]
+    (st.root / "slots" / staged / "shadow.json").write_text(json.dumps(
+        {"package_sha256": kit["pkg6"].sha256, "frames": 12, "action_agreement": 0.5, "mean_abs_cf_diff": 0.2}))
+    with pytest.raises(ShadowHeldError, match="agreement 0.500"):
+        st.activate(staged)
+    (st.root / "slots" / staged / "shadow.json").write_text(json.dumps(
+        {"package_sha256": kit["pkg6"].sha256, "frames": 4, "action_agreement": 1.0}))
+    with pytest.raises(ShadowHeldError, match="4 of 10"):
+        st.activate(staged)
+    assert st.read_pointer().package_sha256 == kit["pkg5"].sha256
+
+
+def test_rollback_to_a_model_that_ran_before_needs_no_shadow_run(tmp_path, kit):
+    from flight.slots import ModelStore
+
+    st = _store(tmp_path, kit)
+    st.install(kit["v5"], activate=True)
+    st.install(kit["v6"], activate=True)
+    held = ModelStore(st.root, kit["key"], shadow_frames=10, shadow_min_agreement=0.9)
+    assert held.rollback()["slot"] == "a"
