@@ -65,3 +65,45 @@ def test_action_at_and_choose_guard():
     assert chosen == {0: 0.90, 1: 0.92, 2: 0.90}
     assert rows["i"]["action"] == "downlink" and rows["d"]["action"] == "downlink"   # held out: the cost shows
     assert rows["d2"]["action"] == "discard"
+
+
+def test_kd_on_labelled_false_never_distils_a_labelled_pixel():
+    """With kd_on_labelled: false the teacher terms have zero weight (and zero gradient) on every labelled
+    pixel: a teacher that calls a labelled clear ice sheet cloud cannot overrule the label there."""
+    import torch
+
+    from ground import losses as L
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    labels = torch.full((2, 8, 8), L.IGNORE, dtype=torch.long)
+    labels[:, :4] = 0                                      # top half labelled clear
+    teacher = torch.zeros(2, 3, 8, 8)
+    teacher[:, 1] = 1.0                                    # the teacher says cloud everywhere
+    feats = torch.randn(2, 4, 1, 1)
+    batch = {"labels": labels, "t_probs": {"t": teacher}, "t_feats": {"t": feats}}
+    out = {"logits": logits, "adapted": {"t": torch.randn(2, 4, 1, 1, requires_grad=True)}}
+    for term in ({"type": "kl_soft", "teacher": "t"}, {"type": "confidence_weighted_kl", "teachers": ["t"]},
+                 {"type": "dkd", "teachers": ["t"], "min_label_agreement": 0.0}, {"type": "sslkd_probability", "teachers": ["t"]}):
+        logits.grad = None
+        L.LOSS_TERMS[term["type"]](out, batch, {**term, "kd_on_labelled": False}).backward()
+        g = logits.grad.abs().sum(1)
+        assert float(g[:, :4].max()) == 0.0 and float(g[:, 4:].max()) > 0, term["type"]
+        logits.grad = None
+        L.LOSS_TERMS[term["type"]](out, batch, {**term}).backward()   # the default still distils there
+        assert float(logits.grad.abs().sum(1)[:, :4].max()) > 0, term["type"]
+    # the feature term: a cell holding any labelled pixel is not aligned to the teacher's features
+    out["adapted"]["t"].grad = None
+    L.sslkd_feature(out, batch, {"teachers": ["t"], "kd_on_labelled": False}).backward()
+    assert float(out["adapted"]["t"].grad.abs().max()) == 0.0
+
+
+def test_run_fingerprint_keys_on_the_training_code(monkeypatch):
+    """A trained student.pt is reused only when the code that trains (not just the config) is unchanged."""
+    from ground import distill, transfer
+
+    cfg = {"experiment": "x", "seed": 0, "train": {"steps": 1}}
+    a = distill._fingerprint(cfg, [], "pool", np.arange(3), None)
+    monkeypatch.setattr(transfer, "code_digest", lambda *m: "changed-code")
+    assert distill._fingerprint(cfg, [], "pool", np.arange(3), None) != a
+    assert transfer.pool_key.__doc__ and "code" in transfer.pool_key.__doc__
