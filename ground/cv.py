@@ -414,6 +414,7 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
     arms = {a: collect(a) for a in cv["arms"]}
     arms = {a: v for a, v in arms.items() if v and all(set(all_stems) <= set(rows) for rows in v.values())}
     result = {"folds": folds, "arms": {}, "references": {}, "guard": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
     # the guard's operating point: curve on the raw rows, then each fold's threshold chosen on the others
     curve = guard_curve({**{a: list(v.values()) for a, v in arms.items()},
                          **{n: [r] for n, r in refs.items() if n != "teacher_6b"}}, out.with_name(out.name + "_guard.png"))
@@ -523,7 +524,7 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
     for s in all_stems:
         if not any(h in s for h in HARD):
             continue
-        ref = next((rs[s]["cloud_fraction_ref"] for a in arms for rs in arms[a].values() if s in rs and "fault" not in rs[s]), None)
+        ref = next((rows[s]["cloud_fraction_ref"] for rows in refs.values() if s in rows), float("nan"))
         cells = []
         for a in arms:
             cfs = [arms[a][k][s]["cloud_fraction"] for k in sorted(arms[a]) if s in arms[a][k] and "fault" not in arms[a][k][s]]
