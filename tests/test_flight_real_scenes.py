@@ -168,3 +168,13 @@ def test_flight_cli_runs_real_stream(real_dir, tmp_path):
     scenes_now = sorted(p for p in real_dir.glob("*/*.npz"))
     assert len(decisions) == len(scenes_now)
     assert sorted(r["scene_id"] for r in decisions) == sorted(str(read_npz_scene(p)["scene_id"]) for p in scenes_now)
+
+
+def test_discard_guard_default_is_the_cv_operating_point():
+    """policy.discard_guard_green_blue ships at the value the pre-declared rule (ground.cv.choose_guard) picks on
+    every scene for the shipped arm (the lowest over its seeds)."""
+    from flight.config import PolicyConfig
+
+    cvr = _cv()
+    chosen = cvr["guard"][cvr["shipped"]["arm"]]["all_scenes"]
+    assert PolicyConfig().discard_guard_green_blue == pytest.approx(min(chosen.values()))
