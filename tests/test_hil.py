@@ -561,3 +561,17 @@ def test_policy_lines_are_the_policy_edges_and_hysteresis_apart():
     lines = {(k, v): label for k, v, _, _, label in policy_lines(recs)}
     assert ("downlink_max_cloud", 0.3) in lines and ("discard_min_cloud", 0.7) in lines
     assert "hysteresis" in lines[("downlink_max_cloud", 0.35)] and "hysteresis" not in lines[("downlink_max_cloud", 0.3)]
+
+
+def test_a_scan_that_ends_in_a_fault_is_not_emulated_as_host_overhead(tmp_path):
+    """Issue 19 item 2: a frame faulted implausible_radiometry after its (stalled) scan reports 0 tiles and
+    0 s of inference; its 2.5 s were multiplied x20 as host overhead (7 emulated deadline misses in the
+    README campaign). The inference the backend port saw counts as inference."""
+    from hil.runner import run_board
+
+    rep = run_board("myriad2", str(ROOT / "hil/streams/campaign.yaml"), tmp_path, frames=2,
+                    faults="implausible_radiometry:1,deadline_overrun:1", progress=False)
+    frames = [json.loads(x) for x in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert all(f["fault_code"] == "implausible_radiometry" and f["port_infers"] >= 1 for f in frames)
+    row = next(r for r in rep["requirements"] if r["requirement"].startswith("emulated deadline misses"))
+    assert row["passed"] and row["detail"].startswith("0/2"), row
