@@ -29,7 +29,8 @@ from .logschema import MAX_CLEAR_RUNS, MAX_ID_CHARS, clear_tiles_record, event
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide
 from .ports import BackendFactory, Clock, LogSink, SystemClock
 from .scan import ScanCounts, TileScanner
-from .sceneinput import IMPLAUSIBLE_SHARE, PLAUSIBLE_REFLECTANCE, InputMap, check_scene, input_map
+from .sceneinput import (DARK_REFLECTANCE, DARK_SHARE, DARK_STRIDE, IMPLAUSIBLE_SHARE, PLAUSIBLE_REFLECTANCE, InputMap,
+                         check_scene, input_map)
 
 __all__ = ["ACTIONS", "Action", "CloudGate", "Decision"]
 _PRIORITY_RANGE = (-2**31, 2**31 - 1)
@@ -372,7 +373,11 @@ class CloudGate:
 
     @staticmethod
     def _check_scan(scan: ScanCounts, scene_id, imap: InputMap, full: bool) -> None:
-        """Scenes that must not be decided on: nothing valid anywhere, or not reflectance at all."""
+        """Scenes that must not be decided on: nothing valid anywhere, or not reflectance at all: most valid
+        pixels outside PLAUSIBLE_REFLECTANCE, or (flight.sceneinput.DARK_*) nearly every sampled valid pixel
+        darker than DARK_REFLECTANCE in every band, which no sunlit scene is (a scene scaled twice, e.g. 0..1
+        reflectance with radiometry=(1e-4, 0); a night or dead-detector frame). Both fault
+        implausible_radiometry (severity error): a decision on such a scene would be confidently wrong."""
         if scan.valid_px == 0 and full:
             raise AllInvalidSceneError(f"scene {scene_id!r}: every pixel is no-data, NaN/Inf or masked invalid")
         if scan.oor_px > IMPLAUSIBLE_SHARE * scan.valid_px:
@@ -382,6 +387,14 @@ class CloudGate:
                 f"{PLAUSIBLE_REFLECTANCE} after radiometry (scale={rs:g}, offset={ro:g}): the scene is not "
                 "reflectance; pass the sensor's radiometry=(scale, offset) (reflectance = value * scale + offset) "
                 "or fix the config's radiometry_scale/radiometry_offset")
+        if scan.sample_px and scan.bright_px <= DARK_SHARE * scan.sample_px:
+            rs, ro = imap.radiometry
+            raise ImplausibleRadiometryError(
+                f"{scan.sample_px - scan.bright_px} of {scan.sample_px} sampled valid pixels (every {DARK_STRIDE}th "
+                f"in both axes) are darker than reflectance {DARK_REFLECTANCE} in every band after radiometry "
+                f"(scale={rs:g}, offset={ro:g}): no sunlit scene is that dark. Float reflectance passed with a DN "
+                "scale (e.g. radiometry=(1e-4, 0) on 0..1 data) is scaled twice: pass radiometry=(1, 0) for "
+                "reflectance, the sensor's (scale, offset) for DN")
 
     def _downlink_bytes(self, pd, scene_bytes: int, nx: int, scene_area: int) -> int:
         if pd.action != "downlink":

@@ -24,10 +24,12 @@ CLEAR, CLOUD, SHADOW, INVALID = 0, 1, 2, 255
 
 class ScanCounts:
     """Counts of one scene's tile scan (reset per scene; no arrays)."""
-    __slots__ = ("cloud_px", "valid_px", "shadow_px", "area_px", "oor_px", "infer_s", "early", "deadline", "bound")
+    __slots__ = ("cloud_px", "valid_px", "shadow_px", "area_px", "oor_px", "sample_px", "bright_px", "infer_s",
+                 "early", "deadline", "bound")
 
     def __init__(self):
         self.cloud_px = self.valid_px = self.shadow_px = self.area_px = self.oor_px = 0
+        self.sample_px = self.bright_px = 0              # the dark-scene sample (flight.sceneinput.DARK_*)
         self.infer_s = 0.0
         self.early = self.deadline = False
         self.bound = (0.0, 1.0)
@@ -67,7 +69,9 @@ class TileWorker:
         wy0 = min(max(cy0 - half, 0), max(h - t, 0))
         wx0 = min(max(cx0 - half, 0), max(w - t, 0))
         sc.input.check_file()                            # the file may shrink mid-scan (one fstat per tile)
-        ld.load(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)
+        with np.errstate(over="ignore", invalid="ignore"):   # absurd values (an upset exponent) become
+            ld.load(scene, wy0, wx0, h, w, src_idx, imap, valid_mask)   # inf: invalid pixels, no warning
+        sc.t_sample[idx], sc.t_bright[idx] = ld.count_bright(src_idx, imap)
         ti = sc.clock.perf_counter()
         self.backend.infer(ld.planes, self.mask)
         sc.t_infer[idx] = sc.clock.perf_counter() - ti
@@ -96,7 +100,7 @@ class TileScanner:
     buffers) are allocated once here. bind() attaches the workers to ModelCustody's runtime instances
     (again only when custody.generation changed)."""
 
-    PER_TILE_BYTES = 6 * 8 + 1                           # six int64/float64 arrays and t_done (bool)
+    PER_TILE_BYTES = 8 * 8 + 1                           # eight int64/float64 arrays and t_done (bool)
 
     def __init__(self, cfg, clock, workers: int = 1):
         self.config, self.clock = cfg, clock
@@ -108,7 +112,9 @@ class TileScanner:
         self.t_done = np.zeros(n, bool)                  # visited (and counted),
         self.t_shadow = np.zeros(n, np.int64)            # valid shadow pixels,
         self.t_oor = np.zeros(n, np.int64)               # valid pixels outside the plausible reflectance range,
-        self.t_infer = np.zeros(n, np.float64)           # seconds inside the runtime
+        self.t_infer = np.zeros(n, np.float64)           # seconds inside the runtime,
+        self.t_sample = np.zeros(n, np.int64)            # valid pixels of the dark-scene sample,
+        self.t_bright = np.zeros(n, np.int64)            # of which not implausibly dark
         ee = cfg.early_exit
         self.est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
         self.input = SceneInput()
@@ -171,4 +177,6 @@ class TileScanner:
         scan.shadow_px += int(self.t_shadow[idx])
         scan.oor_px += int(self.t_oor[idx])
         scan.infer_s += float(self.t_infer[idx])
+        scan.sample_px += int(self.t_sample[idx])
+        scan.bright_px += int(self.t_bright[idx])
         self.est.add(nc, nv)

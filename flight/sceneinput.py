@@ -31,6 +31,16 @@ _F32_MAX = np.float32(np.finfo(np.float32).max)
 # Top-of-atmosphere reflectance of bright cloud/snow stays well below 2; -0.5 allows offset DN rules.
 PLAUSIBLE_REFLECTANCE = (-0.5, 2.5)
 IMPLAUSIBLE_SHARE = 0.5
+# Implausibly dark: a daylight optical payload never sees a scene whose valid pixels are nearly all darker than
+# DARK_REFLECTANCE in every band (sunlit TOA reflectance of water, vegetation, soil, snow or cloud stays above
+# ~0.02 in blue/green/red thanks to Rayleigh path radiance alone). Such a scene was scaled twice (0..1
+# reflectance passed with radiometry=(1e-4, 0)), or is a night / lens-cap / dead-detector frame: no decision.
+# Judged on every DARK_STRIDE-th pixel of every tile in both axes (a bounded sample, no allocation): the scene
+# faults implausible_radiometry when at most DARK_SHARE of the sampled valid pixels have any band at or above
+# DARK_REFLECTANCE (the 99th percentile of the per-pixel brightest band is below 0.01).
+DARK_REFLECTANCE = 0.01
+DARK_SHARE = 0.01
+DARK_STRIDE = 8
 MAX_BAND_NAME = 64
 try:
     _libc = ctypes.CDLL(None)
@@ -47,6 +57,7 @@ class InputMap(NamedTuple):
     one: np.float32              # reflectance 1.0 in model-input units (the presence flag when set)
     plausible_lo: np.float32     # PLAUSIBLE_REFLECTANCE in model-input units
     plausible_hi: np.float32
+    dark: np.float32             # DARK_REFLECTANCE in model-input units
     radiometry: tuple[float, float]   # the caller's (scale, offset), for messages
 
 
@@ -168,12 +179,13 @@ def input_map(scene, radiometry, default: tuple[float, float], backend) -> Input
     reflectance = value * scale + offset (None: default, the config's pair), folded with the backend's
     input_affine (its input quantization). Typed errors for a radiometry that cannot be right."""
     rad = radiometry if radiometry is not None else default
-    if isinstance(rad, (str, bytes)) or any(isinstance(v, (str, bytes)) for v in (rad if isinstance(rad, (tuple, list)) else ())):
-        raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}")
-    try:
-        scale, offset = (float(v) for v in rad)
-    except (TypeError, ValueError):
-        raise SceneDtypeError(f"radiometry must be a (scale, offset) pair of numbers, got {rad!r}") from None
+    # the argument's structure (a pair of real numbers) is the caller's mistake: bad_argument
+    if (not isinstance(rad, (tuple, list, np.ndarray)) or np.ndim(rad) != 1 or len(rad) != 2
+            or any(isinstance(v, (str, bytes, bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))
+                   for v in rad)):
+        raise ArgumentError(f"radiometry must be a (scale, offset) pair of numbers with reflectance = value * scale "
+                            f"+ offset, e.g. (1e-4, 0.0); got {type(rad).__name__} {rad!r:.80}")
+    scale, offset = float(rad[0]), float(rad[1])
     if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0:
         raise SceneDtypeError(f"radiometry (scale={scale}, offset={offset}) must be finite with scale > 0 "
                               "(reflectance = value * scale + offset)")
@@ -187,7 +199,7 @@ def input_map(scene, radiometry, default: tuple[float, float], backend) -> Input
     q_lo, q_hi = (PLAUSIBLE_REFLECTANCE[0] * in_gain + in_offset), (PLAUSIBLE_REFLECTANCE[1] * in_gain + in_offset)
     return InputMap(np.float32(scale * in_gain), np.float32(offset * in_gain + in_offset), np.float32(in_offset),
                     np.float32(in_gain + in_offset), np.float32(min(q_lo, q_hi)), np.float32(max(q_lo, q_hi)),
-                    (scale, offset))
+                    np.float32(DARK_REFLECTANCE * in_gain + in_offset), (scale, offset))
 
 
 def scene_map(scene: np.ndarray) -> "SceneMap | None":
@@ -300,6 +312,9 @@ class TileLoader:
         self.nonzero = np.zeros((t, t), bool)
         self.tmp = np.zeros((t, t), bool)
         self.oor = np.zeros((t, t), bool)                # reflectance outside PLAUSIBLE_REFLECTANCE
+        ts = -(-t // DARK_STRIDE)
+        self.bright = np.zeros((ts, ts), bool)           # the dark-scene sample (every DARK_STRIDE-th pixel)
+        self.bright_tmp = np.zeros((ts, ts), bool)
         self.bind(None, 0)
 
     def bind(self, backend, channels: int) -> None:
@@ -316,6 +331,19 @@ class TileLoader:
     def prepare(self, src_idx: list[int]) -> None:
         """Per scene: whole-window (HWC) loading when the scene's bands allow it."""
         self.hwc.prepare(src_idx)
+
+    def count_bright(self, src_idx: list[int], imap: InputMap) -> tuple[int, int]:
+        """After load(): (valid sampled pixels, of which with any of the scene's bands at or above
+        DARK_REFLECTANCE) on every DARK_STRIDE-th pixel of the window in both axes (the padding is invalid)."""
+        s, bright, tmp = DARK_STRIDE, self.bright, self.bright_tmp
+        bright.fill(False)
+        for ci, si in enumerate(src_idx):                # the scene's own bands (not absent ones / the flag)
+            if si >= 0:
+                np.greater_equal(self.planes_chw[ci, ::s, ::s], imap.dark, out=tmp)
+                np.logical_or(bright, tmp, out=bright)
+        v = self.valid[::s, ::s]
+        np.logical_and(bright, v, out=bright)
+        return int(np.count_nonzero(v)), int(np.count_nonzero(bright))
 
     def load(self, scene, wy0, wx0, h, w, src_idx, imap: InputMap, valid_mask) -> tuple[int, int]:
         """Fill self.planes (in the backend's input units and layout) and self.valid from the scene window
