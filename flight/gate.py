@@ -28,7 +28,7 @@ from .errors import (AllInvalidSceneError, ArgumentError, CloudGateError, Concur
 from .logschema import MAX_CLEAR_RUNS, MAX_ID_CHARS, clear_tiles_record, event
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide
 from .ports import BackendFactory, Clock, LogSink, SystemClock
-from .scan import ScanCounts, TileScanner
+from .scan import ScanCounts, TileScanner, resolve_workers
 from .sceneinput import (DARK_REFLECTANCE, DARK_SHARE, DARK_STRIDE, IMPLAUSIBLE_SHARE, PLAUSIBLE_REFLECTANCE, InputMap,
                          check_scene, input_map)
 
@@ -73,14 +73,17 @@ class CloudGate:
         cfg = config or GateConfig()
         self._config = cfg
         self._clock = clock or SystemClock()
-        t, n, workers = cfg.tile, cfg.max_tiles, 1
+        t, n = cfg.tile, cfg.max_tiles
+        self.workers = workers = resolve_workers(cfg)   # tile workers, one runtime instance each
         # checked before anything is allocated (a huge max_tiles must not raise MemoryError first): per tile
         # statistics + per worker its tile buffers (t*t*5: four bool masks and the class mask; t*t*16: the
-        # HWC loader's two per-pixel bool buffers of <= 8 bytes; t*t*12 the runtime's argmax scratch)
+        # HWC loader's two per-pixel bool buffers of <= 8 bytes; t*t*12 the runtime's argmax scratch); the
+        # custody adds every instance's input buffer when it loads a model
         self._fixed_bytes = n * TileScanner.PER_TILE_BYTES + workers * t * t * (5 + 12 + 16)
         if self._fixed_bytes > cfg.memory_budget_mib * 2**20:
             raise ConfigError("memory_budget_mib", f"gate buffers need {self._fixed_bytes / 2**20:.1f} MiB for "
-                                                   f"tile={t}, max_tiles={n}; raise the budget or lower tile/max_tiles")
+                                                   f"tile={t}, max_tiles={n}, workers={workers}; raise the budget or "
+                                                   "lower tile/max_tiles/workers")
         self.log_failures = 0
         self.faults = 0
         self.log: LogSink | None = None
@@ -129,6 +132,8 @@ class CloudGate:
         return cls(load_config(path), **ports)
 
     def close(self) -> None:
+        """Close the decision log and stop the worker threads (workers > 1)."""
+        self._scanner.close()
         if self.log:
             self.log.close()
 

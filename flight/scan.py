@@ -8,10 +8,20 @@ point and the decision do not depend on which worker ran which tile.
 
 TileWorker   one worker's lane: a TileLoader (flight.sceneinput), a mask buffer and one runtime instance
 TileScanner  the scan: the per-tile arrays, the estimator, the workers; bound to ModelCustody's instances
+
+With N > 1 workers the scan runs in rounds of N consecutive tiles of the visiting order: worker 0 in the
+calling thread, workers 1..N-1 in threads of their own (started once, parked on a barrier between rounds;
+the runtimes' invoke releases the GIL, so the interpreters run in parallel). After each round the
+tiles are committed in visiting order and early exit / the deadline are checked after every tile, exactly
+as with one worker: tiles a round computed beyond the stopping point are not counted (their mask_out cores
+are reset to 255 like any unvisited tile). A round costs about one tile's time, so the scan still stops
+within one tile time of the deadline.
 """
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numpy as np
 
@@ -45,6 +55,29 @@ def golden_step(n: int) -> int:
             if 1 <= c < n and math.gcd(c, n) == 1:
                 return c
     return 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):                    # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# gate-owned bytes per worker: t*t*5 (four bool masks + the class mask), t*t*16 (the HWC loader's two per-pixel
+# bool buffers of <= 8 bytes), t*t*12 (the runtime's argmax scratch), t*t*4*8 (an input buffer of <= 8 bands)
+def worker_bytes(tile: int) -> int:
+    return tile * tile * (5 + 16 + 12 + 32)
+
+
+def resolve_workers(cfg) -> int:
+    """config.workers as a count: 'auto' = usable_cores(), capped so that the per-tile statistics and every
+    worker's buffers fit memory_budget_mib (at least 1; the budget check then says what does not fit)."""
+    if cfg.workers != "auto":
+        return int(cfg.workers)
+    fit = (cfg.memory_budget_mib * 2**20 - cfg.max_tiles * TileScanner.PER_TILE_BYTES) // worker_bytes(cfg.tile)
+    return int(max(1, min(usable_cores(), fit, 64)))
 
 
 class TileWorker:
@@ -120,6 +153,50 @@ class TileScanner:
         self.input = SceneInput()
         self.workers = [TileWorker(t) for _ in range(max(1, workers))]
         self._generation = None
+        self._job = None                                 # this round: (k0, count, the scene's arguments)
+        self._errors: list = [None] * len(self.workers)
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        if len(self.workers) > 1:
+            self._start = threading.Barrier(len(self.workers))
+            self._done = threading.Barrier(len(self.workers))
+            for i in range(1, len(self.workers)):        # bounded by the worker count
+                th = threading.Thread(target=self._helper, args=(i,), name=f"cloudgate-worker-{i}", daemon=True)
+                th.start()
+                self._threads.append(th)
+
+    def close(self) -> None:
+        """Stop the worker threads (they are parked between rounds)."""
+        if self._threads and not self._closing:
+            self._closing = True
+            try:
+                self._start.wait(timeout=5.0)
+            except threading.BrokenBarrierError:
+                pass
+            for th in self._threads:
+                th.join(timeout=5.0)
+            self._threads = []
+
+    def _helper(self, i: int) -> None:
+        """Worker i (>= 1): each round, visit tile k0 + i of the visiting order if the round has one."""
+        wk = self.workers[i]
+        while True:
+            try:
+                self._start.wait()
+            except threading.BrokenBarrierError:
+                return
+            if self._closing:
+                return
+            k0, count, stride, args = self._job
+            if i < count:
+                try:
+                    wk.visit(self, args[0], ((k0 + i) * stride) % args[1], *args[2:])
+                except BaseException as e:               # handed to the calling thread after the round
+                    self._errors[i] = e
+            try:
+                self._done.wait()
+            except threading.BrokenBarrierError:
+                return
 
     def bind(self, custody) -> None:
         """Worker i runs custody.instances[i] (between scenes)."""
@@ -145,27 +222,51 @@ class TileScanner:
         early_ok = cfg.early_exit.enabled and mask_out is None
         stride = golden_step(n_tiles)
         deadline = t0 + cfg.deadline_s
-        wk = self.workers[0]
-        for k in range(n_tiles):                          # bounded by the tile count
-            idx = (k * stride) % n_tiles
-            wk.visit(self, scene, idx, nx, h, w, src_idx, imap, mask_out, valid_mask)
-            self._commit(idx, scan)
-            if est.n < n_tiles and early_ok and est.n >= cfg.early_exit.min_tiles:
-                c_lo, c_hi, valid_lo = est.bounds()
-                scan.bound = (c_lo, c_hi)
-                band = policy_band(c_lo, cfg.policy, previous)
-                if band == policy_band(c_hi, cfg.policy, previous) != "mid" and valid_lo >= cfg.policy.min_valid_fraction:
-                    scan.early = True
+        n_workers = len(self.workers)
+        args = (scene, n_tiles, nx, h, w, src_idx, imap, mask_out, valid_mask)
+        k0, stop = 0, False
+        while k0 < n_tiles and not stop:                  # bounded: every round advances k0 by >= 1
+            count = min(n_workers, n_tiles - k0)
+            self._round(k0, count, stride, args)
+            for k in range(k0, k0 + count):               # commit in visiting order, stop checks per tile
+                self._commit((k * stride) % n_tiles, scan)
+                if est.n < n_tiles and early_ok and est.n >= cfg.early_exit.min_tiles:
+                    c_lo, c_hi, valid_lo = est.bounds()
+                    scan.bound = (c_lo, c_hi)
+                    band = policy_band(c_lo, cfg.policy, previous)
+                    if (band == policy_band(c_hi, cfg.policy, previous) != "mid"
+                            and valid_lo >= cfg.policy.min_valid_fraction):
+                        scan.early = stop = True
+                        break
+                if self.clock.monotonic() > deadline and est.n < n_tiles:
+                    scan.deadline = stop = True
                     break
-            if self.clock.monotonic() > deadline and est.n < n_tiles:
-                scan.deadline = True
-                break
+            k0 += count
         if mask_out is not None and est.n < n_tiles:      # deadline: no decision where no tile was visited
             for idx in range(n_tiles):                    # bounded by the tile count
                 if not self.t_done[idx]:
                     ty, tx = divmod(idx, nx)
                     mask_out[ty * step:min(ty * step + step, h), tx * step:min(tx * step + step, w)] = INVALID
         return scan
+
+    def _round(self, k0: int, count: int, stride: int, args) -> None:
+        """Tiles k0 .. k0+count-1 of the visiting order, tile k0 + i on worker i; raises the first error."""
+        scene, n_tiles = args[0], args[1]
+        if count == 1 or len(self.workers) == 1:
+            self.workers[0].visit(self, scene, (k0 * stride) % n_tiles, *args[2:])
+            return
+        self._job = (k0, count, stride, args)
+        self._start.wait()
+        try:
+            self.workers[0].visit(self, scene, (k0 * stride) % n_tiles, *args[2:])
+        except BaseException as e:                       # the others finish their tiles first
+            self._errors[0] = e
+        self._done.wait()
+        self._job = None
+        for i, e in enumerate(self._errors):             # bounded by the worker count
+            if e is not None:
+                self._errors = [None] * len(self.workers)
+                raise e
 
     def _commit(self, idx: int, scan: ScanCounts) -> None:
         """Tile idx's counts into the estimator and the scene totals (in visiting order)."""
