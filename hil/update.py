@@ -204,6 +204,7 @@ def child_main(argv=None) -> int:
 
     clock, backends = FaultClock(), FaultBackendFactory()
     gate = CloudGate.from_model(clock=clock, backend_factory=backends, backend=job["backend"], threads=threads,
+                                workers="auto",
                                 deadline_s=job["deadline_s"],
                                 update={"store": job["store"], "key": job["key"], "bist_every": 1,
                                         "rollback_window": 20},

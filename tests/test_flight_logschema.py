@@ -206,3 +206,15 @@ def test_older_per_tile_clear_lists_read_back_as_runs(tmp_path):
     rec = read_log(tmp_path / "d.jsonl").records[0]
     assert rec["clear_tiles"] == [[0, 1, 2, 0.05], [3, 0, 0, 0.0]] and rec["clear_tiles_omitted"] == 0
     assert validate_record(dict(old, clear_tiles=[[1, "x", 2]])) is not None
+
+
+def test_every_fault_code_the_gate_can_write_is_documented():
+    """Issue 19 item 3: the fault codes (implausible_radiometry for a scene scaled twice among them) are a table in
+    docs/decision-log.md, generated from flight.logschema.FAULT_CODES."""
+    import flight.errors as fe
+    from flight.logschema import FAULT_CODES
+
+    scene_codes = {c.code for c in vars(fe).values() if isinstance(c, type) and issubclass(c, fe.SceneError)
+                   and c is not fe.SceneError}
+    assert scene_codes | {"model_corrupt", "model_reload_failed", "out_of_memory", "internal"} <= set(FAULT_CODES)
+    assert "darker than 0.01" in FAULT_CODES["implausible_radiometry"] and "scalar" in FAULT_CODES["bad_argument"]
