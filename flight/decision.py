@@ -27,7 +27,8 @@ class Decision:
                      flight.logschema.MAX_CLEAR_RUNS; clear_tiles_omitted counts the tiles beyond those)
     partial          only clear_tiles are to be downlinked (or kept, when reacquiring)
     early_exit       the scan stopped early on the confidence bound
-    latency_s        seconds inside process() (monotonic clock); infer_s: of which inside the runtime
+    latency_s        seconds inside process() (monotonic clock); infer_s: inside the runtime, summed over the
+                     tiles (with workers > 1 the tiles run in parallel, so it can exceed latency_s)
     tile_pixels      pixels of one model input window (tile²); core_pixels: side of a tile core in pixels
     model_name, model_sha256, backend, policy_version: what decided (card name, artifact sha256, runtime)
     package_sha256, model_slot: the signed package and A/B slot the model came from ("" when unsigned)

@@ -163,7 +163,8 @@ FIELDS: tuple[Field, ...] = (
     Field("partial", (bool,), "-", "only clear_tiles are to be downlinked (or kept, when reacquiring)"),
     Field("early_exit", (bool,), "-", "the scan stopped early on a confidence bound"),
     Field("latency_s", _NUM, "s", "wall time inside process() (monotonic clock)"),
-    Field("infer_s", _NUM, "s", "of which inside the inference runtime"),
+    Field("infer_s", _NUM, "s", "inside the inference runtime, summed over the tiles (with workers > 1 it can "
+          "exceed latency_s)"),
     Field("scene_bytes", (int,), "bytes", "in-memory size of the scene array passed to process() (every band, "
                                           "its dtype), not the size of a downlink product; 0 when unknown"),
     Field("downlink_bytes", (int,), "bytes", "share of scene_bytes to downlink (scene_bytes x clear-tile area / "
