@@ -31,8 +31,9 @@ SATURATED_SHARE = 0.25       # bright pixels at the blue and green ceiling at on
 
 
 class BrightSurfaceProbe:
-    """Median green/blue of the bright pixels of a strided sample of one scene. Buffers are allocated at
-    construction; `measure` allocates nothing but numpy's scalar results."""
+    """Median green/blue of the bright pixels of a strided sample of one scene. The sample buffers are
+    allocated at construction; `measure` allocates only small temporaries bounded by the sample (~35 KB per
+    call, freed on return), and runs only for frames the policy would drop."""
 
     def __init__(self, sample: int = SAMPLE):
         self.sample = int(sample)
@@ -41,6 +42,7 @@ class BrightSurfaceProbe:
         self._green = np.empty(shape, np.float32)
         self._bright = np.empty(shape, bool)
         self._tmp = np.empty(shape, bool)
+        self._tmp2 = np.empty(shape, bool)
         self._ratio = np.empty(self.sample * self.sample, np.float32)
 
     def measure(self, scene: np.ndarray, blue: int, green: int, scale: float, offset: float,
@@ -63,11 +65,13 @@ class BrightSurfaceProbe:
         np.isfinite(g, out=tmp)
         np.greater(b, BRIGHT_BLUE, out=bright)          # NaN compares False: invalid pixels are never bright
         bright &= tmp
-        n_valid = ny * nx
-        if valid_mask is not None:
+        if valid_mask is not None:            # bool or 0/1 integers, as the gate accepts it
             vm = valid_mask[::sy, ::sx]
-            bright &= vm
-            n_valid = int(np.count_nonzero(vm))
+            np.logical_and(bright, vm, out=bright)
+            np.logical_and(tmp, vm, out=tmp)
+        np.isfinite(b, out=self._tmp2[:ny, :nx])
+        tmp &= self._tmp2[:ny, :nx]               # valid: finite in both bands (and in the caller's mask)
+        n_valid = int(np.count_nonzero(tmp))
         n = int(np.count_nonzero(bright))
         if n == 0 or n_valid == 0:
             return 0.0, float("nan"), 0.0

@@ -201,7 +201,7 @@ def action_at(row: dict, threshold: float) -> str:
     from flight.evidence import review_discard
 
     dropped = row["action"] in ("discard", "reacquire") or row.get("rule") == "ambiguous_surface"
-    if not dropped:
+    if not dropped or row.get("rule") == "min_valid_fraction":   # the gate guards cloud calls only
         return row["action"]
     pre = "discard" if row.get("rule") == "ambiguous_surface" else row["action"]
     pr = row.get("probe")
@@ -225,8 +225,12 @@ def choose_guard(rows: dict[str, dict]) -> float:
     measured bandwidth cost on the scenes the threshold is chosen on."""
     from flight.config import PolicyConfig
 
+    from flight.evidence import SATURATED_SHARE
+
     hi = PolicyConfig().discard_min_cloud
-    decks = [r for r in rows.values() if "fault" not in r and r["cloud_fraction_ref"] >= hi and dropped_before_guard(r)]
+    # a saturated deck is kept at every threshold (its ratio is unreadable): it cannot inform the choice
+    decks = [r for r in rows.values() if "fault" not in r and r["cloud_fraction_ref"] >= hi and dropped_before_guard(r)
+             and not (r.get("probe") and r["probe"][2] >= SATURATED_SHARE)]
     ok = [t for t in GUARD_GRID if all(action_at(r, t) != "downlink" for r in decks)]
     return max(ok) if ok else 0.0
 
@@ -327,7 +331,7 @@ def stat_iou(rs):
 
 
 STATS = {"action_agreement": stat_action, "mean_abs_cf_error": stat_cf, "pooled_cloud_iou": stat_iou}
-HARD = ("SnowIce", "Barren", "Water", "oncloudn")   # bright / flat surfaces whose spread across seeds we report
+HARD = ("SnowIce", "Barren", "Water", "Urban", "oncloudn")   # bright / flat surfaces: spread across seeds reported
 
 
 def collect(arm: str) -> dict[int, dict[str, dict]]:
@@ -434,7 +438,11 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
              "`CloudGate.process(mask_out=...)` (the gate's policy, guards included). Teachers and the threshold have "
              "no training: scored once per scene on the same arrays (gate policy on their masks).", "",
              "Intervals: 95 % paired bootstrap over acquisition groups (2 000 draws), on seed-averaged per-scene rows "
-             "(action agreement per scene = share of seeds in the label's policy band).", "",
+             "(action agreement per scene = share of seeds in the label's policy band). ± is the standard deviation over "
+             "seeds (with 2 seeds: half their difference). 'Action agreement' is the policy band of the model's cloud "
+             "fraction vs the label's: the discard guard changes the action, not the band, so a guarded clear scene "
+             "still counts as a miss here and a guarded overcast deck as agreeing; the guard's effect is in the "
+             "'clear scenes discarded' and 'overcast downlinked' columns (actions).", "",
              "| contender | action agreement | mean \\|CF err\\| | pooled cloud IoU | clear scenes discarded (any seed) | "
              "overcast downlinked | held-out view disagreement | seeds |",
              "|---|---|---|---|---|---|---|---|"]
@@ -478,6 +486,9 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
             clear_any = sorted({s for rs in arms[name].values() for s, r in rs.items()
                                 if "fault" not in r and r["cloud_fraction_ref"] <= 0.05 and r["action"] in ("discard", "reacquire")})
             entry["clear_discarded_scenes"] = clear_any
+            entry["coverage"] = {"seeds": len(arms[name]),
+                                 "faults": sum("fault" in r for rs in arms[name].values() for r in rs.values()),
+                                 "missing": sum(s not in rs for rs in arms[name].values() for s in all_stems)}
         else:
             m = scene_metrics(refs[name])
             entry = {k: {"mean": m[k], "std": 0.0} for k in ("action_agreement", "mean_abs_cf_error", "pooled_cloud_iou",
@@ -643,6 +654,10 @@ def acceptance_failures(cvr: dict, arm: str) -> list[str]:
     if a is None or t is None:
         return [f"the CV table has no arm {arm!r} or no teacher_4b row"]
     out = []
+    cov = a.get("coverage", {})
+    if cov.get("seeds", 0) < 2 or cov.get("faults", 1) or cov.get("missing", 1):
+        out.append(f"coverage: {cov.get('seeds', 0)} seed(s), {cov.get('faults', '?')} faulted and "
+                   f"{cov.get('missing', '?')} missing scene-runs (needs >= 2 seeds, every scene scored, no faults)")
     sa, ta = a["action_agreement"]["mean"], t["action_agreement"]["mean"]
     sc, tc = a["mean_abs_cf_error"]["mean"], t["mean_abs_cf_error"]["mean"]
     si, ti = a["pooled_cloud_iou"]["mean"], t["pooled_cloud_iou"]["mean"]

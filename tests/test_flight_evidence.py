@@ -25,27 +25,46 @@ def test_probe_measures_bright_share_ratio_and_saturation():
     s[:150, :, :] = 0.05                              # the top half dark: half of the sample is bright
     share, gb, sat = probe.measure(s, 0, 1, 1.0, 0.0)
     assert share == pytest.approx(0.5, abs=0.03) and gb == pytest.approx(0.86, abs=1e-3)
-    assert sat == pytest.approx(1.0)                  # a flat bright block sits at its own maximum
+    assert sat == pytest.approx(1.0)                  # a flat bright block is indistinguishable from a ceiling
     rng = np.random.default_rng(0)
     s2 = _scene(0.6, 0.97) * rng.uniform(0.9, 1.1, (300, 200, 1)).astype(np.float32)
     share, gb, sat = probe.measure(s2, 0, 1, 1.0, 0.0)
     assert share == 1.0 and gb == pytest.approx(0.97, abs=1e-3) and sat < 0.05
-    # DN with radiometry, and the caller's valid mask: invalid pixels never count
-    dn = np.rint(_scene(0.6, 0.86) / 1e-4).astype(np.uint16)
+    # DN with radiometry: reflectance = DN * scale + offset
+    dn = np.rint((_scene(0.6, 0.86) + 0.1) / 2e-5).astype(np.uint16)
+    share, gb, _ = probe.measure(dn, 0, 1, 2e-5, -0.1)
+    assert share == 1.0 and gb == pytest.approx(0.86, abs=2e-3)
+    # the caller's valid mask, bool or 0/1 integers as the gate accepts it: invalid pixels never count
     valid = np.zeros(dn.shape[:2], bool)
-    share, gb, _ = probe.measure(dn, 0, 1, 1e-4, 0.0, valid)
+    share, gb, _ = probe.measure(dn, 0, 1, 2e-5, -0.1, valid)
     assert share == 0.0 and math.isnan(gb)
+    half = np.zeros(dn.shape[:2], np.uint8)
+    half[:150] = 1
+    dark_bottom = _scene(0.6, 0.86)
+    dark_bottom[150:] = 0.05
+    assert probe.measure(dark_bottom, 0, 1, 1.0, 0.0, half)[0] == pytest.approx(1.0)
+    assert probe.measure(dark_bottom, 0, 1, 1.0, 0.0, half.astype(bool))[0] == pytest.approx(1.0)
+    # non-finite pixels are not valid (without a caller's mask either): they never dilute the bright share
+    partly_nan = _scene(0.6, 0.86)
+    partly_nan[:150, :, 1] = np.nan
+    assert probe.measure(partly_nan, 0, 1, 1.0, 0.0)[0] == pytest.approx(1.0)
     nan = _scene(0.6, 0.86)
     nan[...] = np.nan
     assert probe.measure(nan, 0, 1, 1.0, 0.0)[0] == 0.0
 
 
 def test_probe_sample_is_bounded_whatever_the_scene_size():
+    import tracemalloc
+
     probe = BrightSurfaceProbe()
     big = np.broadcast_to(np.float32(0.5), (10980, 10980, 4))   # no memory behind it; the probe reads 64x64 of it
+    probe.measure(big, 0, 1, 1.0, 0.0)
+    tracemalloc.start()
     share, gb, _ = probe.measure(big, 0, 1, 1.0, 0.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     assert share == 1.0 and gb == pytest.approx(1.0)
-    assert probe._blue.shape == (SAMPLE, SAMPLE)
+    assert peak < 8 * SAMPLE * SAMPLE * 4    # temporaries bounded by the 64x64 sample, not by the scene
 
 
 @pytest.mark.parametrize("action,rule,share,gb,sat,expect", [

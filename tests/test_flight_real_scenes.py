@@ -91,8 +91,9 @@ def test_cv_acceptance_criteria_each_detected():
     def m(v):
         return {"mean": v, "std": 0.0}
 
+    cov = {"seeds": 2, "faults": 0, "missing": 0}
     good = {"action_agreement": m(0.9), "mean_abs_cf_error": m(0.05), "pooled_cloud_iou": m(0.9),
-            "clear_discarded_scenes": []}
+            "clear_discarded_scenes": [], "coverage": cov}
     teacher = {"action_agreement": m(0.85), "mean_abs_cf_error": m(0.06), "pooled_cloud_iou": m(0.85)}
     other = {"action_agreement": m(0.8), "mean_abs_cf_error": m(0.1), "pooled_cloud_iou": m(0.8),
              "clear_discarded_scenes": []}
@@ -103,7 +104,8 @@ def test_cv_acceptance_criteria_each_detected():
     assert fails() == []
     for change, word in (({"clear_discarded_scenes": ["x"]}, "clear"), ({"action_agreement": m(0.8)}, "action agreement"),
                          ({"mean_abs_cf_error": m(0.09)}, "CF err"), ({"pooled_cloud_iou": m(0.8)}, "IoU"),
-                         ({"action_agreement": m(0.79)}, "winner")):
+                         ({"action_agreement": m(0.79)}, "winner"), ({"coverage": {**cov, "seeds": 1}}, "coverage"),
+                         ({"coverage": {**cov, "faults": 1}}, "coverage"), ({"coverage": {**cov, "missing": 2}}, "coverage")):
         got = fails(**change)
         assert any(word in f for f in got), (change, got)
 

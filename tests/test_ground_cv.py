@@ -60,6 +60,9 @@ def test_action_at_and_choose_guard():
     # the largest threshold keeping no rightly dropped deck: just below the lowest deck's ratio
     assert cv.choose_guard({"i": ice, "d": deck, "d2": deck2}) == 0.90
     assert cv.choose_guard({"i": ice, "d2": deck2}) == 0.92
+    saturated = _row(1.0, "discard", "threshold", 1.1, sat=0.9)    # kept at every threshold: cannot inform it
+    assert cv.choose_guard({"i": ice, "d": deck, "s": saturated}) == 0.90
+    assert cv.action_at(_row(1.0, "discard", "min_valid_fraction", 0.85), 0.95) == "discard"   # not a cloud call
     rows = {"i": dict(ice), "d": dict(deck), "d2": dict(deck2)}
     chosen = cv.apply_guard_by_fold(rows, [["i"], ["d"], ["d2"]])
     assert chosen == {0: 0.90, 1: 0.92, 2: 0.90}
