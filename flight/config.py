@@ -32,7 +32,7 @@ class PolicyConfig:
     # discard guard (flight.evidence): a frame the policy would drop is downlinked instead when at least
     # discard_guard_min_bright of its sampled valid pixels are bright and their median green/blue is at or
     # below discard_guard_green_blue (snow/ice-like); chosen by cross-validation (docs/results/cv.md); 0: off
-    discard_guard_green_blue: float = 0.89
+    discard_guard_green_blue: float = 0.90
     discard_guard_min_bright: float = 0.10
 
 

@@ -688,8 +688,11 @@ def record_shipped(card_path: Path, out: Path = REPO / "docs" / "results" / "cv"
     md = out.with_suffix(".md")
     text = md.read_text().split("\n## Shipped model\n")[0]
     fails = cvr["shipped"]["acceptance_failures"]
+    steps = (card.get("config") or {}).get("train", {}).get("steps")
+    cv_steps = load_cv()[0]["steps"]
     text += ("\n## Shipped model\n\n" + f"`models/{cvr['shipped']['card']}` = arm **{arm}** trained on every shared "
-             "labelled scene with the same recipe; artifacts (sha256): "
+             f"labelled scene with the CV runs' recipe, {steps} steps (each CV run: {cv_steps}; selection runs are short, "
+             "the same for every arm); artifacts (sha256): "
              + ", ".join(f"{k} `{v[:16]}…`" for k, v in cvr["shipped"]["artifacts"].items()) + ".\n\n"
              + ("Acceptance (issue 18) on this table: **met**.\n" if not fails else
                 "Acceptance (issue 18) on this table: **not met**: " + "; ".join(fails) + ".\n"))

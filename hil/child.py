@@ -166,6 +166,7 @@ def main(argv=None) -> int:
             clock.wall_offset_s = float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6])) if "clock_jump" in faults else 0.0
             ballast, ballast_kib = None, 0
             backends.stall_s = job["deadline_s"] / 2 if "deadline_overrun" in faults else 0.0
+            backends.infer_s, backends.infers = 0.0, 0
             rss_before = _status_kib("VmRSS")
             _reset_peak_rss()
             if "memory_pressure" in faults:  # after the peak reset, inside RLIMIT_AS, for the frame only
@@ -201,10 +202,17 @@ def main(argv=None) -> int:
                 backends.stall_s, clock.wall_offset_s = 0.0, 0.0
             if kill.site:                         # the armed site was not reached inside process()
                 kill.fire("after_process")
+            # inference as seen at the backend port: a frame that faults after its scan (implausible
+            # radiometry) still spent that time inferring, though its Decision reports 0 tiles and 0 s
+            tile = getattr(backends.backend, "tile", 0) or 0
+            rec.update(port_infer_s=backends.infer_s, port_infers=backends.infers, port_tile_pixels=int(tile) ** 2)
             rec["gate_peak_growth_mib"] = max(peak - rss_before - ballast_kib, 0) / 1024
             rec["rss_mib"] = _status_kib("VmRSS") / 1024
             rec["vms_growth_mib"] = (_status_kib("VmSize") - baseline_vms) / 1024
-            rec["macs"] = float(rec.get("tiles", 0) or 0) * float(rec.get("tile_pixels", 0) or 0) * float(job["macs_per_pixel"])
+            # a frame the gate decided: its own tile count; a faulted one (0 tiles reported): what the port saw
+            px = float(rec.get("tiles", 0) or 0) * float(rec.get("tile_pixels", 0) or 0) or \
+                float(rec["port_infers"] * rec["port_tile_pixels"])
+            rec["macs"] = px * float(job["macs_per_pixel"])
             frames.write(json.dumps(rec) + "\n")
     finally:
         kill.disarm()

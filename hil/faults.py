@@ -157,6 +157,8 @@ class FaultBackendFactory:
         self.backend = None
         self.opened = 0
         self.on_infer = None                         # called before each inference (hil.killpoints.KillPoint)
+        self.infer_s, self.infers = 0.0, 0           # seconds spent in infer() (stalls included) and calls, as
+                                                     # seen at the port (the harness resets them per frame)
 
     def __call__(self, path, model_bytes, kind, threads, tile, n_bands):
         from flight.backends import OrtBackend, open_backend
@@ -188,9 +190,12 @@ class _StallableBackend:
     def infer(self, planes, mask_out) -> None:
         if self._factory.on_infer is not None:
             self._factory.on_infer()
+        t0 = time.perf_counter()
         if self._factory.stall_s:
             time.sleep(self._factory.stall_s)
         self._inner.infer(planes, mask_out)
+        self._factory.infer_s += time.perf_counter() - t0
+        self._factory.infers += 1
 
 
 # ---------------------------------------------------------------- upsets in the weights the runtime executes

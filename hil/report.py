@@ -54,7 +54,12 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
     by_frame = {f["frame"]: f for f in frames}
     processed = [f for f in frames if "action" in f]
     for f in processed:
-        f["emulated_latency_s"] = board.emulated_latency_s(f.get("macs", 0.0), f.get("latency_s", 0.0), f.get("infer_s", 0.0))
+        # inference time: the gate's; for a frame it faulted (0 tiles reported) what the backend port saw
+        # inside the frame, so a scan that ended in a fault is not multiplied as host overhead
+        infer = f.get("infer_s", 0.0) or 0.0
+        if not f.get("tiles"):
+            infer = min(f.get("port_infer_s", 0.0), f.get("latency_s", 0.0))
+        f["emulated_latency_s"] = board.emulated_latency_s(f.get("macs", 0.0), f.get("latency_s", 0.0), infer)
         f["energy_j"] = board.energy_j(f["emulated_latency_s"])
     log = read_log(out / "decisions.jsonl")
     for v in sorted((out / "vanished").glob("*.jsonl")):       # log files removed under the gate (log_vanished)
@@ -202,7 +207,8 @@ def build_report(board: Board, stream: str, out: Path, n_frames: int, events: di
 
 
 def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: float = 2.0,
-                 max_growth_mib: float = 8.0, min_span: int = 150, min_frames: int = 300, smooth: int = 9) -> dict:
+                 max_growth_mib: float = 8.0, min_span: int = 150, min_frames: int = 300, smooth: int = 9,
+                 wander_mib: float = 0.5) -> dict:
     """Flat RSS, measured between frames (at the top of each, the previous frame's buffers released) per
     child process (a restart starts a new one), never across a restart. The first `warmup` frames of a
     process are its warm-up (the scene cache fills, first use of each fault path); what follows is its
@@ -213,10 +219,15 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
                its warm-up (a large leak fails it even in short processes);
       slope    the pooled within-process slope (least squares, each process centred on its own mean) over
                the processes with >= min_span steady frames stays <= max_slope_mib_per_1k (MiB per 1000
-               frames). A shorter window cannot resolve that slope: between-frame RSS moves by ~0.5 MiB with
-               the last frame's faults, while 2 MiB/1000 frames adds 0.08 MiB over 40 frames. The slope is
-               judged only with >= min_frames such frames; otherwise slope_judged is False and the detail
-               says so (a run whose kills restart the gate every ~100 frames may have too few; a soak has many).
+               frames). A short window cannot resolve that slope: RSS wanders by a few tenths of a MiB within
+               a process, while 2 MiB/1000 frames adds 0.08 MiB over 40 frames. Its uncertainty u is the
+               smaller of twice its standard error (from the spread of the processes' own slopes, >= 3
+               processes) and the worst case of a bounded wander of +-wander_mib (0.5 MiB: the rolling-median
+               RSS of leak-free processes stayed within 75.4..76.5 MiB in the README campaign and in a 390-frame
+               run without kills). Resolved (>= min_frames frames, u <= the limit): the slope must stay under
+               the limit. Not resolved (a run whose kills restart the gate every ~100 frames): it fails only
+               when it exceeds the limit by more than u, and the detail says it was not resolved; a soak
+               resolves it.
     passed: growth holds (over at least one process) and, when judged, the slope holds."""
     seg: dict = {}
     for f in sorted((f for f in frames if "rss_idle_mib" in f and "pid" in f), key=lambda f: f["frame"]):
@@ -224,14 +235,25 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
     steady = {pid: _rolling_median(vals[warmup:], smooth) for pid, vals in seg.items() if len(vals) > warmup}
     growth = max([max(v) - v[0] for v in steady.values()], default=None)
     long = {pid: v for pid, v in steady.items() if len(v) >= min_span}
-    sxx = sxy = 0.0
+    fits = []                                                  # (Sxx, slope per frame) of each long process
     for v in long.values():
         mx, my = (len(v) - 1) / 2, sum(v) / len(v)
-        sxx += sum((i - mx) ** 2 for i in range(len(v)))
-        sxy += sum((i - mx) * (y - my) for i, y in enumerate(v))
+        sxx = sum((i - mx) ** 2 for i in range(len(v)))
+        fits.append((sxx, sum((i - mx) * (y - my) for i, y in enumerate(v)) / sxx))
     used = sum(map(len, long.values()))
-    judged = used >= min_frames and sxx > 0
-    slope = 1000 * sxy / sxx if sxx else None
+    sxx = sum(w for w, _ in fits)
+    slope = 1000 * sum(w * b for w, b in fits) / sxx if fits else None
+    # its standard error from the spread of the processes' own slopes (each process one independent
+    # estimate: RSS wanders by a few tenths of a MiB within a process, so its frames are not independent)
+    se = (1000 * (sum(w * (b - slope / 1000) ** 2 for w, b in fits) / (len(fits) - 1) / sxx) ** 0.5
+          if len(fits) >= 3 else None)
+    # worst case of a bounded wander of +-wander_mib in each process (no leak) on the pooled slope:
+    # 3 a sum(n^2) / sum(n^3) per frame
+    n2, n3 = sum(len(v) ** 2 for v in long.values()), sum(len(v) ** 3 for v in long.values())
+    u = min([x for x in (2 * se if se is not None else None, 3000 * wander_mib * n2 / n3 if n3 else None)
+             if x is not None], default=None)
+    judged = slope is not None
+    resolved = judged and used >= min_frames and u <= max_slope_mib_per_1k
     lengths = sorted((len(v) for v in seg.values()), reverse=True)
     longest = max(long.values(), key=len, default=None) or max(steady.values(), key=len, default=None)
     drift = None
@@ -239,7 +261,9 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
         k = max(1, min(20, len(longest) // 4))
         drift = sorted(longest[-k:])[k // 2] - sorted(longest[:k])[k // 2]
     grow_ok = growth is not None and growth <= max_growth_mib
-    slope_ok = not judged or slope <= max_slope_mib_per_1k
+    # resolved: the slope itself must stay under the limit; not resolved: only a slope above the limit by
+    # more than the measurement's uncertainty fails (evidence of a leak); the growth bound still applies
+    slope_ok = not judged or (slope <= max_slope_mib_per_1k if resolved else slope - u <= max_slope_mib_per_1k)
     all_steady = [x for v in steady.values() for x in v]
     median_len = lengths[len(lengths) // 2] if lengths else 0
     if growth is None:
@@ -247,19 +271,24 @@ def rss_flatness(frames: list[dict], warmup: int = 50, max_slope_mib_per_1k: flo
     else:
         detail = (f"growth after warm-up max {growth:.1f} MiB (<= {max_growth_mib}) over "
                   f"{sum(map(len, steady.values()))} frames in {len(steady)} of {len(seg)} processes; ")
-        if judged:
-            detail += (f"slope {slope:+.2f} MiB/1000 frames (<= {max_slope_mib_per_1k}) over {used} steady frames of "
-                       f"the {len(long)} processes with >= {min_span}")
+        if resolved:
+            detail += (f"slope {slope:+.2f} ± {u:.2f} MiB/1000 frames (<= {max_slope_mib_per_1k}) over {used} steady "
+                       f"frames of the {len(long)} processes with >= {min_span}")
+        elif judged:
+            detail += (f"slope {slope:+.2f} ± {u:.2f} MiB/1000 frames over {used} steady frames of the {len(long)} "
+                       f"processes with >= {min_span}: not resolved at {max_slope_mib_per_1k} (too few long processes; "
+                       f"median {median_len} frames), fails only above {max_slope_mib_per_1k} + {u:.2f}")
         else:
-            detail += (f"slope not judged: {used} steady frames in processes with >= {min_span} (needs {min_frames}; "
-                       f"median process {median_len} frames, restarts cut the rest short)" +
-                       (f", slope there {slope:+.2f} MiB/1000 frames" if slope is not None else ""))
+            detail += (f"slope not measured: no process with >= {min_span} steady frames (median process "
+                       f"{median_len} frames: restarts cut them short)")
         detail += (f"; RSS {min(all_steady):.1f}..{max(all_steady):.1f} MiB ({smooth}-frame rolling median), "
                    f"{warmup} warm-up frames per process, "
                    f"longest process {lengths[0]} frames (drift {drift:+.1f} MiB)")
     summary = (f"growth {growth:.1f} MiB" if growth is not None else "growth not measured") + (
-        f", slope {slope:+.2f} MiB/1000 frames" if judged else ", slope not judged (processes too short)")
-    return {"passed": bool(grow_ok and slope_ok), "slope_mib_per_1000_frames": slope, "slope_judged": judged,
+        f", slope {slope:+.2f} ± {u:.2f} MiB/1000 frames" + ("" if resolved else " (not resolved: processes too short)")
+        if judged else ", slope not measured (processes too short)")
+    return {"passed": bool(grow_ok and slope_ok), "slope_mib_per_1000_frames": slope, "slope_se": se,
+            "slope_uncertainty": u, "slope_judged": judged, "slope_resolved": resolved, "wander_mib": wander_mib,
             "max_growth_mib": growth, "frames": used, "steady_frames": sum(map(len, steady.values())),
             "processes": len(seg), "processes_judged": len(long), "warmup_frames": warmup, "min_span": min_span,
             "min_frames": min_frames, "smooth_frames": smooth, "limit_slope_mib_per_1000_frames": max_slope_mib_per_1k,
