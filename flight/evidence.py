@@ -76,7 +76,11 @@ class BrightSurfaceProbe:
         if n == 0 or n_valid == 0:
             return 0.0, float("nan"), 0.0
         bb, gg = b[bright], g[bright]
-        sat = float(np.count_nonzero((bb >= bb.max()) & (gg >= gg.max()))) / n if n >= 16 else 0.0
+        bmax, gmax = bb.max(), gg.max()
+        # a ceiling is a maximum that many pixels share while others lie below it (a perfectly flat frame
+        # says nothing about saturation)
+        ceiling = n >= 16 and bb.min() < bmax and gg.min() < gmax
+        sat = float(np.count_nonzero((bb >= bmax) & (gg >= gmax))) / n if ceiling else 0.0
         r = self._ratio[:n]
         np.divide(gg, bb, out=r)
         return n / n_valid, float(np.median(r)), sat

@@ -13,6 +13,11 @@ def assert_policy_consistent(d, policy, previous_action=None) -> None:
     if d.valid_fraction < policy.min_valid_fraction:
         assert (d.action, d.partial, d.rule) == (drop, False, "min_valid_fraction"), d
         return
+    if d.rule == "ambiguous_surface":    # the policy dropped it; the discard guard (flight.evidence) kept it
+        assert (d.action, d.partial) == ("downlink", False), d
+        assert policy_band(d.cloud_fraction, policy, previous_action) != "low", d
+        assert [e["code"] for e in d.degraded if e["code"] == "ambiguous_bright_surface"], d
+        return
     assert d.rule in ("threshold", "early_exit", "deadline", "hysteresis"), d.rule
     band = policy_band(d.cloud_fraction, policy, previous_action)
     if band == "low":

@@ -25,7 +25,10 @@ def test_probe_measures_bright_share_ratio_and_saturation():
     s[:150, :, :] = 0.05                              # the top half dark: half of the sample is bright
     share, gb, sat = probe.measure(s, 0, 1, 1.0, 0.0)
     assert share == pytest.approx(0.5, abs=0.03) and gb == pytest.approx(0.86, abs=1e-3)
-    assert sat == pytest.approx(1.0)                  # a flat bright block is indistinguishable from a ceiling
+    assert sat == 0.0                                 # a perfectly flat block shows no ceiling
+    ceiling = _scene(0.6, 0.86)
+    ceiling[::2, :, :2] = np.minimum(ceiling[::2, :, :2], 0.5)   # half the pixels below the detector's ceiling
+    assert probe.measure(ceiling, 0, 1, 1.0, 0.0)[2] == pytest.approx(0.5, abs=0.05)
     rng = np.random.default_rng(0)
     s2 = _scene(0.6, 0.97) * rng.uniform(0.9, 1.1, (300, 200, 1)).astype(np.float32)
     share, gb, sat = probe.measure(s2, 0, 1, 1.0, 0.0)
@@ -98,20 +101,42 @@ def _process(gate, sc):
                         valid_mask=sc["valid_mask"], radiometry=sc["radiometry"])
 
 
-def test_gate_keeps_the_clear_ice_sheet_and_still_discards_cloud_decks(gate_litert):
-    """The shipped student calls the clear ice sheet cloud; the guard downlinks it with a coded event, while
-    the overcast decks (bright, green/blue >= 0.9) are still discarded."""
+def _bright(gb, h=512, w=512, seed=0):
+    rng = np.random.default_rng(seed)
+    return (_scene(0.6, gb, h, w) * rng.uniform(0.95, 1.05, (h, w, 1))).astype(np.float32)
+
+
+def test_gate_downlinks_a_snow_like_frame_the_model_calls_cloud():
+    """A model that calls every bright pixel cloud (the test backend): a snow/ice-like frame is downlinked with
+    rule ambiguous_surface and a coded event; a cloud-deck-like frame is still discarded; with the guard off
+    the snow-like frame is discarded: what the guard prevents."""
+    from conftest import brightness_backend
     from flight import CloudGate
 
-    ice = _real("l8biome_lkpeng_patches/l8biome_SnowIce_00_1415.npz")
-    d = _process(gate_litert, ice)
-    assert d.action == "downlink" and d.rule == "ambiguous_surface"
-    assert [e["code"] for e in d.degraded] == ["ambiguous_bright_surface"] and "green/blue" in d.reason
-    off = CloudGate.from_model(backend="litert", threads=1, policy={"discard_guard_green_blue": 0.0})
-    try:
-        assert _process(off, ice).action == "discard"          # what the guard prevents
-    finally:
-        off.close()
+    for early in (False, True):
+        gate = CloudGate.from_model(backend_factory=brightness_backend, early_exit={"enabled": early, "min_tiles": 2})
+        off = CloudGate.from_model(backend_factory=brightness_backend, policy={"discard_guard_green_blue": 0.0},
+                                   early_exit={"enabled": early, "min_tiles": 2})
+        try:
+            bands = ("blue", "green", "red", "nir")
+            d = gate.process(_bright(0.855), bands, scene_id="ice")
+            assert d.cloud_fraction == 1.0 and d.action == "downlink" and d.rule == "ambiguous_surface", (d.rule, d.reason)
+            assert [e["code"] for e in d.degraded] == ["ambiguous_bright_surface"] and "green/blue" in d.reason
+            deck = gate.process(_bright(0.95), bands, scene_id="deck")
+            assert deck.action == "discard" and deck.rule in ("threshold", "early_exit"), deck.reason
+            assert off.process(_bright(0.855), bands, scene_id="ice").action == "discard"
+            hi = gate.process(_bright(0.855), bands, scene_id="ice", priority=3)      # re-acquisition drops it too
+            assert hi.action == "downlink" and hi.rule == "ambiguous_surface"
+        finally:
+            gate.close()
+            off.close()
+
+
+def test_real_cloud_decks_are_still_discarded_and_the_clear_ice_sheet_kept(gate_litert):
+    """The shipped student through the gate: the clear ice sheet is downlinked (by the model or the guard),
+    the overcast decks (bright, green/blue >= 0.9) are discarded."""
+    ice = _process(gate_litert, _real("l8biome_lkpeng_patches/l8biome_SnowIce_00_1415.npz"))
+    assert ice.action == "downlink", (ice.rule, ice.reason)
     for deck in ("l8biome_Barren_10_0206", "l8biome_Urban_01_0609", "l8biome_SnowIce_11_1123"):
         d = _process(gate_litert, _real(f"l8biome_lkpeng_patches/{deck}.npz"))
         assert d.action == "discard" and d.rule in ("threshold", "early_exit"), (deck, d.rule, d.reason)

@@ -39,6 +39,9 @@ def _card_with(tmp_path, **changes):
         shutil.copy(src.path.parent / a["file"], tmp_path / a["file"])
     p = tmp_path / "opt.yaml"
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from flight.modelmeta import stamp_card
+
+    stamp_card(p)   # the copied model files describe the edited card (else the metadata check refuses it first)
     return p
 
 
