@@ -387,7 +387,9 @@ class CloudGate:
                 "blue" not in bands or "green" not in bands:
             return pd, []
         b, g = src_idx[bands.index("blue")], src_idx[bands.index("green")]
-        share, gb, sat = self._probe.measure(scene, b, g, *imap.radiometry, valid_mask)
+        self._scanner.input.check_file()          # a memmap's file may have shrunk since the scan
+        share, gb, sat = self._probe.measure(scene, b, g, *imap.radiometry, valid_mask,
+                                             release=self._scanner.input.release_pages)
         override, why = review_discard(pd.action, pd.rule, share, gb, p.discard_guard_green_blue,
                                        p.discard_guard_min_bright, sat)
         if not override:
