@@ -55,6 +55,7 @@ def cost(quick: bool) -> dict:
     kinds = {"teacher_ukis": "teacher_ukis", "s2cloudless": "s2cloudless", "threshold": "threshold",
              "cloudgate (LiteRT INT8, end to end)": "cloudgate:litert", "cloudgate (ORT INT8, end to end)": "cloudgate:onnxruntime",
              "cloudgate (LiteRT INT8, decision only: no mask_out)": "cloudgate_decision:litert",
+             "cloudgate (LiteRT INT8, end to end, one worker per thread)": "cloudgate_workers:litert",
              "student invoke only (LiteRT INT8)": "invoke_only:litert"}
     out = {}
     for name, kind in kinds.items():

@@ -18,8 +18,8 @@ import numpy as np
 
 from .procstat import proc_status_mib
 
-KINDS = ("teacher_ukis", "cloudgate:litert", "cloudgate:onnxruntime", "cloudgate_decision:litert", "s2cloudless",
-         "threshold", "invoke_only:litert")
+KINDS = ("teacher_ukis", "cloudgate:litert", "cloudgate:onnxruntime", "cloudgate_decision:litert", "cloudgate_workers:litert",
+         "s2cloudless", "threshold", "invoke_only:litert")
 BANDS4 = ("blue", "green", "red", "nir")
 S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
 
@@ -64,8 +64,10 @@ def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
     if kind.startswith("cloudgate"):
         from flight import CloudGate
 
-        g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, early_exit={"enabled": False})
-        m = np.empty(img.shape[:2], np.uint8) if kind.startswith("cloudgate:") else None
+        workers = threads if kind.startswith("cloudgate_workers") else 1   # one single-threaded interpreter per worker
+        g = CloudGate.from_model(backend=kind.split(":")[1], threads=threads, workers=workers,
+                                 early_exit={"enabled": False})
+        m = np.empty(img.shape[:2], np.uint8) if kind.startswith(("cloudgate:", "cloudgate_workers:")) else None
         return (lambda: g.process(img, BANDS4, mask_out=m)), img
     if kind == "s2cloudless":        # needs the S2 L1C bands: a real eo-learn L1C scene, tiled to 1024 x 1024
         from flight.scenefile import load_npz
@@ -87,7 +89,7 @@ def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
 # cProfile function -> stage of one tile's work (what is left is scan bookkeeping, policy and the decision)
 _STAGES = {"_load_tile_hwc": "tile loading", "_load_tile_planar": "tile loading", "_pad": "tile loading",
            "Invoke": "runtime invoke", "run_with_iobinding": "runtime invoke", "__call__": "argmax (3 classes)",
-           "infer": "quantize + copy into the runtime", "_visit_tile": "counting + mask_out", "_check_backing_file": "tile loading"}
+           "infer": "quantize + copy into the runtime", "visit": "counting + mask_out", "check_backing_file": "tile loading"}
 
 
 def stage_profile(run, passes: int) -> dict:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         run()
         times.append(time.perf_counter() - t)
     res = {"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6), "peak_rss_mib": proc_status_mib("VmHWM")}
-    if a.kind.startswith("cloudgate"):
+    if a.kind.startswith("cloudgate") and not a.kind.startswith("cloudgate_workers"):   # cProfile sees one thread
         res["stages_ms"] = stage_profile(run, 5)
     print(json.dumps(res))
     return 0

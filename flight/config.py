@@ -70,7 +70,9 @@ class UpdateConfig:
 class GateConfig:
     model: str | None = None            # .tflite / .onnx / model card .yaml; None = shipped default
     backend: BackendName = "auto"       # auto (by suffix) | litert | onnxruntime
-    threads: int = 2
+    threads: int = 2                    # runtime threads in all: each of N workers' interpreters gets threads // N (>= 1)
+    workers: int | str = 1              # tile workers, each with its own interpreter: 1, 2, ... or "auto" (the cores
+                                        # this process may use, capped by memory_budget_mib)
     tile: int = 256
     overlap: int = 16
     memory_budget_mib: float = 32.0     # gate-owned buffers (the runtime's own arena is measured in bench/)
@@ -109,7 +111,10 @@ def _build(cls, data, prefix: str):
                 kwargs[k] = None
                 continue
             raise ConfigError(key, "is empty (a key without a value); give a value or remove the key")
-        if k == "fsync" and cls is LogConfig:
+        if k == "workers" and cls is GateConfig:
+            if v != "auto" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ConfigError(key, f"expected 'auto' or a worker count, got {v!r}")
+        elif k == "fsync" and cls is LogConfig:
             if not isinstance(v, (str, int)) or isinstance(v, bool):
                 raise ConfigError(key, f"expected 'every', 'never' or a record count, got {v!r}")
         elif default is None or isinstance(default, str):
@@ -132,6 +137,8 @@ def validate(cfg: GateConfig) -> GateConfig:
 
     need(cfg.backend in BACKENDS, "backend", f"choose one of {', '.join(BACKENDS)}")
     need(1 <= cfg.threads <= 64, "threads", "must be 1..64")
+    need(cfg.workers == "auto" or (isinstance(cfg.workers, int) and 1 <= cfg.workers <= 64), "workers",
+         "must be 'auto' or 1..64")
     need(32 <= cfg.tile <= 4096 and cfg.tile % 16 == 0, "tile", "must be a multiple of 16 in 32..4096")
     need(0 <= cfg.overlap < cfg.tile // 2 and cfg.overlap % 2 == 0, "overlap", "must be even and < tile/2")
     need(cfg.memory_budget_mib > 0, "memory_budget_mib", "must be > 0")

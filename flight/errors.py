@@ -12,10 +12,10 @@ CloudGateError
 │   ├── SceneDtypeError    unsupported dtype
 │   ├── BandMismatchError  the scene lacks a band the model needs (.missing lists them)
 │   ├── AllInvalidSceneError every pixel is no-data / NaN / masked
-│   ├── ArgumentError      priority / target_id / scene_id / band_names of the wrong type or size
+│   ├── ArgumentError      priority / target_id / scene_id / band_names / radiometry of the wrong type or size
 │   ├── ValidMaskError     valid_mask not bool (or 0/1 integers)
-│   ├── ImplausibleRadiometryError integer DN without a radiometry scale, or reflectance far outside
-│   │                      the physical range on most valid pixels
+│   ├── ImplausibleRadiometryError integer DN without a radiometry scale, reflectance far outside
+│   │                      the physical range on most valid pixels, or implausibly dark for a sunlit scene
 │   └── SceneFileError     the file backing a memmap scene shrank under the mapping
 ├── OutOfMemoryError       an allocation failed while gating a frame (MemoryError, e.g. under RLIMIT_AS)
 ├── ConcurrentUseError     process() entered from a second thread while running (one gate per thread)

@@ -46,20 +46,25 @@ class BrightSurfaceProbe:
         self._ratio = np.empty(self.sample * self.sample, np.float32)
 
     def measure(self, scene: np.ndarray, blue: int, green: int, scale: float, offset: float,
-                valid_mask: np.ndarray | None = None) -> tuple[float, float, float]:
+                valid_mask: np.ndarray | None = None, release=None) -> tuple[float, float, float]:
         """-> (bright share of the valid sampled pixels (0..1), median green/blue over them (NaN when
         none), share of the bright ones at the sample's blue and green maximum at once (saturated)).
 
         scene: (H, W, C) array as passed to the gate; blue, green: channel indices; scale, offset: the
-        frame's radiometry (reflectance = value * scale + offset); valid_mask: (H, W) bool or None."""
+        frame's radiometry (reflectance = value * scale + offset); valid_mask: (H, W) bool or None;
+        release: None or release(scene, y0, y1), called after each sampled row is read (a memmap's pages are
+        dropped row by row, so the probe's peak memory stays one row, not the sampled rows' whole span)."""
         h, w = scene.shape[:2]
         sy, sx = -(-h // self.sample), -(-w // self.sample)
-        vb, vg = scene[::sy, ::sx, blue], scene[::sy, ::sx, green]
-        ny, nx = vb.shape
+        ny, nx = -(-h // sy), -(-w // sx)
         b, g = self._blue[:ny, :nx], self._green[:ny, :nx]
-        np.multiply(vb, scale, out=b, casting="unsafe")
+        for i in range(ny):                      # bounded: at most SAMPLE rows
+            y = i * sy
+            np.multiply(scene[y, ::sx, blue], scale, out=b[i], casting="unsafe")
+            np.multiply(scene[y, ::sx, green], scale, out=g[i], casting="unsafe")
+            if release is not None:
+                release(scene, y, y + 1)
         b += offset
-        np.multiply(vg, scale, out=g, casting="unsafe")
         g += offset
         bright, tmp = self._bright[:ny, :nx], self._tmp[:ny, :nx]
         np.isfinite(g, out=tmp)

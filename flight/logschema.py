@@ -85,6 +85,27 @@ EVENT_CODES: dict[str, EventCode] = {e.code: e for e in (
     EventCode("legacy", "warning", "free-text note from a schema-1 log (read back as one event per '; ' part)"),
 )}
 
+# A decision's fault_code (action "fault", severity error: no decision was made on the frame): the code of the
+# flight.errors class raised. The gate faults rather than warns whenever a decision would be confidently wrong.
+FAULT_CODES: dict[str, str] = {
+    "bad_scene_shape": "not (H, W, C), or mask_out / valid_mask of the wrong shape, or more tiles than max_tiles",
+    "bad_scene_dtype": "unsupported scene dtype, or a radiometry pair that is not finite with scale > 0",
+    "bad_argument": "scene_id / target_id / priority / band_names / radiometry of the wrong type or size "
+                    "(radiometry must be a (scale, offset) pair, never a scalar)",
+    "bad_valid_mask": "valid_mask not bool (or 0/1 integers)",
+    "missing_band": "the scene lacks a band the model needs",
+    "all_invalid": "every pixel is no-data, NaN/Inf or masked invalid",
+    "implausible_radiometry": "not reflectance: integer DN without a radiometry scale; reflectance outside "
+                              "[-0.5, 2.5] on most valid pixels (DN read as reflectance, x10000); or nearly every "
+                              "sampled valid pixel darker than 0.01 in every band, which no sunlit scene is "
+                              "(reflectance scaled twice, e.g. 0..1 data with radiometry=(1e-4, 0); a night frame)",
+    "scene_file_truncated": "the file backing a memmap scene shrank under the mapping",
+    "model_corrupt": "no verified model runs (verification, self-test or scrub failed and recovery found none)",
+    "model_reload_failed": "the runtime refused to reopen the verified model (transient; retried next frame)",
+    "out_of_memory": "an allocation failed while gating the frame",
+    "internal": "anything unexpected (a runtime error): the model is self-tested before the next frame",
+}
+
 
 def event(code: str, text: str) -> dict:
     """A degraded-event record {code, severity, text}; code must be in EVENT_CODES."""
@@ -142,7 +163,8 @@ FIELDS: tuple[Field, ...] = (
     Field("partial", (bool,), "-", "only clear_tiles are to be downlinked (or kept, when reacquiring)"),
     Field("early_exit", (bool,), "-", "the scan stopped early on a confidence bound"),
     Field("latency_s", _NUM, "s", "wall time inside process() (monotonic clock)"),
-    Field("infer_s", _NUM, "s", "of which inside the inference runtime"),
+    Field("infer_s", _NUM, "s", "inside the inference runtime, summed over the tiles (with workers > 1 it can "
+          "exceed latency_s)"),
     Field("scene_bytes", (int,), "bytes", "in-memory size of the scene array passed to process() (every band, "
                                           "its dtype), not the size of a downlink product; 0 when unknown"),
     Field("downlink_bytes", (int,), "bytes", "share of scene_bytes to downlink (scene_bytes x clear-tile area / "
@@ -315,6 +337,11 @@ def render_markdown() -> str:
             "written by the gate to its decision log and by the model store (`python -m flight model ...`) to "
             "STORE/journal.jsonl.", "", "| code | severity | meaning |", "|---|---|---|"]
     out += [f"| `{e.code}` | {e.severity} | {e.meaning} |" for e in EVENT_CODES.values()]
+    out += ["", "## Fault codes", "",
+            "A fault decision (`action` \"fault\", `rule` \"fault\") carries no cloud fraction; `fault_code` says "
+            "why (the flight.errors class; `process(strict=True)` raises it instead). Every fault is an error: the "
+            "gate refuses to decide rather than decide confidently wrong.", "", "| fault_code | meaning |", "|---|---|"]
+    out += [f"| `{c}` | {m} |" for c, m in FAULT_CODES.items()]
     out += ["", "## Rules", "",
             "`rule` names what decided the action: `threshold` (cloud fraction against the thresholds in force), "
             "`hysteresis` (the target's previous action widened its band and that changed the action), "

@@ -521,7 +521,8 @@ class ModelStore:
                 raise DowngradeError(f"{msg}: refused; an operator who means it passes --allow-downgrade")
             self.journal("model_downgrade_allowed", f"{msg}; activated because the operator allowed the downgrade",
                          model_slot=slot, package_sha256=pkg.sha256, model_name=pkg.name)
-        if self.shadow_frames and not self.activated(slot, pkg.sha256):
+        if self.shadow_frames and self.runnable() and not self.activated(slot, pkg.sha256):   # (a first model
+            # has nothing to run beside: no shadow run)
             from .shadow import read_shadow, shadow_verdict
 
             why = shadow_verdict(read_shadow(self, slot), pkg.sha256, self.shadow_frames, self.shadow_min_agreement)

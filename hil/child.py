@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     dlog = DecisionLog(out / "decisions.jsonl", "every", LogConfig.max_bytes, LogConfig.keep, clock=clock,
                        io=KillLogIO(kill))
     gate = CloudGate.from_model(job.get("model"), clock=clock, backend_factory=backends, backend=job["backend"],
-                                threads=threads, deadline_s=job["deadline_s"],
+                                threads=threads, workers="auto", deadline_s=job["deadline_s"],
                                 update={"bist_every": int(job.get("bist_every", 50))},
                                 log_sink=dlog)
     baseline_vms = _status_kib("VmSize")

@@ -204,6 +204,7 @@ def child_main(argv=None) -> int:
 
     clock, backends = FaultClock(), FaultBackendFactory()
     gate = CloudGate.from_model(clock=clock, backend_factory=backends, backend=job["backend"], threads=threads,
+                                workers="auto",
                                 deadline_s=job["deadline_s"],
                                 update={"store": job["store"], "key": job["key"], "bist_every": 1,
                                         "rollback_window": 20},
@@ -316,8 +317,9 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
     names = list(UPDATE_FAULTS)
     w = np.array([_WEIGHTS.get(n, 1.0) for n in names])
     draws = [names[int(k)] for k in rng.choice(len(names), size=updates, p=w / w.sum())]
-    for c in names:                                     # every class at least twice (when there is room)
-        while draws.count(c) < 2 and updates >= 2 * len(names):
+    need = min(2, updates // len(names))
+    for c in names:                                     # every class at least twice (once, when there is room)
+        while draws.count(c) < need:
             top = max(names, key=draws.count)
             draws[max(j for j, x in enumerate(draws) if x == top)] = c
     records, nxt = [], 1

@@ -85,7 +85,7 @@ def test_bad_input_faults_or_raises(gate_litert, scene, names, err):
         gate_litert.process(scene, names, strict=True)
 
 
-@pytest.mark.parametrize("rad", [(0.0, 0.0), (float("nan"), 0.0), ("x", 1), (1.0,)])
+@pytest.mark.parametrize("rad", [(0.0, 0.0), (float("nan"), 0.0), (-1e-4, 0.0), (1.0, float("inf"))])
 def test_bad_radiometry_is_a_typed_fault(gate_litert, rad):
     d = gate_litert.process(np.ones((20, 20, 4), np.float32), BANDS, radiometry=rad)
     assert d.action == "fault" and d.fault_code == "bad_scene_dtype" and "radiometry" in d.fault

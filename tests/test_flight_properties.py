@@ -47,7 +47,12 @@ def test_never_crashes_and_outputs_are_sane(gate_litert, sv, want_mask):
     lo, hi = d.confidence_bound
     assert 0.0 <= lo <= hi <= 1.0
     if d.action == "fault":
-        assert d.fault_code == "all_invalid" and d.rule == "fault"
+        assert d.fault_code in ("all_invalid", "implausible_radiometry") and d.rule == "fault", d.fault
+        if d.fault_code == "implausible_radiometry":       # only a scene that is dark (e.g. uint8 DN at 2e-5 - 0.1)
+            scale, offset = radiometry or (1.0, 0.0)
+            refl = scene.astype(np.float64) * scale + offset
+            ok = np.isfinite(refl).all(axis=2) & (scene != 0).any(axis=2) & (True if valid is None else valid)
+            assert ok.any() and (refl[ok] >= 0.01).any(axis=1).mean() <= 0.25, d.fault
         return
     assert_policy_consistent(d, gate_litert.config.policy)   # the action the policy gives these numbers
     if want_mask:

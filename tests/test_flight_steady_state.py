@@ -12,9 +12,10 @@ from flight import CloudGate
 BANDS = ("blue", "green", "red", "nir")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
-def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend):
-    gate = CloudGate.from_model(backend=backend, early_exit={"enabled": False})
+def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend, workers):
+    gate = CloudGate.from_model(backend=backend, workers=workers, threads=2, early_exit={"enabled": False})
     rng = np.random.default_rng(0)
     scene = rng.uniform(0, 0.6, (600, 700, 4)).astype(np.float32)
     mask = np.empty((600, 700), np.uint8)
@@ -30,6 +31,7 @@ def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend):
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
+    gate.close()
     growth = sum(s.size_diff for s in after.compare_to(before, "filename"))
     assert growth < 16 * 1024, f"{growth} bytes retained over 100 scenes"
 

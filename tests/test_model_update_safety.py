@@ -400,7 +400,7 @@ def test_stamped_model_loads_and_gates_the_same(stamped, backend):
     with CloudGate.from_model(str(stamped), backend=backend) as g, CloudGate.from_model(backend=backend) as ref:
         a, b = g.process(scene, bands), ref.process(scene, bands)
         assert a.cloud_fraction == b.cloud_fraction and a.action == b.action
-        assert g._loaded.metadata == "ok" and not any(e["event"] == "model_metadata_missing" for e in g.model_events)
+        assert g.custody.loaded.metadata == "ok" and not any(e["event"] == "model_metadata_missing" for e in g.model_events)
 
 
 @pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
@@ -437,7 +437,7 @@ def test_an_artifact_without_metadata_loads_with_a_warning_event(tmp_path):
     if read_description(art.read_bytes(), "onnxruntime") is not None:
         pytest.skip("the shipped model is already stamped")
     with CloudGate.from_model(backend="onnxruntime") as g:
-        assert g._loaded.metadata == "missing"
+        assert g.custody.loaded.metadata == "missing"
         assert [e["event"] for e in g.model_events] == ["model_metadata_missing"]
 
 
