@@ -79,3 +79,20 @@ class BrightnessBackend:
 
 def brightness_backend(path, model_bytes, kind, threads, tile, n_bands):
     return BrightnessBackend(tile, n_bands)
+
+
+def drop_onnx_description(raw: dict, folder) -> dict:
+    """The card `raw` (a dict) with its INT8 ONNX artifact, already copied into `folder`, stripped of the
+    model file's own description (flight.modelmeta) and re-hashed: an unstamped model, as exported before."""
+    import hashlib
+
+    import onnx
+
+    a = raw["artifacts"]["onnx_int8"]
+    path = Path(folder) / a["file"]
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    onnx.save(m, str(path))
+    data = path.read_bytes()
+    return {**raw, "artifacts": {**raw["artifacts"], "onnx_int8": {**a, "sha256": hashlib.sha256(data).hexdigest(),
+                                                                   "bytes": len(data)}}}

@@ -39,16 +39,9 @@ def _card_with(tmp_path, **changes):
         shutil.copy(src.path.parent / a["file"], tmp_path / a["file"])
     # these tests drive the gate's card handling with a capturing backend: the copied ONNX model must not carry
     # the shipped card's own description (flight.modelmeta would refuse the edited card before the checks here)
-    import hashlib
+    from conftest import drop_onnx_description
 
-    import onnx
-
-    a = raw["artifacts"]["onnx_int8"]
-    m = onnx.load(str(tmp_path / a["file"]))
-    del m.metadata_props[:]
-    onnx.save(m, str(tmp_path / a["file"]))
-    data = (tmp_path / a["file"]).read_bytes()
-    raw["artifacts"] = {**raw["artifacts"], "onnx_int8": {**a, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+    raw = drop_onnx_description(raw, tmp_path)
     p = tmp_path / "opt.yaml"
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
     return p
