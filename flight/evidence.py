@@ -109,3 +109,25 @@ def review_discard(action: str, rule: str, share: float, green_blue: float, thre
     return True, (f"bright pixels ({share:.0%} of the sample) have median green/blue {green_blue:.3f} <= "
                   f"discard_guard_green_blue {threshold:.3f}: snow/ice-like, the model's cloud call is not trusted "
                   f"enough to drop the frame")
+
+
+def guard_decision(pd, probe: BrightSurfaceProbe, scene: np.ndarray, blue: int | None, green: int | None,
+                   radiometry: tuple[float, float], valid_mask, policy, release=None):
+    """The discard guard on one policy decision, for the gate and for every scorer that applies the gate's
+    policy to a mask: pd (flight.policy.PolicyDecision) is returned unchanged unless it drops the frame and
+    the probe finds its bright pixels snow/ice-like or saturated; then a downlink with rule
+    "ambiguous_surface". blue, green: the scene's channel indices (None: the bands are absent, no guard);
+    radiometry: (scale, offset); policy: flight.config.PolicyConfig; release: as for measure.
+    -> (decision, [degraded events])"""
+    from .logschema import event
+    from .policy import PolicyDecision
+
+    if pd.action not in ("discard", "reacquire") or policy.discard_guard_green_blue <= 0 or blue is None or green is None:
+        return pd, []
+    share, gb, sat = probe.measure(scene, blue, green, *radiometry, valid_mask, release=release)
+    override, why = review_discard(pd.action, pd.rule, share, gb, policy.discard_guard_green_blue,
+                                   policy.discard_guard_min_bright, sat)
+    if not override:
+        return pd, []
+    return (PolicyDecision("downlink", False, [], pd.band, "ambiguous_surface", f"{why} (policy: {pd.reason})",
+                           pd.thresholds), [event("ambiguous_bright_surface", why)])

@@ -26,8 +26,8 @@ from .decisionlog import DecisionLog
 from .errors import (AllInvalidSceneError, ArgumentError, CloudGateError, ConcurrentUseError, ConfigError,
                      ImplausibleRadiometryError, ModelError, OutOfMemoryError, SceneShapeError)
 from .logschema import MAX_CLEAR_RUNS, MAX_ID_CHARS, clear_tiles_record, event
-from .evidence import BrightSurfaceProbe, review_discard
-from .policy import ACTIONS, Action, PolicyDecision, TargetHistory, TileCounts, decide
+from .evidence import BrightSurfaceProbe, guard_decision
+from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide
 from .ports import BackendFactory, Clock, LogSink, SystemClock
 from .scan import ScanCounts, TileScanner, resolve_workers
 from .sceneinput import (DARK_REFLECTANCE, DARK_SHARE, DARK_STRIDE, IMPLAUSIBLE_SHARE, PLAUSIBLE_REFLECTANCE, InputMap,
@@ -380,23 +380,14 @@ class CloudGate:
             hysteresis=reason if rule == "hysteresis" else None)
 
     def _discard_guard(self, pd, scene, src_idx, imap, valid_mask):
-        """Never discard what the model cannot tell apart (flight.evidence): a frame the policy would drop
-        whose bright pixels look like snow/ice (or are saturated) is downlinked instead. -> (decision, events)"""
-        p, bands = self.config.policy, self.bands
-        if pd.action not in ("discard", "reacquire") or p.discard_guard_green_blue <= 0 or \
-                "blue" not in bands or "green" not in bands:
+        """Never discard what the model cannot tell apart (flight.evidence.guard_decision). -> (decision, events)"""
+        if pd.action not in ("discard", "reacquire"):
             return pd, []
-        b, g = src_idx[bands.index("blue")], src_idx[bands.index("green")]
+        bands = self.bands
+        blue, green = (src_idx[bands.index(b)] if b in bands else None for b in ("blue", "green"))
         self._scanner.input.check_file()          # a memmap's file may have shrunk since the scan
-        share, gb, sat = self._probe.measure(scene, b, g, *imap.radiometry, valid_mask,
-                                             release=self._scanner.input.release_pages)
-        override, why = review_discard(pd.action, pd.rule, share, gb, p.discard_guard_green_blue,
-                                       p.discard_guard_min_bright, sat)
-        if not override:
-            return pd, []
-        pd = PolicyDecision("downlink", False, [], pd.band, "ambiguous_surface", f"{why} (policy: {pd.reason})",
-                            pd.thresholds)
-        return pd, [event("ambiguous_bright_surface", why)]
+        return guard_decision(pd, self._probe, scene, blue, green, imap.radiometry, valid_mask, self.config.policy,
+                              release=self._scanner.input.release_pages)
 
     @staticmethod
     def _check_scan(scan: ScanCounts, scene_id, imap: InputMap, full: bool) -> None:

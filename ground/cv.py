@@ -317,8 +317,9 @@ def bootstrap(rows_by_contender: dict[str, dict[str, dict]], stat, n: int = 2000
     return draws
 
 
-def stat_action(rs):
-    return float(np.mean([r["band"] == r["label_band"] for r in rs]))
+def stat_agreement(rs):
+    """Rows carry "agree": the share of seeds (or 1/0 for a single run) in the label's policy band."""
+    return float(np.mean([r["agree"] for r in rs]))
 
 
 def stat_cf(rs):
@@ -330,7 +331,7 @@ def stat_iou(rs):
     return sum(r["inter"] for r in rs) / u if u else 1.0
 
 
-STATS = {"action_agreement": stat_action, "mean_abs_cf_error": stat_cf, "pooled_cloud_iou": stat_iou}
+STATS = {"action_agreement": stat_agreement, "mean_abs_cf_error": stat_cf, "pooled_cloud_iou": stat_iou}
 HARD = ("SnowIce", "Barren", "Water", "Urban", "oncloudn")   # bright / flat surfaces: spread across seeds reported
 
 
@@ -413,22 +414,21 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
     """Aggregate every finished run: per arm, metrics per seed (each scene scored once per seed, by the
     fold that held it out), mean ± spread over seeds, 95 % paired bootstrap intervals over acquisitions
     (seed-averaged per-scene rows), differences vs the 4-band teacher and vs no-KD."""
-    refs = references()
+    raw_refs = references()
     all_stems = sorted(s for f in folds for s in f)
-    arms = {a: collect(a) for a in cv["arms"]}
-    arms = {a: v for a, v in arms.items() if v and all(set(all_stems) <= set(rows) for rows in v.values())}
+    raw_arms = {a: collect(a) for a in cv["arms"]}
+    raw_arms = {a: v for a, v in raw_arms.items() if v and all(set(all_stems) <= set(rows) for rows in v.values())}
     result = {"folds": folds, "arms": {}, "references": {}, "guard": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
     # the guard's operating point: curve on the raw rows, then each fold's threshold chosen on the others
-    curve = guard_curve({**{a: list(v.values()) for a, v in arms.items()},
-                         **{n: [r] for n, r in refs.items() if n != "teacher_6b"}}, out.with_name(out.name + "_guard.png"))
-    refs = copy.deepcopy(refs)
-    arms = copy.deepcopy(arms)
+    curve = guard_curve({**{a: list(v.values()) for a, v in raw_arms.items()},
+                         **{n: [r] for n, r in raw_refs.items() if n != "teacher_6b"}}, out.with_name(out.name + "_guard.png"))
+    refs, arms = copy.deepcopy(raw_refs), copy.deepcopy(raw_arms)   # actions under the per-fold thresholds
     for a, per_seed in arms.items():
         result["guard"][a] = {"per_fold": {seed: apply_guard_by_fold(rows, folds) for seed, rows in per_seed.items()},
-                              "all_scenes": {seed: choose_guard(rows) for seed, rows in collect(a).items()}}
+                              "all_scenes": {seed: choose_guard(rows) for seed, rows in raw_arms[a].items()}}
     for n, rows in refs.items():
-        result["guard"][n] = {"per_fold": apply_guard_by_fold(rows, folds), "all_scenes": choose_guard(references()[n])}
+        result["guard"][n] = {"per_fold": apply_guard_by_fold(rows, folds), "all_scenes": choose_guard(raw_refs[n])}
     lines = ["# Cross-validation by acquisition over every shared labelled scene", "",
              f"Command: `python -m ground cv run` then `python -m ground cv report --out {out}` "
              f"(config `ground/configs/cv.yaml`, folds `ground/data/cv_folds.yaml`: {len(folds)} folds, "
@@ -453,16 +453,12 @@ def report(cv: dict, out: Path, folds: list[list[str]]) -> dict:
             rs = [per_seed[k][s] for k in per_seed if s in per_seed[k] and "fault" not in per_seed[k][s]]
             if not rs:
                 continue
-            avg[s] = {"band": 1, "label_band": 1, "cf_error": float(np.mean([r["cf_error"] for r in rs])),
+            avg[s] = {"cf_error": float(np.mean([r["cf_error"] for r in rs])),
                       "inter": float(np.mean([r["inter"] for r in rs])), "union": float(np.mean([r["union"] for r in rs])),
                       "agree": float(np.mean([r["band"] == r["label_band"] for r in rs]))}
-            avg[s]["band"], avg[s]["label_band"] = (1, 1) if avg[s]["agree"] >= 0.5 else (0, 1)
         return avg
 
-    def agree_stat(rs):
-        return float(np.mean([r["agree"] for r in rs]))
-
-    stats = {"action_agreement": agree_stat, "mean_abs_cf_error": stat_cf, "pooled_cloud_iou": stat_iou}
+    stats = STATS
     per_contender = {}
     for a, per_seed in arms.items():
         per_contender[a] = averaged(per_seed)

@@ -112,19 +112,17 @@ def gate_policy_action(mask: np.ndarray, valid: np.ndarray, cf: float, fs: dict 
     that did not come from the gate: flight.policy.decide on the mask's counts over the gate's tile cores,
     then the gate's discard guard (flight.evidence) on the frame `fs` when given."""
     from flight.config import GateConfig
-    from flight.evidence import BrightSurfaceProbe, review_discard
+    from flight.evidence import BrightSurfaceProbe, guard_decision
     from flight.policy import TileCounts, decide
 
     g = GateConfig()
     tiles = TileCounts.from_mask(mask == CLOUD, valid, g.tile - g.overlap)
     pd = decide(cf, float(valid.mean()), 0, None, tiles, g.policy)
-    if fs is not None and pd.action in ("discard", "reacquire") and {"blue", "green"} <= set(fs["band_names"]):
+    if fs is not None:
         names = list(fs["band_names"])
-        share, gb, sat = BrightSurfaceProbe().measure(fs["bands"], names.index("blue"), names.index("green"),
-                                                      *fs["radiometry"], fs["valid_mask"])
-        if review_discard(pd.action, pd.rule, share, gb, g.policy.discard_guard_green_blue,
-                          g.policy.discard_guard_min_bright, sat)[0]:
-            return "downlink"
+        blue, green = (names.index(b) if b in names else None for b in ("blue", "green"))
+        pd, _ = guard_decision(pd, BrightSurfaceProbe(), fs["bands"], blue, green, fs["radiometry"], fs["valid_mask"],
+                               g.policy)
     return pd.action
 
 
@@ -169,15 +167,15 @@ def score_real(contenders: dict, parts=("evaluation", "training"), scenes_dir: P
     "all" is every labelled scene present."""
     split = load_split()
     wanted = {s: part for part in parts if part != "all" for s in split[part]}
-    if "all" in parts:
-        wanted = {p.stem: "all" for p in real_scene_paths(scenes_dir or SHARED_REAL) if load_npz(p).labelled}
     out = {part: {"scenes": {}, "summary": {}} for part in parts}
     masks = {}
     for p in real_scene_paths(scenes_dir or SHARED_REAL):
-        part = wanted.get(p.stem)
+        part = wanted.get(p.stem, "all" if "all" in parts else None)
         if part is None:
             continue
         scene = load_npz(p)
+        if part == "all" and not scene.labelled:   # every labelled scene present, each read once
+            continue
         fs = scene.frame()
         if log:
             log(f"scoring {p.stem} ({part})")
