@@ -6,10 +6,13 @@ setup(): mmdebstrap an arm64 Debian bookworm root with python3 (extract only, no
          them; the host's x86 files crash or silently disable XNNPACK).
 check(): run the same scenes through flight on x86 and under qemu-aarch64; decisions must be identical
          on both backends. LiteRT masks must be bit-identical. ONNX Runtime's x86 (AVX2) and ARM
-         INT8 kernels round a few boundary pixels differently (measured: 6-8 pixels on 4 real scenes;
+         INT8 kernels round a few near-tie pixels differently (measured: 6-8 pixels on 4 real scenes
+         with v5; 26 of 147 456 on the 38-Cloud patch with v6, every one on a class boundary;
          quantizing with reduce_range does not remove it; ORT's maintainers call this expected,
-         microsoft/onnxruntime#20479), so ORT masks may differ in at most
-         ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions.
+         microsoft/onnxruntime#20479), so ORT masks may differ only on class boundaries of the x86
+         mask (a pixel with another class in its 3x3 neighbourhood: where the top two scores are near a
+         tie) and in at most ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions. A wrong kernel,
+         band or layout changes whole regions and fails either bound.
          Emulation is 100-700x slower: correctness only, never timing.
 """
 from __future__ import annotations
@@ -119,19 +122,38 @@ def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = N
     return json.loads((out.with_suffix(".json")).read_text())
 
 
-ORT_MAX_PIXEL_DIFF = 1e-4  # share of a scene's pixels; see the module docstring
+ORT_MAX_PIXEL_DIFF = 1e-3  # share of a scene's pixels (measured 1.8e-4 with v6); see the module docstring
 
 
-def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int] | None]:
-    """Per scene mask: (differing pixels, pixels), or None when missing or shaped differently in b."""
+def class_boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels with another class somewhere in their 3x3 neighbourhood (edges replicated)."""
+    h, w = mask.shape
+    p = np.pad(mask, 1, mode="edge")
+    out = np.zeros((h, w), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out |= p[dy:dy + h, dx:dx + w] != mask
+    return out
+
+
+def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int, int] | None]:
+    """Per scene mask: (differing pixels, pixels, differing pixels off a class boundary of a's mask), or None
+    when missing or shaped differently in b."""
+    out = {}
     with np.load(a_npz) as za, np.load(b_npz) as zb:
-        return {k: (int((za[k] != zb[k]).sum()), za[k].size) if k in zb.files and za[k].shape == zb[k].shape else None
-                for k in za.files}
+        for k in za.files:
+            if k not in zb.files or za[k].shape != zb[k].shape:
+                out[k] = None
+                continue
+            a, diff = za[k], za[k] != zb[k]
+            out[k] = (int(diff.sum()), a.size, int((diff & ~class_boundary(a)).sum()) if diff.any() else 0)
+    return out
 
 
 def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff: float = 0.0,
             diffs: dict | None = None) -> list[str]:
-    """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels.
+    """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels, and
+    only on class boundaries of the x86 mask (with max_pixel_diff 0, not at all).
     `diffs`: mask_diffs(a_npz, b_npz) when the caller already has it."""
     problems = []
     for sid, da in a_json.items():
@@ -149,6 +171,8 @@ def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff
             problems.append(f"{k}: mask missing or of another shape in the aarch64 run")
         elif d[0] > max_pixel_diff * d[1]:
             problems.append(f"{k}: INT8 masks differ in {d[0]} of {d[1]} pixels")
+        elif d[2]:
+            problems.append(f"{k}: INT8 masks differ in {d[2]} pixels off a class boundary (of {d[0]} differing)")
     return problems
 
 
@@ -171,7 +195,8 @@ def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert",
             diffs = mask_diffs(x86, arm)
             problems = compare(x86, arm, jx, ja, tol, diffs)
             ndiff = sum(d[0] for d in diffs.values() if d is not None)
-            status = ("bit-identical" if ndiff == 0 else f"same decisions, {ndiff} mask pixels differ (tolerance {tol:g})") \
+            status = ("bit-identical" if ndiff == 0 else
+                      f"same decisions, {ndiff} mask pixels differ, all on class boundaries (tolerance {tol:g})") \
                 if not problems else "DIFFERENT"
             print(f"arm-check [{backend}] {len(scenes)} real scenes, qemu -cpu {QEMU_CPU}: {status}")
             for sid, d in jx.items():
