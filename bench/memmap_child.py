@@ -1,4 +1,4 @@
-"""python -m bench.memmap_child --path SCENE.npy [--early-exit]
+"""python -m bench.memmap_child --path SCENE.npy [--early-exit] [--workers N|auto]
 
 The gate's resident memory on a uint16 (H, W, 4) memmap scene (DN, reflectance = DN x 1e-4), decision
 only, in a fresh process: one JSON line {baseline_rss_mib, peak_rss_mib, seconds, action, tiles,
@@ -21,10 +21,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memmap_child", description=__doc__)
     ap.add_argument("--path", required=True, help=".npy uint16 (H, W, 4)")
     ap.add_argument("--early-exit", action="store_true")
+    ap.add_argument("--workers", default="1", help="tile workers: 1, 2, ... or auto (every usable core)")
     a = ap.parse_args(argv)
     from flight import CloudGate
 
-    g = CloudGate.from_model(backend="litert", threads=2, max_tiles=4096, early_exit={"enabled": a.early_exit})
+    workers = a.workers if a.workers == "auto" else int(a.workers)
+    g = CloudGate.from_model(backend="litert", threads=2, max_tiles=4096, workers=workers,
+                             early_exit={"enabled": a.early_exit})
     g.process(np.full((256, 256, 4), 1000, np.uint16), BANDS4, radiometry=(1e-4, 0.0))   # warm-up
     scene = np.load(a.path, mmap_mode="r")
     base = proc_status_mib("VmRSS")
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     d = g.process(scene, BANDS4, radiometry=(1e-4, 0.0))
     el = time.perf_counter() - t
     print(json.dumps({"baseline_rss_mib": base, "peak_rss_mib": proc_status_mib("VmHWM"), "seconds": el,
-                      "action": d.action, "tiles": [d.tiles_processed, d.tiles_total],
+                      "action": d.action, "tiles": [d.tiles_processed, d.tiles_total], "workers": g.workers,
                       "cloud_fraction": d.cloud_fraction}))
     return 0
 

@@ -72,3 +72,22 @@ def test_awkward_inputs_identical(gates):
         _both(gates, six, ["coastal"] + b4 + ["swir16"], hwc=True)         # consecutive bands inside more
         _both(gates, np.ascontiguousarray(x[::2, ::3]), b4, hwc=True)
         _both(gates, x[::2, ::3], b4, hwc=True)                             # a strided view
+
+
+def test_int8_argmax_equals_the_reference_argmax_on_every_int8_triple():
+    """The LiteRT path's argmax (by the maximum, flight.backends._ArgmaxInt8) gives the class np.argmax gives
+    (first maximum: ties go to the lower class) on all 2^24 int8 score triples; a (T, T, 3) strided view as
+    the runtime's output is."""
+    from flight.backends import _Argmax3, _ArgmaxInt8
+
+    codes = np.arange(-128, 128, dtype=np.int16).astype(np.int8)
+    out = np.empty((256, 256, 3), np.int8)
+    out[..., 0], out[..., 1] = codes[:, None], codes[None, :]
+    fast, ref = _ArgmaxInt8(256), _Argmax3(256)
+    m_fast, m_ref = np.empty((256, 256), np.uint8), np.empty((256, 256), np.uint8)
+    for s2 in codes:                                     # 256 planes of 65 536 (s0, s1) pairs
+        out[..., 2] = s2
+        fast(out[..., 0], out[..., 1], out[..., 2], m_fast)
+        ref(out[..., 0], out[..., 1], out[..., 2], m_ref)
+        expect = np.argmax(out, axis=-1).astype(np.uint8)
+        assert np.array_equal(m_fast, expect) and np.array_equal(m_ref, expect), f"s2={s2}"
