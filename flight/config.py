@@ -64,6 +64,9 @@ class UpdateConfig:
     rollback_window: int = 20           # scenes after a switch watched for the new model's fault rate
     rollback_fault_rate: float = 0.5    # model-attributable fault share in that window that rolls back (store)
     max_package_mib: float = 8.0        # a package larger than this is refused unread
+    shadow_frames: int = 0              # activating a package that never ran needs a shadow run (flight.shadow) of
+                                        # at least this many frames beside the active model (0: no shadow run needed)
+    shadow_min_agreement: float = 0.0   # ... with at least this action agreement (0..1; needs shadow_frames >= 1)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,13 @@ def validate(cfg: GateConfig) -> GateConfig:
     need(1 <= u.rollback_window <= 10_000, "update.rollback_window", "must be 1..10000 scenes")
     need(0 < u.rollback_fault_rate <= 1, "update.rollback_fault_rate", "must be in (0, 1]")
     need(0.01 <= u.max_package_mib <= 1024, "update.max_package_mib", "must be 0.01..1024 MiB")
+    need(0 <= u.shadow_frames <= 1_000_000, "update.shadow_frames", "must be 0..1000000 frames (0: an activation "
+                                                                      "needs no shadow run)")
+    need(0 <= u.shadow_min_agreement <= 1, "update.shadow_min_agreement", "must be in [0, 1] (the share of shadow "
+                                                                           "frames with the active model's action)")
+    need(u.shadow_min_agreement == 0 or u.shadow_frames >= 1, "update.shadow_min_agreement",
+         "needs update.shadow_frames >= 1 (without shadow frames there is no agreement to measure): set "
+         "update.shadow_frames or drop update.shadow_min_agreement")
     need(not (u.store and cfg.model), "update.store", "a gate runs either the store's active slot or the configured "
                                                       "model: drop one of update.store and model")
     return cfg

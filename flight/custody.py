@@ -180,24 +180,46 @@ class _Switching:
             self._persist_pointer(lm.slot, lm, "swap_model")
         return self.status()
 
-    def install(self, package: str | Path) -> dict:
-        """Install an uploaded package into the store's standby slot (verified and self-tested there)."""
+    def install(self, package: str | Path, activate: bool = False) -> dict:
+        """Install an uploaded package into the store's standby slot (verified and self-tested there).
+        activate=True: the store activates it in the same critical section (ModelStore.install(activate=True),
+        as the CLI's install --activate), then it runs; out["activated"] is then status(). A store with a
+        shadow bar (update.shadow_frames) holds that activation back (ShadowHeldError, model_shadow_held)
+        and the package stays installed, staged, as with the CLI."""
+        from .slots import ShadowHeldError
+
         if self.store is None:
             raise ModelError("install needs a model store (config update.store)")
         try:
-            out = self.store.install(package)
+            out = self.store.install(package, activate=activate)
+        except ShadowHeldError as e:
+            self._event("model_shadow_held", f"{package} installed, not activated: {e}"[:4000])
+            raise
         except ModelError as e:
             self._event("model_install_refused", f"{package}: {e}"[:4000])
             raise
         self._event("model_install", f"{out['name']} installed in slot {out['slot']}: {out['bist']}"[:4000],
                     duration=out["seconds"])
+        if activate:
+            out["activated"] = self._run_activated(out["activated"])
         return out
 
     def activate(self, slot: str | None = None) -> dict:
-        """Switch the store's active pointer to slot (default: the standby one), then run it."""
+        """Switch the store's active pointer to slot (default: the standby one), then run it. A store with a
+        shadow bar (update.shadow_frames) refuses a package without a sufficient shadow run (ShadowHeldError)."""
+        from .slots import ShadowHeldError
+
         if self.store is None:
             raise ModelError("activate needs a model store (config update.store)")
-        res = self.store.activate(slot)
+        try:
+            res = self.store.activate(slot)
+        except ShadowHeldError as e:
+            self._event("model_shadow_held", str(e)[:4000])
+            raise
+        return self._run_activated(res)
+
+    def _run_activated(self, res: dict) -> dict:
+        """The store has just activated res["slot"]: run it (verified, self-tested) unless it already runs."""
         self._pointer_sig = self._stat_pointer()
         if self.loaded is None or self.loaded.package_sha256 != res["package_sha256"] or not self.ok:
             self._switch_to(SlotSource(self.store, res["slot"]), f"activate slot {res['slot']}")
@@ -295,7 +317,8 @@ class ModelCustody(_Switching):
             return
         from .slots import ModelStore
 
-        self.store = ModelStore(u.store, self._key_bytes(), int(u.max_package_mib * 2**20), threads=cfg.threads)
+        self.store = ModelStore(u.store, self._key_bytes(), int(u.max_package_mib * 2**20), threads=cfg.threads,
+                                shadow_frames=u.shadow_frames, shadow_min_agreement=u.shadow_min_agreement)
         self.store.ensure()
         self._pointer_sig = self._stat_pointer()
         slots = self.store.resolve_active()

@@ -201,17 +201,17 @@ class CloudGate:
 
     def install(self, package: str | Path, activate: bool = False) -> dict:
         """Install an uploaded package into the store's standby slot (verified and self-tested there);
-        activate=True then switches to it (store pointer and the running model)."""
+        activate=True then switches to it (store pointer and the running model) in the same critical section
+        of the store, as the CLI's install --activate. With update.shadow_frames the activation of a package
+        that never ran is held back (ShadowHeldError; the package stays installed, staged)."""
         if self.store is None:
             raise ModelError("install needs a model store (config update.store)")
         with self._exclusive():
-            out = self.custody.install(package)
-        if activate:
-            out["activated"] = self.activate(out["slot"])
-        return out
+            return self.custody.install(package, activate=activate)
 
     def activate(self, slot: str | None = None) -> dict:
-        """Switch the store's active pointer to slot (default: the standby one), then run it."""
+        """Switch the store's active pointer to slot (default: the standby one), then run it. With
+        update.shadow_frames a package without a sufficient shadow run is held back (ShadowHeldError)."""
         if self.store is None:
             raise ModelError("activate needs a model store (config update.store)")
         with self._exclusive():

@@ -11,9 +11,10 @@ loaded verified and self-tested in a gate of its own, without a decision log) on
 
 Each compared frame is a `model_shadow` model event in STORE/journal.jsonl; after N frames the summary
 goes to STORE/slots/S/shadow.json (for the package it measured) and a `model_shadow` event says whether
-it meets the bar. ModelStore.activate(..., shadow_frames=N, shadow_min_agreement=x) then refuses (event
-`model_shadow_held`, exit 1) a slot whose shadow record for that package has fewer than N frames or an
-action agreement under x. The monitor never changes what the active gate decided, and a candidate that
+it meets the bar. A ModelStore(..., shadow_frames=N, shadow_min_agreement=x) (CLI --shadow-frames /
+--min-agreement; the gate config update.shadow_frames / update.shadow_min_agreement) then refuses to
+activate (event `model_shadow_held`, exit 1, ShadowHeldError) a slot whose shadow record for that package
+has fewer than N frames or an action agreement under x. The monitor never changes what the active gate decided, and a candidate that
 fails to load or faults is recorded, not raised: the payload loop never dies of it.
 """
 from __future__ import annotations

@@ -85,3 +85,89 @@ def test_rollback_to_a_model_that_ran_before_needs_no_shadow_run(tmp_path, kit):
     st.install(kit["v6"], activate=True)
     held = ModelStore(st.root, kit["key"], shadow_frames=10, shadow_min_agreement=0.9)
     assert held.rollback()["slot"] == "a"
+
+
+# ---------------------------------------------------------------- the bar as gate config (update.shadow_frames / _min_agreement)
+def test_shadow_bar_config_keys_default_to_no_bar_and_are_accepted():
+    from flight import GateConfig, config_from_dict
+
+    assert (GateConfig().update.shadow_frames, GateConfig().update.shadow_min_agreement) == (0, 0.0)
+    u = config_from_dict({"update": {"shadow_frames": 3, "shadow_min_agreement": 1}}).update
+    assert (u.shadow_frames, u.shadow_min_agreement) == (3, 1.0)
+
+
+@pytest.mark.parametrize("update,key,says", [
+    ({"shadow_frames": -1}, "update.shadow_frames", "0..1000000"),
+    ({"shadow_frames": 2.5}, "update.shadow_frames", "expected int"),
+    ({"shadow_frames": True}, "update.shadow_frames", "expected int"),
+    ({"shadow_frames": 3, "shadow_min_agreement": 1.5}, "update.shadow_min_agreement", "[0, 1]"),
+    ({"shadow_frames": 3, "shadow_min_agreement": -0.1}, "update.shadow_min_agreement", "[0, 1]"),
+    ({"shadow_frames": 3, "shadow_min_agreement": float("nan")}, "update.shadow_min_agreement", "[0, 1]"),
+    ({"shadow_frames": 3, "shadow_min_agreement": "high"}, "update.shadow_min_agreement", "expected float"),
+    ({"shadow_min_agreement": 0.9}, "update.shadow_min_agreement", "update.shadow_frames >= 1"),
+])
+def test_bad_shadow_bar_config_names_the_key_and_the_range(update, key, says):
+    from flight import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"update": update})
+    assert e.value.key == key and key in str(e.value) and says in str(e.value)
+    assert "unknown key" not in str(e.value)
+
+
+def _gated(tmp_path, kit, frames=2, agreement=0.9, **kw):
+    """A gate on tmp_path/store whose config asks for a shadow run before an activation."""
+    return CloudGate.from_model(backend="onnxruntime", update={
+        "store": str(tmp_path / "store"), "key": str(kit["keyfile"]), "shadow_frames": frames,
+        "shadow_min_agreement": agreement}, **kw)
+
+
+def test_gate_config_shadow_bar_holds_an_in_process_activation_until_a_shadow_run(tmp_path, kit):
+    from flight.shadow import ShadowMonitor
+    from flight.slots import ShadowHeldError
+
+    st = _store(tmp_path, kit)
+    st.install(kit["v5"], activate=True)
+    staged = st.install(kit["v6"])["slot"]
+    card = load_card(default_card())
+    bands = tuple(card.bands)
+    rng = np.random.default_rng(1)
+    with _gated(tmp_path, kit, log={"path": str(tmp_path / "decisions.jsonl")}) as g:
+        with pytest.raises(ShadowHeldError, match="no shadow run") as e:
+            g.activate()
+        assert e.value.code == "model_shadow_held"
+        assert g.model_status()["package_sha256"] == kit["pkg5"].sha256 == st.read_pointer().package_sha256
+        mon = ShadowMonitor(g.store, kit["keyfile"], 2, gate_options={"backend": "onnxruntime"})
+        for _ in range(2):
+            scene = rng.uniform(0.02, 0.6, (300, 300, len(bands))).astype(np.float32)
+            mon.observe(scene, bands, g.process(scene, bands))
+        mon.close()
+        res = g.activate()
+        assert res["slot"] == staged and res["package_sha256"] == kit["pkg6"].sha256
+        assert g.process(scene, bands).package_sha256 == kit["pkg6"].sha256
+    assert st.read_pointer().package_sha256 == kit["pkg6"].sha256
+    journal = [r["event"] for r in read_log(st.root / "journal.jsonl").records]
+    assert journal.count("model_shadow_held") == 1 and journal[-1] == "model_switch"
+    logged = [r.get("event") for r in read_log(tmp_path / "decisions.jsonl").records]
+    assert logged.count("model_shadow_held") == 1                 # the gate's own log says it too
+
+
+def test_gate_install_and_activate_in_one_step_is_held_by_the_shadow_bar_like_the_cli(tmp_path, kit):
+    """The CLI's install --activate --shadow-frames N installs the package (staged) and holds the activation
+    (exit 1, model_shadow_held); CloudGate.install(pkg, activate=True) with update.shadow_frames does the same."""
+    from flight.slots import ShadowHeldError
+
+    st = _store(tmp_path, kit)
+    st.install(kit["v5"], activate=True)
+    with _gated(tmp_path, kit) as g:
+        with pytest.raises(ShadowHeldError, match="no shadow run"):
+            g.install(kit["v6"], activate=True)
+        assert g.model_status()["package_sha256"] == kit["pkg5"].sha256
+    assert st.read_pointer().package_sha256 == kit["pkg5"].sha256
+    staged = [s for s, i in st.status()["slots"].items() if i.get("package_sha256") == kit["pkg6"].sha256]
+    assert len(staged) == 1 and not st.activated(staged[0], kit["pkg6"].sha256)    # installed, staged
+    journal = [r["event"] for r in read_log(st.root / "journal.jsonl").records]
+    assert journal[-2:] == ["model_install", "model_shadow_held"]
+    with _gated(tmp_path, kit, frames=0, agreement=0.0) as g:      # no bar: install and activate in one step
+        out = g.install(kit["v6"], activate=True)
+        assert out["activated"]["package_sha256"] == kit["pkg6"].sha256 == g.model_status()["package_sha256"]

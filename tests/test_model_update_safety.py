@@ -298,6 +298,40 @@ def test_install_and_activate_hold_the_lock_throughout(tmp_path, kit):
     assert st.read_pointer().package_sha256 == kit["pkg5"].sha256
 
 
+def test_gate_install_with_activate_is_one_critical_section_too(tmp_path, kit, monkeypatch):
+    """In-process CloudGate.install(pkg, activate=True) takes the store's lock once (store.install(activate=
+    True), as the CLI's install --activate): an install landing right after the gate's store call cannot get
+    its package activated."""
+    from flight.slots import ModelStore
+
+    st = _store(tmp_path, kit["key"])
+    st.install(kit["v3"], activate=True)
+    g = _gate(st, kit, backend="onnxruntime")
+    entered, seen = [], []
+    enter = ModelStore.__enter__
+
+    def counting_enter(self):
+        if self is g.store:
+            entered.append(1)
+        return enter(self)
+
+    install = g.store.install
+
+    def install_then_intrude(*a, **kw):
+        out = install(*a, **kw)                           # the gate's store call is over: its lock released
+        ModelStore(st.root, kit["key"], lock_timeout_s=0.2).install(kit["v6"])
+        seen.append("landed")
+        return out
+
+    monkeypatch.setattr(ModelStore, "__enter__", counting_enter)
+    monkeypatch.setattr(g.store, "install", install_then_intrude)
+    with g:
+        out = g.install(kit["v5"], activate=True)
+        assert seen == ["landed"] and len(entered) == 1
+        assert out["activated"]["package_sha256"] == kit["pkg5"].sha256 == g.model_status()["package_sha256"]
+    assert st.read_pointer().package_sha256 == kit["pkg5"].sha256
+
+
 # ---------------------------------------------------------------- item 7 and issue 19 items 4, 5, 9: CLI
 def _cli(*args):
     return subprocess.run([PY, "-m", "flight", "model", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
