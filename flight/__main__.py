@@ -137,7 +137,7 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_BUSY, EXIT_NO_SPACE, EXIT_STORE_IO = 1, 2, 3, 4, 
 def _model(a) -> int:
     from .errors import ModelError, ModelMissingError
     from .package import PackageKeyError, load_key, pack, write_key
-    from .slots import ModelStore, StoreBusyError, StoreFullError, StoreIOError, StoreUnusableError
+    from .slots import ModelStore, ShadowHeldError, StoreBusyError, StoreFullError, StoreIOError, StoreUnusableError
 
     def err(code: int, msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -190,13 +190,20 @@ def _model(a) -> int:
             for kind, r in results.items():
                 print(f"  {kind}: card <-> model consistent; self-test {r.detail} ({r.seconds * 1e3:.0f} ms)")
             return 0
+        if getattr(a, "min_agreement", 0.0) and not getattr(a, "shadow_frames", 0):
+            return err(EXIT_USAGE, "--min-agreement needs --shadow-frames N (N > 0): without a shadow run there is "
+                                   "no agreement to check")
         store = ModelStore(a.store, key, int(a.max_mib * 2**20), backends=backends, threads=a.threads,
                            lock_timeout_s=a.lock_timeout, shadow_frames=getattr(a, "shadow_frames", 0),
                            shadow_min_agreement=getattr(a, "min_agreement", 0.0))
         if a.modelcmd == "install":
             if not Path(a.package).exists():
                 return err(EXIT_USAGE, f"package {a.package} not found")
-            out = store.install(a.package, activate=a.activate, allow_downgrade=a.allow_downgrade)
+            try:
+                out = store.install(a.package, activate=a.activate, allow_downgrade=a.allow_downgrade)
+            except ShadowHeldError as e:                 # installed and self-tested, but not switched to
+                return err(EXIT_REFUSED, f"installed, not activated: {e}. The package stays staged in its slot; run "
+                                         "it in shadow mode (flight.shadow), then `activate` with the same bar")
             print(f"installed {out['name']} (model_version {out['model_version']}) in slot {out['slot']} "
                   f"({out['size']} bytes, {out['seconds']:.2f} s); self-test: {out['bist']}")
             if a.activate:
@@ -227,6 +234,22 @@ def _model(a) -> int:
     except OSError as e:
         return err(EXIT_STORE_IO, f"{e}")
     return err(EXIT_USAGE, f"unknown model command {a.modelcmd}")
+
+
+def _frame_count(text: str) -> int:
+    """--shadow-frames: a whole number of frames, 0..1000000 (argparse turns the ValueError into exit 2)."""
+    n = int(text)
+    if not 0 <= n <= 1_000_000:
+        raise ValueError(text)
+    return n
+
+
+def _agreement(text: str) -> float:
+    """--min-agreement: a share of frames, 0..1 (NaN refused)."""
+    x = float(text)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(text)
+    return x
 
 
 def _card_arg(card: str) -> Path:
@@ -362,10 +385,10 @@ def main(argv=None) -> int:
     ac.add_argument("--allow-downgrade", action="store_true",
                     help="activate a model_version older than the store has activated (journalled)")
     for p in (ins, ac):
-        p.add_argument("--shadow-frames", type=int, default=0,
+        p.add_argument("--shadow-frames", type=_frame_count, default=0,
                        help="hold the activation until the package ran this many frames in shadow mode beside the "
                             "active model (flight.shadow; default 0: not needed)")
-        p.add_argument("--min-agreement", type=float, default=0.0,
+        p.add_argument("--min-agreement", type=_agreement, default=0.0,
                        help="with --shadow-frames: the shadow run's action agreement needed (0..1)")
     common(msub.add_parser("rollback", help="switch back to the other slot (verified first)"))
     stp = common(msub.add_parser("status", help="active slot, generation, version high-water mark, what each slot "

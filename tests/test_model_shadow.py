@@ -171,3 +171,28 @@ def test_gate_install_and_activate_in_one_step_is_held_by_the_shadow_bar_like_th
     with _gated(tmp_path, kit, frames=0, agreement=0.0) as g:      # no bar: install and activate in one step
         out = g.install(kit["v6"], activate=True)
         assert out["activated"]["package_sha256"] == kit["pkg6"].sha256 == g.model_status()["package_sha256"]
+
+
+def test_cli_shadow_bar_arguments_are_checked_and_a_held_install_says_it_is_staged(tmp_path, kit):
+    """The model CLI refuses a shadow bar it cannot apply (exit 2 with a message: out-of-range agreement or
+    frames, an agreement without frames) and, when install --activate is held by the bar, says that the
+    package was installed and is staged (exit 1), and the store still runs the model it ran before."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flight", "model", *map(str, args)], capture_output=True, text=True)
+
+    store = tmp_path / "store"
+    base = ("--store", store, "--key", kit["keyfile"])
+    assert cli("install", kit["v5"], *base, "--activate").returncode == 0
+    for bad in (("--shadow-frames", "3", "--min-agreement", "1.5"), ("--shadow-frames", "3", "--min-agreement", "nan"),
+                ("--shadow-frames", "-1"), ("--min-agreement", "0.9")):
+        r = cli("install", kit["v6"], *base, "--activate", *bad)
+        assert r.returncode == 2 and ("min-agreement" in r.stderr or "shadow-frames" in r.stderr), (bad, r.stderr)
+    r = cli("install", kit["v6"], *base, "--activate", "--shadow-frames", "3", "--min-agreement", "0.9")
+    assert r.returncode == 1 and "installed, not activated" in r.stderr and "staged" in r.stderr, r.stderr
+    status = _store(tmp_path, kit).status()
+    assert status["slots"][status["active"]]["package_sha256"] == kit["pkg5"].sha256     # still the old model
+    staged = "a" if status["active"] == "b" else "b"
+    assert status["slots"][staged]["package_sha256"] == kit["pkg6"].sha256 and not status["slots"][staged]["activated"]
