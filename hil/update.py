@@ -250,7 +250,7 @@ def child_main(argv=None) -> int:
             time.sleep(float(job["period_s"]))
     finally:
         st = gate.model_status()
-        frames.write(json.dumps({"marker": "final", "status": st, "self_tests": gate.self_tests,
+        frames.write(json.dumps({"marker": "final", "status": st, "self_tests": gate.self_tests, "workers": gate.workers,
                                  "recoveries": gate.recoveries, "rollbacks": gate.rollbacks}) + "\n")
         gate.close()
         frames.close()
@@ -324,6 +324,7 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
             draws[max(j for j, x in enumerate(draws) if x == top)] = c
     records, nxt = [], 1
     t_run = time.monotonic()
+    load0 = round(os.getloadavg()[0], 2)
     for i, fault in enumerate(draws):
         before = store.read_pointer()
         rec = {"update": i, "fault": fault, "before": before.slot if before else None}
@@ -461,7 +462,9 @@ def run_board(board_name: str, out: Path, updates: int, seed: int, backend: str,
         child.kill()
         child.wait()
     wall = time.monotonic() - t_run
-    return _report(board, out, records, pk, child.returncode, wall, time.monotonic() - t_setup, backend)
+    rep = _report(board, out, records, pk, child.returncode, wall, time.monotonic() - t_setup, backend)
+    rep["host_load_avg_1min"] = {"start": load0, "end": round(os.getloadavg()[0], 2)}   # how busy the host was
+    return rep
 
 
 def _read(path: Path) -> bytes | None:
@@ -600,7 +603,7 @@ def _report(board, out: Path, records: list[dict], pk: dict, child_rc, wall: flo
                     "bist_pass": sum(1 for e in events if e.get("event") == "bist_pass"),
                     "bist_fail": sum(1 for e in events if e.get("event") == "bist_fail"),
                     "model_events": dict(Counter(e.get("event") for e in events)),
-                    "final": final.get("status"), "vms_growth_mib_max": max(
+                    "final": final.get("status"), "workers": final.get("workers"), "vms_growth_mib_max": max(
                         [f.get("vms_growth_mib", 0) for f in decided], default=0),
                     "rss_peak_growth_mib": max([f.get("rss_growth_mib", 0) for f in decided], default=0),
                     "budget_mib": board.gate_budget_mib},
@@ -626,18 +629,22 @@ def markdown(reps: list[dict], command: str) -> str:
          "Each board: a model store with the default model active, a gate process gating the campaign stream "
          "under the board's memory limit (self-test before every frame, following activations), and a sequence "
          "of updates through the real installer with a fault drawn per update (hil/update.py). Host times were "
-         "measured on this x86 machine (2 cores, shared with a training run, nice 19); board BIST times are "
+         f"measured on this {os.cpu_count()}-core x86 host (its 1-minute load average at each board's start and end "
+         "is in the table: other work on the host slows them); the gate runs one tile worker per core the board "
+         "profile gives it (`workers: auto`); board BIST times are "
          "**emulated** from the board profile (MACs / effective INT8 throughput), not measured on hardware.", "",
-         "| board | backend | result | updates | frames gated | upsets caught | switches followed | package bytes | "
-         "install s p50 / p95 (host) | installer process s p50 (host) | BIST s p50 (host) | BIST s (emulated board) | wall s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| board | backend | result | updates | frames gated | gate workers | upsets caught | switches followed | package bytes | "
+         "install s p50 / p95 (host) | installer process s p50 (host) | BIST s p50 (host) | BIST s (emulated board) | wall s | host load start / end |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reps:
+        load = r.get("host_load_avg_1min", {})
         L.append(f"| {r['board']} | {r['backend']} | {'PASS' if r['passed'] else 'FAIL'} | {r['updates']} | "
-                 f"{r['frames_gated']} | {r['upsets']['caught']}/{r['upsets']['with_flips']} | "
+                 f"{r['frames_gated']} | {r['gate'].get('workers', '?')} | "
+                 f"{r['upsets']['caught']}/{r['upsets']['with_flips']} | "
                  f"{r['gate']['switches_followed']} | {', '.join(f'{k} {v}' for k, v in r['package_bytes'].items())} | "
                  f"{_f(r['install_s_host']['p50'])} / {_f(r['install_s_host']['p95'])} | "
                  f"{_f(r['installer_process_s_host']['p50'])} | {_f(r['bist_s_host']['p50'])} | "
-                 f"{r['bist_s_emulated']} | {r['wall_s']} |")
+                 f"{r['bist_s_emulated']} | {r['wall_s']} | {load.get('start', '?')} / {load.get('end', '?')} |")
     for r in reps:
         L += ["", f"## {r['board']} ({r['backend']})", "", "| requirement | result | detail |", "|---|---|---|"]
         L += [f"| {q['requirement']} | {'pass' if q['passed'] else '**FAIL**'} | {q['detail']} |" for q in r["requirements"]]

@@ -364,12 +364,17 @@ def test_update_campaign_short(tmp_path):
     the committed report (docs/results/update_campaign.md) is the same command at 110 updates per board."""
     from hil.update import UPDATE_FAULTS, run_board
 
-    rep = run_board("myriad-x", tmp_path / "u", 26, 5, "litert", progress=False)
+    rep = run_board("jetson-nano", tmp_path / "u", 26, 5, "litert", progress=False)   # 2 cores: 2 workers here
     assert rep["passed"], [r for r in rep["requirements"] if not r["passed"]]
     for c in UPDATE_FAULTS:                            # 13 classes since issue 17, each drawn at least twice
         assert rep["by_class"][c]["updates"] >= 2 and rep["by_class"][c]["as_expected"] == rep["by_class"][c]["updates"], c
     assert rep["upsets"]["caught"] == rep["upsets"]["with_flips"] >= 1
     assert rep["install_s_host"]["n"] >= 1 and rep["bist_s_host"]["p50"] and rep["bist_s_emulated"] > 0
+    import os
+    from hil.boards import load_board
+    # the gate ran one worker per core the board gives it (workers: auto under the child's CPU affinity)
+    assert rep["gate"]["workers"] == min(load_board("jetson-nano").threads, len(os.sched_getaffinity(0)))
+    assert set(rep["host_load_avg_1min"]) == {"start", "end"}
 
 
 _KILL_IN_APPEND = """
