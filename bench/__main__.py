@@ -197,8 +197,11 @@ def write_outputs(res: dict, masks: dict, out: Path, stamp: str) -> None:
 def markdown(res: dict) -> str:
     from ground.evaluate import format_report
 
+    load = res.get("host_load_avg_1min", {})
     L = [f"# CloudGate benchmark {res['stamp']}", "", f"Command: `{res['command']}` on {res['machine']}. "
-         "All numbers from this one run; speed claims are ratios to the teacher measured in the same run.", ""]
+         "All numbers from this one run; speed claims are ratios to the teacher measured in the same run. "
+         f"Host 1-minute load average at start / end: {load.get('start', '?')} / {load.get('end', '?')} "
+         "(above ~0.5, other work shared these cores and the times, not the ratios, moved most).", ""]
     t = res["cost"].get("teacher_ukis", {})
     L += ["## Cost (1024×1024 real scene, median; s2cloudless on a 13-band eo-learn L1C scene of the same size)", "",
           "Each cost also as teacher ÷ contender (× fewer/smaller) or contender ÷ teacher (× faster) in brackets.", "",
@@ -285,7 +288,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = {"stamp": stamp, "command": "python -m bench" + (" --quick" if a.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "model": card.name, "model_sha256": {k: v["sha256"] for k, v in art.items()}}
+           "model": card.name, "model_sha256": {k: v["sha256"] for k, v in art.items()},
+           "host_load_avg_1min": {"start": round(os.getloadavg()[0], 2)}}   # other work on the host skews times
     res["accuracy_real"], res["accuracy_synthetic"], masks = accuracy(a.quick)
     res["cost"] = cost(a.quick)
     import ukis_csmask
@@ -325,6 +329,7 @@ def main(argv=None) -> int:
     res["memmap"] = memmap_rss(a.memmap_size or (2048 if a.quick else 10980))
     res["early_exit"] = early_exit_savings(a.quick)
     res["wall_s"] = round(time.time() - t0, 1)
+    res["host_load_avg_1min"]["end"] = round(os.getloadavg()[0], 2)
     write_outputs(res, masks, out, stamp)
     print(markdown(res))
     log(f"wrote {out}/{stamp}.json, .md, _pareto.png, _masks.png in {res['wall_s']} s")

@@ -3,6 +3,7 @@ schedule up front so a run is reproducible and the parent knows where hard kills
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 
@@ -281,7 +282,13 @@ def runtime_weight_regions(backend) -> list[tuple[int, int, int]]:
 def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list[int]:
     """Flip n_bits random bits in the runtime's executed weights (through /proc/self/mem, as an upset
     ignores page protection). onnxruntime: the same offset of one initializer is flipped in every copy
-    found, so the session's own copy is hit. Returns the offsets flipped ([] when nothing is reachable)."""
+    found, so the session's own copy is hit. Returns the offsets flipped ([] when nothing is reachable).
+
+    The copies found include dead ones: freed memory that still holds a parse copy. Writing there is
+    harmless only while nothing owns it, so every flip is drawn first, and each copy is then re-checked and
+    written with no allocation in between (pread into a buffer allocated up front, XOR in place, pwrite):
+    an allocation between the check and the write could hand the freed copy to a live object, and the write
+    would corrupt the heap (seen: "realloc(): invalid next size" after a 256-bit upset on onnxruntime)."""
     regions = runtime_weight_regions(backend)
     if not regions:
         return []
@@ -290,33 +297,44 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
     for a, n, g in regions:                                  # the copies of one tensor form a group
         groups.setdefault(g, []).append(a)
         sizes[g] = n
-    keys = sorted(groups)
     expect = backend.hil_weights                            # onnxruntime: what a live copy still holds
-    flipped, copies = [], 0
-    with open("/proc/self/mem", "r+b", buffering=0) as mem:
-        if expect is not None:                              # parse copies freed since the scan: not ours to touch
-            live = {}
-            for k in keys:
-                for a in groups[k]:
-                    try:
-                        mem.seek(a)
-                        if mem.read(sizes[k]) == expect[k]:
-                            live.setdefault(k, []).append(a)
-                    except OSError:                         # unmapped since the scan
-                        pass
-            groups, keys = live, sorted(live)
+    if expect is not None:                                   # the reference bytes are a copy the scan found too:
+        ours = {np.frombuffer(v, np.uint8).ctypes.data for v in expect.values()}   # never flip them (the check
+        groups = {k: [a for a in v if a not in ours] for k, v in groups.items()}   # of later copies reads them)
+    buf = bytearray(max(sizes.values()))
+    views = {k: memoryview(buf)[:n] for k, n in sizes.items()}
+    iovs = {k: [v] for k, v in views.items()}
+    fd = os.open("/proc/self/mem", os.O_RDWR)
+    try:
+        def holds(k: int, a: int) -> bool:                   # the copy at a still holds tensor k
+            try:
+                return os.preadv(fd, iovs[k], a) == sizes[k] and (expect is None or views[k] == expect[k])
+            except OSError:                                  # unmapped since the scan
+                return False
+
+        keys = sorted(k for k in groups if expect is None or any(holds(k, a) for a in groups[k]))
+        plan: dict[int, dict[int, int]] = {}                # group -> {offset: xor mask}, drawn up front
+        flipped = []
         for _ in range(n_bits if keys else 0):
             k = keys[int(rng.integers(len(keys)))]
             off, bit = int(rng.integers(sizes[k])), int(rng.integers(8))
+            plan.setdefault(k, {})
+            plan[k][off] = plan[k].get(off, 0) ^ (1 << bit)
+            flipped.append(off)
+        todo = {k: list(m.items()) for k, m in plan.items()}
+        copies = 0
+        for k, items in todo.items():
             for a in groups[k]:
+                if not holds(k, a):                          # freed and reused since the scan: not ours
+                    continue
+                for off, mask in items:                      # in place: no allocation before the write
+                    buf[off] ^= mask
                 try:
-                    mem.seek(a + off)
-                    v = mem.read(1)[0]
-                    mem.seek(a + off)
-                    mem.write(bytes([v ^ (1 << bit)]))
+                    os.pwritev(fd, iovs[k], a)
                     copies += 1
                 except OSError:
-                    continue
-            flipped.append(off)
+                    pass
+    finally:
+        os.close(fd)
     backend.hil_copies_flipped = copies
     return flipped
