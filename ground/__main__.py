@@ -81,7 +81,11 @@ def main(argv=None) -> int:
 
                 card = load_card(default_card()).raw   # the teacher's row on the same scenes, as the card scored it
                 teacher = card.get("metrics", {}).get("real_evaluation_part", {}).get("teacher_4b")
-                print(report(ab, Path(args.report), teacher))
+                try:
+                    print(report(ab, Path(args.report), teacher))
+                except FileNotFoundError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
                 return 0
             only = set(args.only.split(",")) if args.only else None
             seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None

@@ -99,6 +99,9 @@ def report(ab: dict, out: Path, teacher: dict | None = None) -> str:
     for p in sorted(RUNS.glob("*/result.json")):
         r = json.loads(p.read_text())
         rows.setdefault((r["arm"], r["spec"]), []).append(r)
+    if not rows:   # never overwrite a report with an empty table (e.g. a fresh clone: runs/ is not committed)
+        raise FileNotFoundError(f"no finished ablation run under {RUNS} (run `python -m ground ablate` first); "
+                                f"{out.with_suffix('.md')} left as it was")
     lines = ["# KD-method ablation and capacity check on real scenes", "",
              "Commands (2 cores, runs resumable): `python -m ground ablate` (arms × seeds), `python -m ground ablate "
              "--capacity`, then `python -m ground ablate --report docs/results/ablation`. Config: "

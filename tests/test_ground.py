@@ -338,3 +338,21 @@ def test_ddp_two_processes_identical_weights(tmp_path):
         rep = json.loads((tmp_path / f"runs/ddp/{run}/ddp_consistency.json").read_text())
         assert rep["world_size"] == 2 and rep["max_abs_param_diff"] == 0.0
         assert (tmp_path / f"runs/ddp/{run}/student.pt").exists()
+
+
+def test_ablate_report_without_runs_refuses_and_keeps_the_report(tmp_path, monkeypatch, capsys):
+    """Issue 19: on a fresh clone (runs/ is not committed) `python -m ground ablate --report docs/results/ablation`
+    exited 0 and overwrote the committed report with an empty table. No finished run: exit 2, nothing written."""
+    import ground.ablation as ablation
+    from ground.__main__ import main
+
+    monkeypatch.setattr(ablation, "RUNS", tmp_path / "runs" / "ablation")
+    out = tmp_path / "results" / "ablation"
+    out.parent.mkdir()
+    out.with_suffix(".md").write_text("the committed report\n")
+    with pytest.raises(FileNotFoundError, match="no finished ablation run"):
+        ablation.report({"steps": 1, "base_config": "x"}, out)
+    assert main(["ablate", "--report", str(out)]) == 2
+    assert "no finished ablation run" in capsys.readouterr().err
+    assert out.with_suffix(".md").read_text() == "the committed report\n"
+    assert not out.with_suffix(".json").exists() and not (tmp_path / "results" / "ablation_pareto.png").exists()
