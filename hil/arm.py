@@ -7,12 +7,13 @@ setup(): mmdebstrap an arm64 Debian bookworm root with python3 (extract only, no
 check(): run the same scenes through flight on x86 and under qemu-aarch64; decisions must be identical
          on both backends. LiteRT masks must be bit-identical. ONNX Runtime's x86 (AVX2) and ARM
          INT8 kernels round a few near-tie pixels differently (measured: 6-8 pixels on 4 real scenes
-         with v5; 26 of 147 456 on the 38-Cloud patch with v6, every one on a class boundary;
+         with v5; with v6 26 of 147 456 on the 38-Cloud patch, every one on a class boundary, and 90 of
+         262 144 on the ukis S2 tile, 79 on a boundary and the rest within 2 px of one;
          quantizing with reduce_range does not remove it; ORT's maintainers call this expected,
-         microsoft/onnxruntime#20479), so ORT masks may differ only on class boundaries of the x86
-         mask (a pixel with another class in its 3x3 neighbourhood: where the top two scores are near a
-         tie) and in at most ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions. A wrong kernel,
-         band or layout changes whole regions and fails either bound.
+         microsoft/onnxruntime#20479), so ORT masks may differ only near class boundaries of the x86
+         mask (within NEAR_BOUNDARY_PX: one cell of the model's 4x coarser decision grid, where the top two
+         scores are near a tie) and in at most ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions.
+         A wrong kernel, band or layout changes whole regions and fails either bound.
          Emulation is 100-700x slower: correctness only, never timing.
 """
 from __future__ import annotations
@@ -125,20 +126,31 @@ def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = N
 ORT_MAX_PIXEL_DIFF = 1e-3  # share of a scene's pixels (measured 1.8e-4 with v6); see the module docstring
 
 
-def class_boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels with another class somewhere in their 3x3 neighbourhood (edges replicated)."""
+NEAR_BOUNDARY_PX = 4   # the student's stem stride: its classes are decided on a 4x coarser grid and upsampled,
+                       # so a near-tie at low resolution flips a blob up to one coarse cell from the boundary
+
+
+def class_boundary(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Pixels within `radius` pixels (chessboard distance) of a pixel of another class (edges replicated)."""
     h, w = mask.shape
     p = np.pad(mask, 1, mode="edge")
     out = np.zeros((h, w), bool)
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
             out |= p[dy:dy + h, dx:dx + w] != mask
+    for _ in range(radius - 1):                          # grow by one pixel per step (bounded by radius)
+        q = np.pad(out, 1)
+        grown = out.copy()
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                grown |= q[dy:dy + h, dx:dx + w]
+        out = grown
     return out
 
 
 def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int, int] | None]:
-    """Per scene mask: (differing pixels, pixels, differing pixels off a class boundary of a's mask), or None
-    when missing or shaped differently in b."""
+    """Per scene mask: (differing pixels, pixels, differing pixels farther than NEAR_BOUNDARY_PX from a class
+    boundary of a's mask), or None when missing or shaped differently in b."""
     out = {}
     with np.load(a_npz) as za, np.load(b_npz) as zb:
         for k in za.files:
@@ -146,7 +158,8 @@ def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int, int] | Non
                 out[k] = None
                 continue
             a, diff = za[k], za[k] != zb[k]
-            out[k] = (int(diff.sum()), a.size, int((diff & ~class_boundary(a)).sum()) if diff.any() else 0)
+            out[k] = (int(diff.sum()), a.size,
+                      int((diff & ~class_boundary(a, NEAR_BOUNDARY_PX)).sum()) if diff.any() else 0)
     return out
 
 
@@ -172,7 +185,8 @@ def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff
         elif d[0] > max_pixel_diff * d[1]:
             problems.append(f"{k}: INT8 masks differ in {d[0]} of {d[1]} pixels")
         elif d[2]:
-            problems.append(f"{k}: INT8 masks differ in {d[2]} pixels off a class boundary (of {d[0]} differing)")
+            problems.append(f"{k}: INT8 masks differ in {d[2]} pixels farther than {NEAR_BOUNDARY_PX} px from a class "
+                            f"boundary (of {d[0]} differing)")
     return problems
 
 
@@ -196,7 +210,7 @@ def check(root: str | Path | None = None, n_scenes: int = 3, backends=("litert",
             problems = compare(x86, arm, jx, ja, tol, diffs)
             ndiff = sum(d[0] for d in diffs.values() if d is not None)
             status = ("bit-identical" if ndiff == 0 else
-                      f"same decisions, {ndiff} mask pixels differ, all on class boundaries (tolerance {tol:g})") \
+                      f"same decisions, {ndiff} mask pixels differ, all near class boundaries (tolerance {tol:g})") \
                 if not problems else "DIFFERENT"
             print(f"arm-check [{backend}] {len(scenes)} real scenes, qemu -cpu {QEMU_CPU}: {status}")
             for sid, d in jx.items():
