@@ -86,6 +86,68 @@ def _second_card():
     return d
 
 
+def cloud_biased_card(work: Path, shift: float = 4.0) -> Path:
+    """A copy of the default card whose INT8 models (TFLite and ONNX) add `shift` to the cloud logit of the
+    output layer: a consistent, signable candidate that calls more cloud than the shipped model, for shadow
+    mode's hold-back path (the repository ships one model since v6). Only the output layer's cloud bias
+    changes; the card's sha256 / bytes entries follow the edited files, the models' own metadata is kept."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from flight.model import default_card, load_card
+
+    src = default_card()
+    card = load_card(src)
+    cloud = list(card.raw["output"]["classes"]).index("cloud")
+    work.mkdir(parents=True, exist_ok=True)
+    text = src.read_text()
+    for key, entry in card.artifacts.items():
+        data = (src.parent / entry["file"]).read_bytes()
+        if key == "onnx_int8":
+            m = onnx.load_from_string(data)
+            inits = {i.name: i for i in m.graph.initializer}
+            head = next(n for n in reversed(m.graph.node) if n.op_type == "Conv")       # the output layer
+            deq = next((n for n in m.graph.node if n.op_type == "DequantizeLinear" and head.input[2] in n.output), None)
+            name, step = head.input[2], 1.0                  # a float bias, or (QDQ) an int32 one and its scale
+            if deq is not None:
+                name = deq.input[0]
+                sc = numpy_helper.to_array(inits[deq.input[1]]).ravel()
+                step = float(sc[cloud] if sc.size > 1 else sc[0])
+            b = numpy_helper.to_array(inits[name]).copy()
+            b[cloud] += type(b.flat[0])(round(shift / step) if deq is not None else shift)
+            inits[name].CopyFrom(numpy_helper.from_array(b, name))
+            data = m.SerializeToString()
+        elif key == "tflite_int8":
+            from ai_edge_litert.interpreter import Interpreter
+
+            it = Interpreter(model_content=data)
+            it.allocate_tensors()
+            conv = [o for o in it._get_ops_details() if o["op_name"] == "CONV_2D"][-1]
+            det = next(t for t in it.get_tensor_details() if t["index"] == conv["inputs"][2])
+            old = it.get_tensor(det["index"]).astype("<i4")
+            scale = det["quantization_parameters"]["scales"]
+            new = old.copy()
+            new[cloud] += int(round(shift / float(scale[cloud] if len(scale) > 1 else scale[0])))
+            if data.count(old.tobytes()) != 1:
+                raise RuntimeError("the output layer's bias is not a unique byte string in the TFLite file")
+            data = data.replace(old.tobytes(), new.tobytes())
+        (work / entry["file"]).write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        text = text.replace(entry["sha256"], sha)
+        if entry.get("bytes") is not None:
+            text = text.replace(f"file: {entry['file']}\n    sha256: {sha}\n    bytes: {entry['bytes']}\n",
+                                f"file: {entry['file']}\n    sha256: {sha}\n    bytes: {len(data)}\n")
+    out = work / src.name
+    out.write_text(text)
+    load_card(out)                                       # the edited card still parses and names its files
+    for key, entry in load_card(out).artifacts.items():
+        if hashlib.sha256((work / entry["file"]).read_bytes()).hexdigest() != entry["sha256"]:
+            raise RuntimeError(f"{out}: the sha256 of {key} was not updated")
+    return out
+
+
 def make_packages(work: Path, key: bytes, backend: str) -> dict:
     """Good v1 / v2 (the default card and another carded model), a foreign-key one, a golden-mismatch one
     and signed-but-inconsistent cards; the per-update corruptions are derived at draw time."""

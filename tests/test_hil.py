@@ -591,3 +591,22 @@ def test_a_scan_that_ends_in_a_fault_is_not_emulated_as_host_overhead(tmp_path):
     assert all(f["fault_code"] == "implausible_radiometry" and f["port_infers"] >= 1 for f in frames)
     row = next(r for r in rep["requirements"] if r["requirement"].startswith("emulated deadline misses"))
     assert row["passed"] and row["detail"].startswith("0/2"), row
+
+
+def test_cloud_biased_candidate_is_a_consistent_model_that_calls_more_cloud(tmp_path):
+    """The shadow run's differing candidate (hil.update.cloud_biased_card): its card loads and its sha256
+    entries match the edited files, both runtimes run it with the same decisions, and it calls more cloud
+    than the shipped model on the same scene (so the hold-back path has something to hold back)."""
+    from flight import CloudGate
+    from hil.update import cloud_biased_card
+
+    card = cloud_biased_card(tmp_path / "cb")
+    scene = generate_scene("partly", 3, 512)
+    cf = {}
+    for model in (None, str(card)):
+        for backend in ("litert", "onnxruntime"):
+            with CloudGate.from_model(model, backend=backend) as g:
+                cf[(model, backend)] = g.process(scene["bands"], scene["band_names"]).cloud_fraction
+    for backend in ("litert", "onnxruntime"):
+        assert cf[(str(card), backend)] > cf[(None, backend)] + 0.2
+    assert abs(cf[(str(card), "litert")] - cf[(str(card), "onnxruntime")]) < 0.01

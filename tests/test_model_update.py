@@ -49,7 +49,11 @@ def kit(tmp_path_factory):
     write_key(d / "key")
     key = load_key(d / "key")
     p1 = pack(default_card(), key, d / "m1.cgpkg", model_version=2)
-    second = _second_card() or default_card()
+    second = _second_card()                              # another carded model, or (models/ ships one since
+    if second is None:                                    # v6) the default with its cloud logit biased
+        from hil.update import cloud_biased_card
+
+        second = cloud_biased_card(d / "cloud-biased")
     p2 = pack(second, key, d / "m2.cgpkg", model_version=2)
     return {"dir": d, "key": key, "keyfile": d / "key", "p1": d / "m1.cgpkg", "p2": d / "m2.cgpkg",
             "pkg1": p1, "pkg2": p2}
