@@ -6,6 +6,8 @@ tile into a uint8 class mask (T, T): 0 clear, 1 cloud, 2 shadow.
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -82,6 +84,41 @@ class _ArgmaxInt8:
         np.add(out, b, out=out, casting="unsafe")   # 2 where shadow
 
 
+_RUNTIME_BANNERS = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+
+
+class _RuntimeBannerFilter:
+    """While LiteRT builds an interpreter: stderr (fd 2) goes to a temporary file, and afterwards everything
+    it wrote except its one-line INFO banner (printed from C++ on every interpreter, so on every CLI call) is
+    written back to stderr. Nothing else is dropped; what another thread wrote meanwhile comes out late."""
+
+    def __enter__(self):
+        import tempfile
+
+        try:
+            sys.stderr.flush()
+            self._tmp = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+        except (OSError, ValueError, AttributeError):    # no fd 2 (embedded interpreter): leave stderr alone
+            self._tmp = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._tmp is None:
+            return False
+        try:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._tmp.seek(0)
+            kept = [ln for ln in self._tmp.read().splitlines(keepends=True) if ln.rstrip() not in _RUNTIME_BANNERS]
+            if kept:
+                os.write(2, b"".join(kept))
+        finally:
+            self._tmp.close()
+        return False
+
+
 class LiteRTBackend:
     """ai-edge-litert (falling back to tflite-runtime) on a full-integer INT8 model, NHWC."""
 
@@ -96,8 +133,9 @@ class LiteRTBackend:
             except ImportError as e:
                 raise ModelError("no TFLite runtime: pip install ai-edge-litert (or use the .onnx model)") from e
         try:
-            self.it = Interpreter(model_content=model_bytes, num_threads=threads)
-            self.it.allocate_tensors()
+            with _RuntimeBannerFilter():
+                self.it = Interpreter(model_content=model_bytes, num_threads=threads)
+                self.it.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelIntegrityError(f"LiteRT refused {path}: {e}") from e
         i, o = self.it.get_input_details()[0], self.it.get_output_details()[0]

@@ -124,3 +124,18 @@ def test_config_file_errors(tmp_path):
     p.write_text("policy:\n  hysteresis: 0.5\n")
     with pytest.raises(ConfigError, match="policy.hysteresis"):
         CloudGate.from_config(p)
+
+
+def test_litert_banner_is_filtered_and_other_stderr_is_kept(capfd):
+    """Issue 19 item 9: LiteRT's C++ 'INFO: Created TensorFlow Lite XNNPACK delegate' line printed on every CLI
+    call. Building an interpreter prints nothing now; anything else written to fd 2 meanwhile still arrives."""
+    import os
+
+    from flight.backends import _RuntimeBannerFilter
+
+    with _RuntimeBannerFilter():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"a real warning\n")
+    CloudGate.from_model(backend="litert").close()
+    err = capfd.readouterr().err
+    assert "a real warning" in err and "XNNPACK delegate" not in err
