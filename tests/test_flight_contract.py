@@ -139,3 +139,18 @@ def test_litert_banner_is_filtered_and_other_stderr_is_kept(capfd):
     CloudGate.from_model(backend="litert").close()
     err = capfd.readouterr().err
     assert "a real warning" in err and "XNNPACK delegate" not in err
+
+
+def test_readme_embedding_snippet_runs_verbatim(real_dir):
+    """Issue 19: the README's embedding example is run as written (from the repository root, where its
+    ../shared path resolves), and its decision carries every field it shows."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    start = text.index("```python\n", text.index("## flight: embedding the gate")) + len("```python\n")
+    code = text[start:text.index("```", start)]
+    r = subprocess.run([sys.executable, "-c", code + "\nprint(d.action, d.rule, len(d.degraded))"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0] in ("downlink", "discard", "reacquire")
