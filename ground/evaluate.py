@@ -230,10 +230,20 @@ def summary_table(summary: dict) -> list[str]:
     return lines
 
 
-def format_report(real: dict, synthetic: dict | None = None) -> str:
+def trained_on_every_labelled_scene(card_raw: dict) -> bool:
+    """A card whose student's view pool drew on every shared scene (config.pool.sources: all, v6 on): its
+    scores on either part of the split are in-sample."""
+    return ((card_raw.get("config") or {}).get("pool") or {}).get("sources") == "all"
+
+
+def format_report(real: dict, synthetic: dict | None = None, in_sample: bool = False) -> str:
+    """in_sample: the student trained on every labelled scene, so no part is held out (titles say so)."""
     lines = []
     for part, res in real.items():
-        title = {"evaluation": "Evaluation part (never trained, calibrated or chosen on)",
+        held_out = ("Evaluation part (in-sample for this student, which trained on every shared labelled scene: a "
+                    "regression guard; generalisation is the cross-validation table, docs/results/cv.md)" if in_sample
+                    else "Evaluation part (never trained, calibrated or chosen on)")
+        title = {"evaluation": held_out,
                  "training": "Training part (trained / calibrated on: not evidence of generalisation)",
                  "all": "Every labelled scene (in-sample for a model trained on all of them: a regression guard; "
                         "generalisation is the cross-validation table, docs/results/cv.md)"}.get(part, part)
@@ -310,7 +320,7 @@ def evaluate_cli(card_path: str, out: str | None) -> None:
     card = yaml.safe_load(Path(card_path).read_text())
     parts = ("all",) if "folds_file" in (card.get("data") or {}) else ("evaluation", "training")
     real, synthetic, masks = evaluate_card(Path(card_path), parts=parts, keep_masks=bool(out), log=print)
-    text = format_report(real, synthetic)
+    text = format_report(real, synthetic, in_sample=trained_on_every_labelled_scene(card))
     print(text)
     if out:
         o = Path(out)

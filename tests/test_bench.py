@@ -114,3 +114,16 @@ def test_teacher_at_its_best_gives_the_csmask_call_mask(real_dir):
     run = _teacher_session(1)
     assert np.array_equal(run(img), ref) and np.array_equal(run(img), ref)
     assert len(np.unique(ref)) > 1                       # a scene with more than one class: the check can fail
+
+
+def test_accuracy_titles_say_in_sample_for_a_student_trained_on_every_scene():
+    """v6 trained on every shared labelled scene: the bench's and evaluate's report must not call the split's
+    evaluation part 'never trained on' for it (the held-out judgement is the CV table)."""
+    from flight.model import default_card, load_card
+    from ground.evaluate import format_report, trained_on_every_labelled_scene
+
+    real = {"evaluation": {"summary": {}, "scenes": {}}}
+    assert "never trained" in format_report(real)
+    shipped = trained_on_every_labelled_scene(load_card(default_card()).raw)
+    text = format_report(real, in_sample=shipped)
+    assert shipped and "in-sample" in text and "never trained" not in text
