@@ -24,7 +24,9 @@ failed (I/O error, read-only), nothing changed. The mission key is --key FILE or
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 
 from .policy import ACTIONS, RULES
@@ -240,7 +242,7 @@ def _frame_count(text: str) -> int:
     """--shadow-frames: a whole number of frames, 0..1000000 (argparse turns the ValueError into exit 2)."""
     n = int(text)
     if not 0 <= n <= 1_000_000:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number of frames in 0..1000000")
     return n
 
 
@@ -248,7 +250,7 @@ def _agreement(text: str) -> float:
     """--min-agreement: a share of frames, 0..1 (NaN refused)."""
     x = float(text)
     if not 0.0 <= x <= 1.0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text}: must be a share of frames in 0..1")
     return x
 
 
@@ -327,7 +329,61 @@ def _status_text(st: dict) -> str:
     return "\n".join(lines)
 
 
+_RUNTIME_BANNERS = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+
+
+class _CliStderrFilter:
+    """CLI only (never the library, which runs on board): LiteRT prints a one-line INFO banner from C++ on every
+    interpreter it builds, i.e. on every CLI call. For the command's duration fd 2 is a pipe; a thread forwards
+    each line at once to the real stderr, except that banner. Python's own stderr goes the same way, in order."""
+
+    def __enter__(self):
+        self.saved = None
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            r, w = os.pipe()
+            os.dup2(w, 2)
+            os.close(w)
+        except (OSError, ValueError, AttributeError):    # no usable fd 2: leave stderr alone
+            return self
+        self.saved, self.r = saved, r
+        self.thread = threading.Thread(target=self._pump, name="cloudgate-cli-stderr", daemon=True)
+        self.thread.start()
+        return self
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:                                       # ends at EOF: fd 2 restored in __exit__
+            chunk = os.read(self.r, 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            out = b"".join(ln + b"\n" for ln in lines if ln.rstrip() not in _RUNTIME_BANNERS)
+            if out:
+                os.write(self.saved, out)
+        if pending and pending.rstrip() not in _RUNTIME_BANNERS:
+            os.write(self.saved, pending)
+        os.close(self.r)
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            return False
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(self.saved, 2)                        # the pipe's last write end closes: the pump sees EOF
+            self.thread.join(timeout=5.0)
+            os.close(self.saved)
+        return False
+
+
 def main(argv=None) -> int:
+    with _CliStderrFilter():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     if hasattr(sys.stdout, "reconfigure"):             # a scene id the gate accepted may hold lone surrogates
         sys.stdout.reconfigure(errors="backslashreplace")
     ap = argparse.ArgumentParser(prog="python -m flight")

@@ -221,7 +221,8 @@ def _litert_regions(inner) -> list[tuple[int, int]]:
 def _ort_regions(wrapper) -> list[tuple[int, int, int]]:
     """onnxruntime (pre-packing disabled): every copy in this process's anonymous memory of each int8 /
     int32 initializer of the model, found by its first 64 bytes. The session's own copy is among them
-    (the others are dead parse copies; upsetting them too is harmless)."""
+    (the others are dead parse copies, freed memory: flip_runtime_weights writes one only while it still
+    holds the tensor, checked right before the write)."""
     import re
 
     import onnx
@@ -231,9 +232,10 @@ def _ort_regions(wrapper) -> list[tuple[int, int, int]]:
     pats = []
     for init in m.graph.initializer:
         a = numpy_helper.to_array(init)
-        head = a.tobytes()[:64]
+        full = a.tobytes()                               # one copy (a second, freed one would be found too)
+        head = full[:64]
         if a.nbytes >= 128 and a.dtype.kind in "iu" and len(set(head)) >= 24:   # distinctive: real weights
-            pats.append((head, a.tobytes()))
+            pats.append((head, full))
     del m
     regions = []
     with open("/proc/self/maps") as f:
@@ -286,9 +288,10 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
 
     The copies found include dead ones: freed memory that still holds a parse copy. Writing there is
     harmless only while nothing owns it, so every flip is drawn first, and each copy is then re-checked and
-    written with no allocation in between (pread into a buffer allocated up front, XOR in place, pwrite):
-    an allocation between the check and the write could hand the freed copy to a live object, and the write
-    would corrupt the heap (seen: "realloc(): invalid next size" after a 256-bit upset on onnxruntime)."""
+    written with no heap allocation in between (pread into a buffer allocated up front; onnxruntime: one
+    pwrite of the upset bytes prepared before the loop): an allocation between the check and the write could
+    hand the freed copy to a live object, and the write would corrupt the heap (seen: "realloc(): invalid
+    next size" after a 256-bit upset on onnxruntime). Returns [] when no copy was written."""
     regions = runtime_weight_regions(backend)
     if not regions:
         return []
@@ -321,13 +324,28 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
             plan.setdefault(k, {})
             plan[k][off] = plan[k].get(off, 0) ^ (1 << bit)
             flipped.append(off)
+        patched = {}                                    # onnxruntime: what every live copy becomes, made up front
+        if expect is not None:
+            for k, m in plan.items():
+                b = bytearray(expect[k])
+                for off, mask in m.items():
+                    b[off] ^= mask
+                patched[k] = bytes(b)
         todo = {k: list(m.items()) for k, m in plan.items()}
         copies = 0
         for k, items in todo.items():
             for a in groups[k]:
-                if not holds(k, a):                          # freed and reused since the scan: not ours
+                if expect is not None:                   # check, then one pwrite of prepared bytes (its buffer
+                    if holds(k, a):                      # is borrowed on the C stack: no heap allocation between)
+                        try:
+                            os.pwrite(fd, patched[k], a)
+                            copies += 1
+                        except OSError:
+                            pass
                     continue
-                for off, mask in items:                      # in place: no allocation before the write
+                if not holds(k, a):                      # LiteRT: the live model buffer (never freed)
+                    continue
+                for off, mask in items:
                     buf[off] ^= mask
                 try:
                     os.pwritev(fd, iovs[k], a)
@@ -337,4 +355,4 @@ def flip_runtime_weights(backend, n_bits: int, rng: np.random.Generator) -> list
     finally:
         os.close(fd)
     backend.hil_copies_flipped = copies
-    return flipped
+    return flipped if copies else []                     # nothing written: no upset landed

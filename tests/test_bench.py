@@ -33,9 +33,12 @@ def test_quick_bench_writes_outputs(real_dir, tmp_path):
             "student invoke only (LiteRT INT8)"} <= set(res["cost"])
     assert all("mpx_per_s" in v["2t"] for v in res["cost"].values())
     # issue 16's speed acceptance is stated from this run's ratios, against the teacher at its best
-    acc = res["speed_acceptance"]
-    assert acc["vs_teacher_at_best"] == res["ratios_vs_teacher_at_best_2t"]["cloudgate (LiteRT INT8, end to end, one worker per thread)"]
-    assert acc["met"].startswith(("yes", "no")) and "Speed acceptance" in (tmp_path / (js[0].stem + ".md")).read_text()
+    acc, rate = res["speed_acceptance"], {k: v["2t"]["mpx_per_s"] for k, v in res["cost"].items()}
+    workers, teacher = rate["cloudgate (LiteRT INT8, end to end, one worker per thread)"], rate["teacher_ukis_session"]
+    assert abs(acc["vs_teacher_at_best"] - workers / teacher) <= 0.05 + 0.001 * workers / teacher
+    assert abs(acc["vs_today"] - workers / rate[gate]) <= 0.006
+    assert acc["met"].startswith("yes") == (acc["vs_teacher_at_best"] >= 300)
+    assert "Speed acceptance" in (tmp_path / (js[0].stem + ".md")).read_text()
     # a 111x-fewer-MACs student that is not even 5x faster end to end is a regression in the gate
     assert res["ratios_vs_teacher_2t"][gate] > 5
     ev = res["accuracy_real"]["evaluation"]
@@ -45,7 +48,8 @@ def test_quick_bench_writes_outputs(real_dir, tmp_path):
     assert res["early_exit"]["all_actions_match"]
     assert "growth_mib" in res["memmap"]["full_pass"]
     import os
-    assert res["memmap"]["full_pass_all_workers"]["workers"] == len(os.sched_getaffinity(0))   # 'auto' = every usable core
+    w, cores = res["memmap"]["full_pass_all_workers"]["workers"], len(os.sched_getaffinity(0))
+    assert 1 <= w <= cores and (w == cores or cores > 2)   # 'auto': every usable core (capped by the budget on big hosts)
     for suffix in (".md", "_pareto.png", "_masks.png"):
         assert (tmp_path / (js[0].stem + suffix)).stat().st_size > 500
 
