@@ -50,7 +50,7 @@ def run(board_name: str, backend: str, frames: int, min_agreement: float, out: P
     from flight.slots import ModelStore
 
     from .streams import load_item, load_stream
-    from .update import _second_card, cloud_biased_card
+    from .update import differing_card
 
     board = load_board(board_name)
     if out.exists():
@@ -63,10 +63,7 @@ def run(board_name: str, backend: str, frames: int, min_agreement: float, out: P
     k = ["--store", out / "store", "--key", out / "mission.key", "--backend", backend]
     active = pack(default_card(), key, out / "active.cgpkg", model_version=2)
     cands = {"agreeing": pack(default_card(), key, out / "agreeing.cgpkg", model_version=3)}
-    second = _second_card()                               # another carded model when models/ has one, else
-    if second == default_card():                          # the default with its cloud logit biased (+4)
-        second = cloud_biased_card(out / "cloud-biased")
-    cands["differing"] = pack(second, key, out / "differing.cgpkg", model_version=4)
+    cands["differing"] = pack(differing_card(out / "cloud-biased"), key, out / "differing.cgpkg", model_version=4)
     r = _cli("install", out / "active.cgpkg", *k, "--activate", env=env)
     if r.returncode:
         raise RuntimeError(f"initial install failed: {r.stderr}")

@@ -148,6 +148,15 @@ def cloud_biased_card(work: Path, shift: float = 4.0) -> Path:
     return out
 
 
+def differing_card(work: Path) -> Path:
+    """A model that decides differently from the default: another carded model in models/ when there is
+    one, else the default with its cloud logit biased (cloud_biased_card, written under work)."""
+    from flight.model import default_card
+
+    second = _second_card()
+    return second if second != default_card() else cloud_biased_card(work)
+
+
 def make_packages(work: Path, key: bytes, backend: str) -> dict:
     """Good v1 / v2 (the default card and another carded model), a foreign-key one, a golden-mismatch one
     and signed-but-inconsistent cards; the per-update corruptions are derived at draw time."""

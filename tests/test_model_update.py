@@ -28,20 +28,6 @@ from flight.slots import ModelStore
 PY = sys.executable
 
 
-def _second_card():
-    """Another carded model in models/ (a different student), for switches; None if there is none."""
-    default = default_card()
-    for p in sorted(MODELS_DIR.glob("*.yaml")):
-        if p != default:
-            try:
-                c = load_card(p)
-            except ModelError:
-                continue
-            if "tflite_int8" in c.artifacts and "onnx_int8" in c.artifacts:
-                return p
-    return None
-
-
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """A mission key, a package of the default model and one of a second model (both made here)."""
@@ -49,12 +35,9 @@ def kit(tmp_path_factory):
     write_key(d / "key")
     key = load_key(d / "key")
     p1 = pack(default_card(), key, d / "m1.cgpkg", model_version=2)
-    second = _second_card()                              # another carded model, or (models/ ships one since
-    if second is None:                                    # v6) the default with its cloud logit biased
-        from hil.update import cloud_biased_card
+    from hil.update import differing_card
 
-        second = cloud_biased_card(d / "cloud-biased")
-    p2 = pack(second, key, d / "m2.cgpkg", model_version=2)
+    p2 = pack(differing_card(d / "cloud-biased"), key, d / "m2.cgpkg", model_version=2)
     return {"dir": d, "key": key, "keyfile": d / "key", "p1": d / "m1.cgpkg", "p2": d / "m2.cgpkg",
             "pkg1": p1, "pkg2": p2}
 
