@@ -11,8 +11,8 @@ check(): run the same scenes through flight on x86 and under qemu-aarch64; decis
          262 144 on the ukis S2 tile, 79 on a boundary and the rest within 2 px of one;
          quantizing with reduce_range does not remove it; ORT's maintainers call this expected,
          microsoft/onnxruntime#20479), so ORT masks may differ only near class boundaries of the x86
-         mask (within NEAR_BOUNDARY_PX: one cell of the model's 4x coarser decision grid, where the top two
-         scores are near a tie) and in at most ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions.
+         mask (within near_boundary_px(), the card's stem stride: one cell of the model's coarser
+         decision grid, where the top two scores are near a tie) and in at most ORT_MAX_PIXEL_DIFF of the pixels -- with the same actions.
          A wrong kernel, band or layout changes whole regions and fails either bound.
          Emulation is 100-700x slower: correctness only, never timing.
 """
@@ -126,32 +126,39 @@ def run_probe(scenes: list[Path], out: Path, backend: str, root: Path | None = N
 ORT_MAX_PIXEL_DIFF = 1e-3  # share of a scene's pixels (measured with v6: up to 3.4e-4); see the module docstring
 
 
-NEAR_BOUNDARY_PX = 4   # the student's stem stride: its classes are decided on a 4x coarser grid and upsampled,
-                       # so a near-tie at low resolution flips a blob up to one coarse cell from the boundary
+def near_boundary_px() -> int:
+    """How far from a class boundary a near-tie flip may land: the shipped student's stem stride (card
+    `stem_stride`, 4 for cloudgate-s4): its classes are decided on that much coarser a grid and upsampled, so a
+    near-tie at low resolution flips a blob up to one coarse cell from the boundary."""
+    from flight.model import default_card, load_card
+
+    return int(load_card(default_card()).raw["stem_stride"])
+
+
+def _neighbourhood(a: np.ndarray, fill):
+    """The nine 3x3-shifted views of a (padded with `fill`: "edge" or a constant), each shaped like a."""
+    h, w = a.shape
+    p = np.pad(a, 1, mode="edge") if fill == "edge" else np.pad(a, 1, constant_values=fill)
+    return (p[dy:dy + h, dx:dx + w] for dy in (0, 1, 2) for dx in (0, 1, 2))
 
 
 def class_boundary(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     """Pixels within `radius` pixels (chessboard distance) of a pixel of another class (edges replicated)."""
-    h, w = mask.shape
-    p = np.pad(mask, 1, mode="edge")
-    out = np.zeros((h, w), bool)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            out |= p[dy:dy + h, dx:dx + w] != mask
+    out = np.zeros(mask.shape, bool)
+    for v in _neighbourhood(mask, "edge"):
+        out |= v != mask
     for _ in range(radius - 1):                          # grow by one pixel per step (bounded by radius)
-        q = np.pad(out, 1)
         grown = out.copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                grown |= q[dy:dy + h, dx:dx + w]
+        for v in _neighbourhood(out, False):
+            grown |= v
         out = grown
     return out
 
 
 def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int, int] | None]:
-    """Per scene mask: (differing pixels, pixels, differing pixels farther than NEAR_BOUNDARY_PX from a class
+    """Per scene mask: (differing pixels, pixels, differing pixels farther than near_boundary_px() from a class
     boundary of a's mask), or None when missing or shaped differently in b."""
-    out = {}
+    out, near = {}, near_boundary_px()
     with np.load(a_npz) as za, np.load(b_npz) as zb:
         for k in za.files:
             if k not in zb.files or za[k].shape != zb[k].shape:
@@ -159,14 +166,14 @@ def mask_diffs(a_npz: Path, b_npz: Path) -> dict[str, tuple[int, int, int] | Non
                 continue
             a, diff = za[k], za[k] != zb[k]
             out[k] = (int(diff.sum()), a.size,
-                      int((diff & ~class_boundary(a, NEAR_BOUNDARY_PX)).sum()) if diff.any() else 0)
+                      int((diff & ~class_boundary(a, near)).sum()) if diff.any() else 0)
     return out
 
 
 def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff: float = 0.0,
             diffs: dict | None = None) -> list[str]:
     """Problems between an x86 and an aarch64 run; masks may differ in max_pixel_diff of the pixels, and
-    only within NEAR_BOUNDARY_PX of class boundaries of the x86 mask (with max_pixel_diff 0, not at all).
+    only within near_boundary_px() of class boundaries of the x86 mask (with max_pixel_diff 0, not at all).
     `diffs`: mask_diffs(a_npz, b_npz) when the caller already has it."""
     problems = []
     for sid, da in a_json.items():
@@ -185,7 +192,7 @@ def compare(a_npz: Path, b_npz: Path, a_json: dict, b_json: dict, max_pixel_diff
         elif d[0] > max_pixel_diff * d[1]:
             problems.append(f"{k}: INT8 masks differ in {d[0]} of {d[1]} pixels")
         elif d[2]:
-            problems.append(f"{k}: INT8 masks differ in {d[2]} pixels farther than {NEAR_BOUNDARY_PX} px from a class "
+            problems.append(f"{k}: INT8 masks differ in {d[2]} pixels farther than {near_boundary_px()} px from a class "
                             f"boundary (of {d[0]} differing)")
     return problems
 
