@@ -41,12 +41,31 @@ def main(argv=None) -> int:
     from .cv import add_parser as add_cv_parser
 
     add_cv_parser(sub)
+    from .judge import add_parser as add_judge_parser
+
+    b = sub.add_parser("bench-train", help="training throughput: v6's loop and the current one side by side (ground/trainbench.py)")
+    b.add_argument("--config", default=str(Path(__file__).parent / "configs" / "judge_base.yaml"))
+    b.add_argument("--rounds", type=int, default=4)
+    b.add_argument("--steps", type=int, default=15, help="batch-32-equivalent steps per loop per round")
+    b.add_argument("--out", default="docs/results/train_throughput", help="output path without suffix")
+
+    add_judge_parser(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "cv":
             from .cv import main as cv_main
 
             return cv_main(args)
+        if args.cmd == "bench-train":
+            from .trainbench import bench_train
+
+            r = bench_train(args.config, rounds=args.rounds, steps_per_round=args.steps, out=Path(args.out))
+            print(Path(args.out).with_suffix(".md").read_text())
+            return 0 if r["speedup"] > 0 else 1
+        if args.cmd == "judge":
+            from .judge import main as judge_main
+
+            return judge_main(args)
         if args.cmd == "pool":
             from .distill import build_transfer_set, load_config
 

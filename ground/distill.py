@@ -119,53 +119,80 @@ def kd_view(batch: dict, stride: int) -> dict:
             "t_feats": batch["t_feats"]}
 
 
-def _augment(rng: np.random.Generator, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Same random flip / rot90 on every (…, H, W) array of one sample."""
-    k, flip = int(rng.integers(4)), bool(rng.integers(2))
-    out = []
-    for a in arrays:
-        a = np.rot90(a, k, axes=(-2, -1))
-        out.append(np.ascontiguousarray(a[..., ::-1] if flip else a))
-    return out
-
-
-def _crop_arrays(rng, arrays: list[np.ndarray], crop: int, full: int) -> list[np.ndarray]:
-    """The same random crop of side `crop` (a multiple of 8) from every (..., H, W) array of one sample;
-    arrays on a coarser grid (teacher features at 1/8) are cut at the matching, aligned window."""
+def _crop_window(rng, crop: int | None, full: int) -> tuple[int, int, int]:
+    """(y0, x0, side) of one random crop on the 8-px grid (teacher features live at 1/8); the whole view
+    when crop is None or not smaller than the view."""
+    if not crop or crop >= full:
+        return 0, 0, full
     y0, x0 = (int(rng.integers(0, (full - crop) // 8 + 1)) * 8 for _ in range(2))
-    out = []
-    for a in arrays:
-        f = full // a.shape[-1]
-        out.append(np.ascontiguousarray(a[..., y0 // f:(y0 + crop) // f, x0 // f:(x0 + crop) // f]))
-    return out
+    return y0, x0, crop
+
+
+def _geometry(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """rot90 by k and an optional horizontal flip of a (..., H, W) array (a view, no copy)."""
+    a = np.rot90(a, k, axes=(-2, -1))
+    return a[..., ::-1] if flip else a
+
+
+def needed_teacher_arrays(terms: list[dict]) -> tuple[bool, bool]:
+    """(probabilities, features): which cached teacher outputs the loss terms read. A labels-only run
+    reads neither, a probability-KD run no features: batch assembly skips what no term uses."""
+    types = {t["type"] for t in terms}
+    return bool(types - {"ce_labels"} - {"sslkd_feature"}), "sslkd_feature" in types
 
 
 def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout: float = 0.0,
-           crop: int | None = None) -> dict:
-    """Views idx as one training batch in model-input order. A view whose source has the optional bands
-    (SWIR) loses them with probability optional_dropout (planes 0, presence flag 0), so one student
-    learns both the with-SWIR and the VNIR-only input it meets in flight."""
-    xs, ys, tps, tfs = [], [], {t: [] for t in ts["t_probs"]}, {t: [] for t in ts["t_feats"]}
+           crop: int | None = None, needs: tuple[bool, bool] = (True, True), downsample: int = 1) -> dict:
+    """Views idx as one training batch in model-input order, built crop-first: the crop window and the
+    flip/rot90 are drawn per view, then only the window is read from the (memory-mapped, float16) pool,
+    converted and turned; teacher arrays that no loss term reads (`needs` = (probabilities, features),
+    see needed_teacher_arrays) are not read at all. The same window and turn apply to the view, its
+    labels and its cached teacher outputs, so the teacher labels exactly the view the student sees.
+
+    A view whose source has the optional bands (SWIR) loses them with probability optional_dropout
+    (planes 0, presence flag 0), so one student learns both the with-SWIR and the VNIR-only input.
+    downsample 2: the view, its teacher probabilities and (by majority of each 2x2 cell, unlabelled if
+    none) its labels are averaged to the half-resolution grid a half-resolution decision model runs at."""
+    need_probs, need_feats = needs
+    tps = {t: [] for t in ts["t_probs"]} if need_probs else {}
+    tfs = {t: [] for t in ts["t_feats"]} if need_feats else {}
+    xs, ys = [], []
+    band_idx = None
     for i in idx:
+        full = ts["X"].shape[1]
+        y0, x0, side = _crop_window(rng, crop, full)
+        k, flip = (int(rng.integers(4)), bool(rng.integers(2))) if augment else (0, False)
         present = bool(ts["swir"][i]) and not (optional_dropout > 0 and rng is not None
                                                and rng.random() < optional_dropout)
-        x = spec.model_input(np.asarray(ts["X"][i], np.float32), SYNTH_BANDS, present)
-        arrs = [x.transpose(2, 0, 1), ts["Y"][i]]
-        arrs += [ts["t_probs"][t][i].astype(np.float32) / 255.0 for t in tps]
-        arrs += [ts["t_feats"][t][i].astype(np.float32) for t in tfs]
-        if augment:
-            arrs = _augment(rng, arrs)
-        if crop and crop < arrs[0].shape[-1]:   # train.crop: random crops of the views (cheaper steps)
-            arrs = _crop_arrays(rng, arrs, crop, arrs[0].shape[-1])
-        xs.append(arrs[0]), ys.append(arrs[1])
-        for j, t in enumerate(tps):
-            tps[t].append(arrs[2 + j])
-        for j, t in enumerate(tfs):
-            tfs[t].append(arrs[2 + len(tps) + j])
-    labels = torch.from_numpy(np.stack(ys)).long()
-    return {"x": torch.from_numpy(np.stack(xs)), "labels": labels,
-            "t_probs": {t: torch.from_numpy(np.stack(v)) for t, v in tps.items()},
-            "t_feats": {t: torch.from_numpy(np.stack(v)) for t, v in tfs.items()}}
+        win = np.asarray(ts["X"][i, y0:y0 + side, x0:x0 + side], np.float32)
+        if band_idx is None and not spec.optional_bands:
+            band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
+        x = win[..., band_idx] if band_idx is not None else spec.model_input(win, SYNTH_BANDS, present)
+        xs.append(_geometry(x.transpose(2, 0, 1), k, flip))
+        ys.append(_geometry(ts["Y"][i, y0:y0 + side, x0:x0 + side], k, flip))
+        for t in tps:
+            tps[t].append(_geometry(ts["t_probs"][t][i, :, y0:y0 + side, x0:x0 + side], k, flip))
+        for t in tfs:
+            tfs[t].append(_geometry(ts["t_feats"][t][i, :, y0 // 8:(y0 + side) // 8, x0 // 8:(x0 + side) // 8], k, flip))
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(xs), np.float32))
+    labels = torch.from_numpy(np.stack(ys).astype(np.int64))
+    t_probs = {t: torch.from_numpy(np.stack(v).astype(np.float32)).mul_(1.0 / 255.0) for t, v in tps.items()}
+    t_feats = {t: torch.from_numpy(np.stack(v).astype(np.float32)) for t, v in tfs.items()}
+    if downsample > 1:
+        x = nn.functional.avg_pool2d(x, downsample)
+        t_probs = {t: nn.functional.avg_pool2d(p, downsample) for t, p in t_probs.items()}
+        labels = _majority_labels(labels, downsample, len(spec.classes))
+    return {"x": x.contiguous(memory_format=torch.channels_last), "labels": labels, "t_probs": t_probs, "t_feats": t_feats}
+
+
+def _majority_labels(labels: torch.Tensor, f: int, n_classes: int) -> torch.Tensor:
+    """(B, H, W) labels -> (B, H/f, W/f): the most frequent labelled class of each f x f cell (ties to the
+    higher class: cloud over clear), L.IGNORE where no pixel of the cell is labelled."""
+    onehot = torch.stack([(labels == c).float() for c in range(n_classes)], 1)
+    counts = nn.functional.avg_pool2d(onehot, f) * (f * f)
+    best = counts.flip(1).argmax(1)
+    out = (n_classes - 1) - best
+    return torch.where(counts.sum(1) > 0, out, torch.full_like(out, L.IGNORE))
 
 
 def _fingerprint(cfg: dict, terms: list[dict], data_key: str, train_idx, init: str | None) -> str:
@@ -189,12 +216,57 @@ def seed_everything(seed: int):
 
 def _sample(cfg: dict, ts: dict, train_idx: np.ndarray, step: int, batch: int) -> np.ndarray:
     """Batch indices as a function of (seed, step): identical on resume and across ranks. A fixed share
-    of every batch carries human labels (training-part scenes), the rest is drawn from all views."""
+    of every batch carries human labels (data.labelled_batch_share), another (data.bright_view_share) comes
+    from the views ts["bright"] marks (bright clear surfaces: the rare views a gate must never discard),
+    the rest is drawn from all training views."""
     rng = np.random.default_rng([cfg["seed"], step])
     lab = train_idx[ts["labelled"][train_idx]]
     n_lab = int(round(batch * cfg["data"].get("labelled_batch_share", 0.5))) if len(lab) else 0
+    share = float(cfg["data"].get("bright_view_share", 0.0))
+    bright = train_idx[ts["bright"][train_idx]] if share and "bright" in ts else train_idx[:0]
+    n_bright = min(batch - n_lab, int(round(batch * share))) if len(bright) else 0
+    rest = batch - n_lab - n_bright
     return np.concatenate([rng.choice(lab, n_lab, replace=n_lab > len(lab)),
-                           rng.choice(train_idx, batch - n_lab, replace=batch - n_lab > len(train_idx))])
+                           rng.choice(bright, n_bright, replace=n_bright > len(bright)),
+                           rng.choice(train_idx, rest, replace=rest > len(train_idx))]).astype(np.int64)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not every platform has affinity
+        return os.cpu_count() or 1
+
+
+def training_threads(setting="auto", load: float | None = None, cores: int | None = None) -> int:
+    """torch threads for a training run. An int is taken as is; "auto" decides from the load: every
+    usable core when the machine is idle, one thread when anything else keeps a core busy (measured:
+    two threads on a shared 2-core machine made steps 3-15x slower, never faster)."""
+    if setting != "auto":
+        if not isinstance(setting, int) or setting < 1:
+            raise ConfigError(f"train.threads={setting!r}: give a positive integer or 'auto'")
+        return setting
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and load is None and cores is None:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))   # the caller's explicit choice wins over the load
+    cores = usable_cores() if cores is None else cores
+    load = os.getloadavg()[0] if load is None else load
+    idle = cores - load
+    return max(1, cores) if idle >= cores - 0.5 else 1
+
+
+def ckpt_threads(run_dir: Path) -> int | None:
+    """The torch thread count an interrupted run in run_dir trained with (None: no checkpoint)."""
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if not ckpt.exists():
+        return None
+    return torch.load(ckpt, weights_only=False).get("threads")
+
+
+def input_downsample(cfg: dict) -> int:
+    """The input grid a student trains and decides at: 1 = full resolution, 2 = 2x2-averaged (the
+    half-resolution decision path); `student.input_downsample` in the experiment config."""
+    return int(cfg["student"].get("input_downsample", 1))
 
 
 def optional_dropout(cfg: dict) -> float:
@@ -217,10 +289,34 @@ def precise_bn(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, spe
     for b in range(n_batches):
         idx = _sample({**cfg, "seed": cfg["seed"] + 7919}, ts, train_idx, b, cfg["train"]["batch"])
         model(_batch(ts, idx, spec, np.random.default_rng([cfg["seed"], b, 7919]),
-                     optional_dropout=optional_dropout(cfg))["x"])
+                     optional_dropout=optional_dropout(cfg), needs=(False, False),
+                     downsample=input_downsample(cfg))["x"])
     for m in bns:
         m.momentum = 0.1
     model.eval()
+
+
+def train_step(model: "KDModel", net: nn.Module, opt, sched, batch: dict, terms: list[dict], spec: StudentSpec):
+    """One optimizer step on one batch -> (total loss tensor, per-term values, term statistics). Labels are
+    scored at full resolution, teacher terms at the student's native grid (kd_view)."""
+    model.train()
+    logits, feat, adapted = net(batch["x"])
+    out = {"logits": logits, "feat": feat, "adapted": adapted}
+    out_kd = {"logits": model.native_logits(feat), "feat": feat, "adapted": adapted}
+    batch_kd = kd_view(batch, spec.stem_stride)
+    total = 0.0
+    parts, stats = {}, {}
+    for term in terms:
+        full = term["type"] == "ce_labels"
+        v = L.LOSS_TERMS[term["type"]](out if full else out_kd, batch if full else batch_kd, term, stats)
+        parts[L.term_name(term)] = float(v.detach())
+        total = total + term.get("weight", 1.0) * v
+    total = total + 0.0 * sum(p.sum() for p in adapted.values())  # keep DDP's graph complete
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    sched.step()
+    return total, parts, stats
 
 
 def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log=print,
@@ -240,6 +336,14 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     model = KDModel(spec, teachers)
     if init is not None:
         model.student.load_state_dict(torch.load(init, weights_only=False)["state_dict"])
+    model = model.to(memory_format=torch.channels_last)   # NHWC convolutions: ~1.3x per step on CPU
+    needs = needed_teacher_arrays(terms)
+    threads = 1 if world > 1 else training_threads(tr.get("threads", "auto"))   # DDP: one thread per rank
+    if init is None and ckpt_threads(run_dir) is not None:
+        threads = ckpt_threads(run_dir)   # a resumed run keeps its thread count: the same arithmetic throughout
+    torch.set_num_threads(threads)
+    log(f"[{label}] {threads} torch thread(s) (train.threads={tr.get('threads', 'auto')}, "
+        f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} core(s))")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tr.get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=min(0.3, max(0.1, 2.5 / steps)))
@@ -267,7 +371,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         if rank == 0:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "spec": spec.to_dict(), "fingerprint": fingerprint}, tmp)
+                        "step": step, "spec": spec.to_dict(), "fingerprint": fingerprint, "threads": threads}, tmp)
             tmp.replace(ckpt)
 
     interrupted = {"flag": False}
@@ -285,24 +389,9 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         while step < steps:
             idx = _sample(cfg, ts, train_idx, step, tr["batch"])[rank * per_rank:(rank + 1) * per_rank]
             batch = _batch(ts, idx, spec, np.random.default_rng([cfg["seed"], step, rank]),
-                           optional_dropout=optional_dropout(cfg), crop=tr.get("crop"))
-            model.train()
-            logits, feat, adapted = net(batch["x"])
-            out = {"logits": logits, "feat": feat, "adapted": adapted}
-            out_kd = {"logits": model.native_logits(feat), "feat": feat, "adapted": adapted}
-            batch_kd = kd_view(batch, spec.stem_stride)
-            total = 0.0
-            parts, stats = {}, {}
-            for term in terms:  # labels at full resolution; teacher terms at the native grid
-                full = term["type"] == "ce_labels"
-                v = L.LOSS_TERMS[term["type"]](out if full else out_kd, batch if full else batch_kd, term, stats)
-                parts[L.term_name(term)] = float(v.detach())
-                total = total + term.get("weight", 1.0) * v
-            total = total + 0.0 * sum(p.sum() for p in adapted.values())  # keep DDP's graph complete
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
+                           optional_dropout=optional_dropout(cfg), crop=tr.get("crop"), needs=needs,
+                           downsample=input_downsample(cfg))
+            total, parts, stats = train_step(model, net, opt, sched, batch, terms, spec)
             step += 1
             bar.update(1)
             if step % 50 == 0:
@@ -357,7 +446,7 @@ def disagreement(model, cfg: dict, ts: dict, idx: np.ndarray, batch: int = 16) -
     model.eval()
     for s in range(0, len(idx), batch):
         ii = idx[s:s + batch]
-        b = _batch(ts, ii, spec, None, augment=False)
+        b = _batch(ts, ii, spec, None, augment=False, needs=(True, False), downsample=input_downsample(cfg))
         target, _ = L.confidence_weighted_target(b, names)
         pred = model(b["x"]).argmax(1) == 1
         out[s:s + len(ii)] = (pred != (target.argmax(1) == 1)).float().mean((1, 2)).numpy()

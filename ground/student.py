@@ -16,6 +16,7 @@ from torch import nn
 
 TEACHER_MACS_PER_PIXEL = 4.65e9 / 256**2  # ukis-csmask EfficientNet-b4 U-Net, 4.65 GMAC per 256² tile
 TEACHER_PARAMS = 19_540_000
+CHROMA_EPS = 0.02   # reflectance added to the brightness before dividing: dark pixels keep bounded ratios
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class StudentSpec:
     # alone cannot) and runs without otherwise: their planes are 0 and one extra input channel, the
     # presence flag, says whether they are real (1.0) or absent (0.0). Empty: every band is required.
     optional_bands: tuple[str, ...] = ()
+    # The input grid the student is trained, validated and flown at: 1 = the sensor's grid, 2 = 2x2-averaged
+    # reflectance (the half-resolution decision path: a quarter of the invoke work per scene pixel).
+    input_downsample: int = 1
+    # Brightness-normalised input channels computed in the graph (probe of issue 27): each band divided by the
+    # pixel's mean VNIR brightness (+ 0.02) beside the reflectance itself. Clear snow/ice and cloud decks differ by
+    # 5-10 % band ratios at the same brightness; these channels hand the first conv the ratios directly.
+    chromaticity: bool = False
 
     @staticmethod
     def from_dict(d: dict) -> "StudentSpec":
@@ -47,6 +55,9 @@ class StudentSpec:
         stray = [b for b in spec.optional_bands if b not in spec.bands]
         if stray:
             raise ValueError(f"student spec: optional_bands {stray} must also be listed in bands {list(spec.bands)}")
+        if spec.input_downsample not in (1, 2):
+            raise ValueError(f"student spec: input_downsample={spec.input_downsample!r}: choose 1 (full resolution) "
+                             "or 2 (2x2-averaged, the half-resolution decision grid)")
         if len(spec.optional_bands) == len(spec.bands):
             raise ValueError("student spec: at least one band must be required (not in optional_bands)")
         return spec
@@ -80,7 +91,8 @@ class StudentSpec:
     def conv_layers(self) -> list[tuple[int, int, int, int]]:
         """(kernel, c_in, c_out, downsample factor of the output grid) for every conv, in order."""
         s, w = self.stem_stride, self.widths
-        layers = [(s, self.in_channels, w[0], s), (3, w[0], w[0], s)]
+        stem_in = self.in_channels * (2 if self.chromaticity else 1)
+        layers = [(s, stem_in, w[0], s), (3, w[0], w[0], s)]
         for i in range(1, len(w)):
             f = s * 2**i
             layers += [(3, w[i - 1], w[i], f), (3, w[i], w[i], f)]
@@ -114,7 +126,8 @@ class StudentUNet(nn.Module):
         super().__init__()
         self.spec = spec
         w, s = spec.widths, spec.stem_stride
-        self.stem = nn.Sequential(_ConvBNReLU(spec.in_channels, w[0], k=s, stride=s), _ConvBNReLU(w[0], w[0]))
+        stem_in = spec.in_channels * (2 if spec.chromaticity else 1)
+        self.stem = nn.Sequential(_ConvBNReLU(stem_in, w[0], k=s, stride=s), _ConvBNReLU(w[0], w[0]))
         self.down = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), _ConvBNReLU(w[i - 1], w[i]), _ConvBNReLU(w[i], w[i]))
             for i in range(1, len(w))
@@ -123,6 +136,8 @@ class StudentUNet(nn.Module):
         self.head = nn.Conv2d(w[0], len(spec.classes), 1)
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.chromaticity:
+            x = torch.cat([x, x / (x[:, :4].mean(1, keepdim=True).clamp_min(0.0) + CHROMA_EPS)], 1)
         skips = [self.stem(x)]
         for block in self.down:
             skips.append(block(skips[-1]))
@@ -162,6 +177,10 @@ def folded_convs(model: StudentUNet) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def build_keras(spec: StudentSpec, model: StudentUNet, tile: int):
     """Keras (NHWC) twin of a trained student with BN folded, for the TFLite INT8 converter."""
     import tensorflow as tf  # export-only dependency
+
+    if spec.chromaticity:
+        raise ValueError("student spec: chromaticity channels have no Keras twin yet (ONNX export only); "
+                         "train with chromaticity: false to export TFLite")
 
     convs = folded_convs(model)
     it = iter(convs)
