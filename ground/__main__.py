@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     b.add_argument("--rounds", type=int, default=4)
     b.add_argument("--steps", type=int, default=15, help="batch-32-equivalent steps per loop per round")
     b.add_argument("--out", default="docs/results/train_throughput", help="output path without suffix")
+    b.add_argument("--fold", type=int, default=None, help="also time one judge fold end to end against v6's CV fold")
 
     add_judge_parser(sub)
     args = ap.parse_args(argv)
@@ -60,6 +61,21 @@ def main(argv=None) -> int:
             from .trainbench import bench_train
 
             r = bench_train(args.config, rounds=args.rounds, steps_per_round=args.steps, out=Path(args.out))
+            if args.fold is not None:
+                import json
+
+                from .trainbench import bench_fold
+
+                f = bench_fold(args.config, args.fold)
+                r["fold"] = f
+                Path(args.out).with_suffix(".json").write_text(json.dumps(r, indent=1))
+                with Path(args.out).with_suffix(".md").open("a") as fh:
+                    fh.write(f"\nOne CV fold end to end (fold {f['fold']}, same pool): v6's `cv run_one` (worktree of "
+                             f"{f.get('rev', 'LEGACY_REV')}, batch 8, 1 200 steps, {f['legacy']['scenes']} labelled files scored) "
+                             f"{f['legacy']['wall']:.0f} s (training {f['legacy']['train_seconds']:.0f} s); the judge's "
+                             f"`run_one` (batch 32, the same training pixels, {f['current']['scenes']} files scored against "
+                             f"labels and the teacher) {f['current']['seconds']:.0f} s (training {f['current']['train_seconds']:.0f} s): "
+                             f"**{f['speedup']}×**.\n")
             print(Path(args.out).with_suffix(".md").read_text())
             return 0 if r["speedup"] > 0 else 1
         if args.cmd == "judge":

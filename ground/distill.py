@@ -58,11 +58,32 @@ def load_config(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------- transfer set
+class LazyTeacher:
+    """A teacher whose ONNX session is built only when a view must be labelled: a cached pool needs just
+    its key, and building the 19.5 M-parameter session costs seconds per run."""
+
+    def __init__(self, kind: str, level: str):
+        self.kind, self.level, self._teacher = kind, level, None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}_{self.level}"
+
+    def __getattr__(self, name):   # bands, run, ...: the real teacher, loaded once
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._teacher is None:
+            self._teacher = load_teacher(self.kind, self.level)
+            if self._teacher.key != self.key:
+                raise RuntimeError(f"teacher key {self._teacher.key!r} != {self.key!r}: the pool cache would mix teachers")
+        return getattr(self._teacher, name)
+
+
 def build_transfer_set(cfg: dict, log=print) -> dict:
     """The cached real-view pool (ground/transfer.py) with its index ranges: train / candidates / probe."""
     from .transfer import build_pool
 
-    teachers = [load_teacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
+    teachers = [LazyTeacher(t["kind"], t.get("level", "l1c")) for t in cfg["teachers"]]
     pool = build_pool(cfg["pool"], teachers, log=log)
     d = cfg["data"]
     sup = build_pool({**cfg["pool"], **cfg["supplement"]}, teachers, log=log) if cfg.get("supplement") else None

@@ -141,3 +141,66 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+LEGACY_REV = "13754f4"   # main before the crop-first loop and the judge (session 7's starting point)
+_LEGACY_FOLD = r'''
+import json, sys, time
+sys.path.insert(0, {tree!r})
+import ground.cv as cv
+from ground.distill import load_config
+base = load_config({config!r})
+base["train"].update(batch=8, precise_bn_batches=100)   # v6's recipe: batch 8 of 128-px crops
+cvc = {{"steps": {steps}, "arms": {{"hinton_kl": base["losses"]}}}}
+t0 = time.time()
+r = cv.run_one(cvc, base, "hinton_kl", 0, 9, [{held!r}], log=lambda *a: None)
+print(json.dumps({{"seconds": time.time() - t0, "train_seconds": r["train_seconds"], "scenes": len(r["scenes"])}}))
+'''
+
+
+def bench_fold(config: str | Path, fold: int = 0, legacy_steps: int = 1200, log=print) -> dict:
+    """One CV fold end to end, v6's pipeline (run from a worktree of LEGACY_REV: its `cv run_one` with batch 8,
+    today's steps) against the judge's (`judge run_one`, batch 32, the same training pixels), on the same pool
+    and the same held-out fold. The legacy fold scores only the fold's labelled files (it cannot score others);
+    the judge's scores every held-out file against the teacher as well: it does more."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from .judge import load_judge
+    from .judge.folds import load_folds, scene_files
+    from .judge.references import references
+    from .judge import runs as U
+
+    files = scene_files()
+    folds = load_folds(files=files)
+    refs = references(files)
+    lab = {f.stem for f in files if f.labelled}
+    held_lab = [s for s in folds[fold] if s in lab]
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "legacy"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), LEGACY_REV], check=True,
+                       capture_output=True)
+        try:
+            code = _LEGACY_FOLD.format(tree=str(tree), config=str(Path(config).resolve()), steps=legacy_steps, held=held_lab)
+            t0 = time.time()
+            p = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(tree)})
+            if p.returncode:
+                raise RuntimeError(f"legacy fold failed: {p.stderr[-2000:]}")
+            legacy = {**json.loads(p.stdout.strip().splitlines()[-1]), "wall": time.time() - t0}
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        judge, base = load_judge()
+        judge = {**judge, "stages": {"bench": {"steps": legacy_steps * 8 // int(base["train"]["batch"]), "seeds": [9]}}}
+        old_runs = U.RUNS
+        U.RUNS = Path(tmp) / "judge"
+        try:
+            t0 = time.time()
+            r = U.run_one(judge, base, "bench", "hinton_kl", fold, 9, folds, {f.stem: f for f in files}, refs, log=log)
+            current = {"seconds": time.time() - t0, "train_seconds": r["seconds"]["train"], "scenes": len(r["files"])}
+        finally:
+            U.RUNS = old_runs
+    return {"fold": fold, "rev": LEGACY_REV, "legacy": legacy, "current": current,
+            "speedup": round(legacy["wall"] / current["seconds"], 2)}

@@ -142,3 +142,60 @@ def test_chromaticity_student_sees_band_ratios():
     assert spec.parameters() == StudentSpec().parameters() + spec.stem_stride ** 2 * 4 * spec.widths[0]
     with pytest.raises(ValueError, match="input_downsample"):
         StudentSpec.from_dict({"input_downsample": 3})
+
+
+def _scene(path: Path, seed: int, site: str, labelled: bool, bright: bool = False):
+    from hil.synth import make_scene
+
+    sc = make_scene(seed, size=96, kind="snow" if bright else None) if bright else make_scene(seed, size=96)
+    np.savez(path, bands=sc.reflectance[..., :4].astype(np.float32),
+             band_names=np.array(["B2_blue", "B3_green", "B4_red", "B5_nir"]), units="TOA reflectance float32",
+             sensor="Landsat-8 OLI", acquisition_id=f"{site}_acq{seed}", site_id=site,
+             **({"mask": sc.mask} if labelled else {}))
+
+
+@pytest.mark.slow
+def test_judge_smoke_run_trains_exports_and_scores_held_out_places(tmp_path, monkeypatch):
+    """The whole judge path on tiny scenes: references by the real teacher, folds by place, a pool built from
+    the training places only, two training steps, INT8 export, every held-out file scored through CloudGate
+    against the teacher (and the label where there is one), and the report with its bright-clear table."""
+    pytest.importorskip("ukis_csmask")
+    from ground.distill import build_transfer_set, load_config
+    from ground.judge import folds as F, references as R, report as P, runs as U
+
+    real = tmp_path / "real" / "src"
+    real.mkdir(parents=True)
+    for i, (site, lab) in enumerate([("p1", True), ("p1", False), ("p2", True), ("p3", False)]):
+        _scene(real / f"f{i}.npz", i + 1, site, lab)
+    files = F.scene_files(tmp_path / "real")
+    assert {f.site_id for f in files} == {"p1", "p2", "p3"} and sum(f.labelled for f in files) == 2
+    refs = R.references(files, tmp_path / "refs", log=lambda *_: None)
+    assert set(refs) == {f.stem for f in files} and all(0 <= r["teacher_cf"] <= 1 for r in refs.values())
+    folds = [d["files"] for d in F.draw_folds(files, refs, k=2, seed=0)["folds"]]
+    monkeypatch.setattr(U, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(P, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(U, "teacher_mask_of", lambda stem, d=None: R.teacher_mask_of(stem, tmp_path / "refs"))
+    base = load_config(Path(__file__).resolve().parents[1] / "ground/configs/judge_base.yaml")
+    base["pool"].update(views=8, real_root=str(tmp_path / "real"), tile=256)
+    base["data"].update(train_views=8)
+    base["train"].update(batch=2, crop=64, precise_bn_batches=1, threads=1)
+    judge = {"base_config": "-", "crops_per_file": 4, "selection": "rule", "stages": {"smoke": {"steps": 2, "seeds": [0]}},
+             "arms": {"hinton_kl": {"losses": base["losses"]}}}
+    monkeypatch.setenv("CLOUDGATE_CACHE", str(tmp_path / "cache"))
+    import ground.transfer as T
+    monkeypatch.setattr(T, "CACHE", tmp_path / "cache")
+    ts = build_transfer_set(U.arm_config(judge, base, "hinton_kl", "smoke", 0, 0), log=lambda *_: None)
+    by_stem = {f.stem: f for f in files}
+    for k in range(2):
+        r = U.run_one(judge, base, "smoke", "hinton_kl", k, 0, folds, by_stem, refs, log=lambda *_: None, ts=ts)
+        assert set(r["files"]) == set(folds[k])
+        held_sources = {i for i, n in enumerate(ts["meta"]["sources"]) if n in folds[k]}
+        trained = U.fold_views(ts, {s for j, f in enumerate(folds) if j != k for s in f})
+        assert not np.isin(np.asarray(ts["src"])[trained], list(held_sources)).any()   # no view of a held-out place
+        for stem, row in r["files"].items():
+            assert "fault" not in row, row
+            assert 0 <= row["fidelity"]["pixel_agreement"] <= 1 and row["fidelity"]["crops"] >= 1
+            assert ("label" in row) == by_stem[stem].labelled
+    res = P.report(judge, "smoke", refs, folds, tmp_path / "out" / "judge_smoke")
+    assert "hinton_kl" in res["arms"] and res["arms"]["hinton_kl"]["seeds"] == [0]
+    assert (tmp_path / "out" / "judge_smoke.md").read_text().count("| fold |") == 1
