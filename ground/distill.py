@@ -165,40 +165,46 @@ def needed_teacher_arrays(terms: list[dict]) -> tuple[bool, bool]:
 def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout: float = 0.0,
            crop: int | None = None, needs: tuple[bool, bool] = (True, True), downsample: int = 1) -> dict:
     """Views idx as one training batch in model-input order, built crop-first: the crop window and the
-    flip/rot90 are drawn per view, then only the window is read from the (memory-mapped, float16) pool,
-    converted and turned; teacher arrays that no loss term reads (`needs` = (probabilities, features),
-    see needed_teacher_arrays) are not read at all. The same window and turn apply to the view, its
-    labels and its cached teacher outputs, so the teacher labels exactly the view the student sees.
+    flip/rot90 are drawn per view, then only the window is read from the (memory-mapped, float16) pool and
+    turned straight into one preallocated batch buffer per array (float conversion once per batch, in torch);
+    teacher arrays that no loss term reads (`needs` = (probabilities, features), see needed_teacher_arrays)
+    are not read at all. The same window and turn apply to the view, its labels and its cached teacher
+    outputs, so the teacher labels exactly the view the student sees. x comes out channels_last (NHWC
+    storage): the layout the convolutions run fastest in on CPU.
 
     A view whose source has the optional bands (SWIR) loses them with probability optional_dropout
     (planes 0, presence flag 0), so one student learns both the with-SWIR and the VNIR-only input.
     downsample 2: the view, its teacher probabilities and (by majority of each 2x2 cell, unlabelled if
     none) its labels are averaged to the half-resolution grid a half-resolution decision model runs at."""
     need_probs, need_feats = needs
-    tps = {t: [] for t in ts["t_probs"]} if need_probs else {}
-    tfs = {t: [] for t in ts["t_feats"]} if need_feats else {}
-    xs, ys = [], []
-    band_idx = None
-    for i in idx:
-        full = ts["X"].shape[1]
-        y0, x0, side = _crop_window(rng, crop, full)
-        k, flip = (int(rng.integers(4)), bool(rng.integers(2))) if augment else (0, False)
-        present = bool(ts["swir"][i]) and not (optional_dropout > 0 and rng is not None
-                                               and rng.random() < optional_dropout)
-        win = np.asarray(ts["X"][i, y0:y0 + side, x0:x0 + side], np.float32)
-        if band_idx is None and not spec.optional_bands:
-            band_idx = [SYNTH_BANDS.index(b) for b in spec.bands]
-        x = win[..., band_idx] if band_idx is not None else spec.model_input(win, SYNTH_BANDS, present)
-        xs.append(_geometry(x.transpose(2, 0, 1), k, flip))
-        ys.append(_geometry(ts["Y"][i, y0:y0 + side, x0:x0 + side], k, flip))
-        for t in tps:
-            tps[t].append(_geometry(ts["t_probs"][t][i, :, y0:y0 + side, x0:x0 + side], k, flip))
-        for t in tfs:
-            tfs[t].append(_geometry(ts["t_feats"][t][i, :, y0 // 8:(y0 + side) // 8, x0 // 8:(x0 + side) // 8], k, flip))
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(xs), np.float32))
-    labels = torch.from_numpy(np.stack(ys).astype(np.int64))
-    t_probs = {t: torch.from_numpy(np.stack(v).astype(np.float32)).mul_(1.0 / 255.0) for t, v in tps.items()}
-    t_feats = {t: torch.from_numpy(np.stack(v).astype(np.float32)) for t, v in tfs.items()}
+    idx = list(idx)
+    n, full = len(idx), ts["X"].shape[1]
+    windows = [_crop_window(rng, crop, full) for _ in idx]
+    side = windows[0][2]
+    turns = [(int(rng.integers(4)), bool(rng.integers(2))) if augment else (0, False) for _ in idx]
+    direct = not spec.optional_bands and [SYNTH_BANDS.index(b) for b in spec.bands] == list(range(len(spec.bands)))
+    xb = np.empty((n, side, side, spec.in_channels), np.float16 if direct else np.float32)
+    yb = np.empty((n, side, side), np.uint8)
+    pb = {t: np.empty((n, 3, side, side), np.uint8) for t in ts["t_probs"]} if need_probs else {}
+    fb = {t: np.empty((n, 64, side // 8, side // 8), np.float16) for t in ts["t_feats"]} if need_feats else {}
+    for j, (i, (y0, x0, _), (k, flip)) in enumerate(zip(idx, windows, turns)):
+        win = ts["X"][i, y0:y0 + side, x0:x0 + side]
+        if direct:   # the model's bands are the pool's first channels: no conversion per view
+            xb[j] = _geometry(win[..., :spec.in_channels].transpose(2, 0, 1), k, flip).transpose(1, 2, 0)
+        else:
+            present = bool(ts["swir"][i]) and not (optional_dropout > 0 and rng is not None
+                                                   and rng.random() < optional_dropout)
+            x = spec.model_input(np.asarray(win, np.float32), SYNTH_BANDS, present)
+            xb[j] = _geometry(x.transpose(2, 0, 1), k, flip).transpose(1, 2, 0)
+        yb[j] = _geometry(ts["Y"][i, y0:y0 + side, x0:x0 + side], k, flip)
+        for t in pb:
+            pb[t][j] = _geometry(ts["t_probs"][t][i, :, y0:y0 + side, x0:x0 + side], k, flip)
+        for t in fb:
+            fb[t][j] = _geometry(ts["t_feats"][t][i, :, y0 // 8:(y0 + side) // 8, x0 // 8:(x0 + side) // 8], k, flip)
+    x = torch.from_numpy(xb).permute(0, 3, 1, 2).float()          # NHWC storage = channels_last
+    labels = torch.from_numpy(yb).long()
+    t_probs = {t: torch.from_numpy(v).float().mul_(1.0 / 255.0) for t, v in pb.items()}
+    t_feats = {t: torch.from_numpy(v).float() for t, v in fb.items()}
     if downsample > 1:
         x = nn.functional.avg_pool2d(x, downsample)
         t_probs = {t: nn.functional.avg_pool2d(p, downsample) for t, p in t_probs.items()}

@@ -87,11 +87,17 @@ def main(args) -> int:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else judge["stages"][args.stage]["seeds"]
     by_stem = {f.stem: f for f in files}
     ts = build_transfer_set(arm_config(judge, base, arms[0], args.stage, seeds[0], fsel[0]))   # one pool for every arm
+    failed = 0
     for seed in seeds:
         for arm in arms:
             for fold in fsel:
-                r = run_one(judge, base, args.stage, arm, fold, seed, folds, by_stem, refs, ts=ts)
+                try:
+                    r = run_one(judge, base, args.stage, arm, fold, seed, folds, by_stem, refs, ts=ts)
+                except Exception as e:   # one failed run must not stop the study; it stays missing in the report
+                    failed += 1
+                    print(f"judge {args.stage} {arm} fold {fold} seed {seed}: FAILED: {type(e).__name__}: {e}", flush=True)
+                    continue
                 fid = [row["fidelity"]["band_agree"] for row in r["files"].values() if "fault" not in row]
                 print(f"judge {args.stage} {arm} fold {fold} seed {seed}: fidelity band agreement "
                       f"{sum(fid) / max(1, len(fid)):.3f} on {len(r['files'])} files, train {r['seconds']['train']} s", flush=True)
-    return 0
+    return 1 if failed else 0
