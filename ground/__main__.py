@@ -10,6 +10,15 @@ from .errors import ExperimentConfigError
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "real_kd.yaml"
 
 
+def record_if_shipped(out: dict) -> dict:
+    """After an export into models/: the committed CV table names the artifacts that ship."""
+    if out.get("ships_with_cv_table"):
+        from .cv.report import record_shipped
+
+        record_shipped(Path(out["card"]))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ground", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -94,7 +103,8 @@ def main(argv=None) -> int:
         elif args.cmd == "export":
             from .export import export_all
 
-            print(export_all(args.student, args.config, Path(args.out), baseline=args.baseline, default=args.default))
+            print(record_if_shipped(export_all(args.student, args.config, Path(args.out), baseline=args.baseline,
+                                               default=args.default)))
         elif args.cmd == "evaluate":
             from .evaluate import evaluate_cli
 
@@ -105,8 +115,8 @@ def main(argv=None) -> int:
 
             cfg = load_config(args.config)
             res = run_experiment(cfg)
-            print(export_all(res["kd"], args.config, Path(args.out), baseline=res.get("baseline"), default=True,
-                             training={"mining": res.get("mining", [])}))
+            print(record_if_shipped(export_all(res["kd"], args.config, Path(args.out), baseline=res.get("baseline"),
+                                               default=True, training={"mining": res.get("mining", [])})))
         elif args.cmd == "ablate":
             from .ablation import load_ablation, report, run_names, run_one
 

@@ -227,7 +227,7 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
     split = load_split()
     every_scene = cfg["pool"].get("sources", "training") == "all"
     if every_scene:   # round 3: chosen by cross-validation, then trained on every shared labelled scene
-        from .cv import FOLDS_FILE, load_folds
+        from .cv.folds import FOLDS_FILE, load_folds
 
         data = {"selection": "cross-validation by acquisition over every shared labelled scene "
                              "(python -m ground cv run / report; docs/results/cv.md)",
@@ -289,8 +289,6 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
                            "real_evaluation_scenes": real["evaluation"]["scenes"],
                            "synthetic": synthetic}
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
-    if every_scene and "cv_selection" in card and Path(out_dir).resolve() == (REPO / "models").resolve():
-        from .cv import record_shipped
-
-        record_shipped(card_path)   # the committed CV table names the artifacts that ship
-    return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()}}
+    return {"card": str(card_path), **{k: v["file"] for k, v in artifacts.items()},
+            "ships_with_cv_table": bool(every_scene and "cv_selection" in card
+                                        and Path(out_dir).resolve() == (REPO / "models").resolve())}

@@ -147,7 +147,7 @@ LEGACY_REV = "13754f4"   # main before the crop-first loop and the judge (sessio
 _LEGACY_FOLD = r'''
 import json, sys, time
 sys.path.insert(0, {tree!r})
-import ground.cv as cv
+import ground.cv as cv   # v6 (LEGACY_REV) had ground/cv.py: the same import works for both
 from ground.distill import load_config
 base = load_config({config!r})
 base["train"].update(batch=8, precise_bn_batches=100)   # v6's recipe: batch 8 of 128-px crops

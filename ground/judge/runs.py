@@ -22,7 +22,7 @@ import numpy as np
 
 from hil.paths import REPO
 
-from ..distill import build_transfer_set, input_downsample, load_student, train
+from ..distill import build_transfer_set, load_student, train
 from .folds import SceneFile
 from .references import REFS, teacher_mask_of, valid_of
 
@@ -152,7 +152,7 @@ def run_one(judge: dict, base: dict, stage: str, arm: str, fold: int, seed: int,
             files: dict[str, SceneFile], refs: dict[str, dict], log=print, ts: dict | None = None) -> dict:
     """Train, export and score one (stage, arm, fold, seed); resumable (training checkpoints) and idempotent
     (result.json)."""
-    from ..cv import calibration_tiles, export_onnx_int8
+    from ..cv.runs import calibration_tiles, export_onnx_int8
 
     d = run_dir(stage, arm, fold, seed)
     res_path = d / "result.json"
