@@ -196,6 +196,7 @@ def test_judge_smoke_run_trains_exports_and_scores_held_out_places(tmp_path, mon
             assert "fault" not in row, row
             assert 0 <= row["fidelity"]["pixel_agreement"] <= 1 and row["fidelity"]["crops"] >= 1
             assert ("label" in row) == by_stem[stem].labelled
-    res = P.report(judge, "smoke", refs, folds, tmp_path / "out" / "judge_smoke")
+    res = P.report(judge, "smoke", refs, folds, tmp_path / "out" / "judge_smoke", probes=R.probes(files, tmp_path / "refs"))
+    assert "hinton_kl" in res["guard"] and "fitted" in res["guard"]["hinton_kl"]
     assert "hinton_kl" in res["arms"] and res["arms"]["hinton_kl"]["seeds"] == [0]
     assert (tmp_path / "out" / "judge_smoke.md").read_text().count("| fold |") == 1

@@ -69,10 +69,11 @@ def main(args) -> int:
     folds = load_folds(files=files)
     refs = references(files)
     if args.judge_cmd == "report":
+        from .references import probes
         from .report import report
 
         out = Path(args.out or REPO / "docs" / "results" / f"judge_{args.stage}")
-        res = report(judge, args.stage, refs, folds, out)
+        res = report(judge, args.stage, refs, folds, out, probes=probes(files))
         print(out.with_suffix(".md").read_text())
         return 0 if res["arms"] else 2
     from ..distill import build_transfer_set

@@ -80,3 +80,22 @@ def references(files: list[SceneFile], out_dir: Path = REFS, log=print) -> dict[
 def teacher_mask_of(stem: str, out_dir: Path = REFS) -> np.ndarray:
     with np.load(out_dir / f"{stem}.mask.npz") as z:
         return z["mask"]
+
+
+def probes(files: list[SceneFile], out_dir: Path = REFS) -> dict[str, list[float] | None]:
+    """The discard guard's measurement of every file ([bright share, green/blue, saturated share], the gate's
+    BrightSurfaceProbe): a property of the scene, not of a model, so the guard can be re-fitted per fold on
+    scored rows after the runs (ground/judge/report.py). Cached in out_dir/probes.json."""
+    from flight.scenefile import load_npz
+
+    from ..cv.runs import probe_stats
+
+    path = out_dir / "probes.json"
+    have = json.loads(path.read_text()) if path.exists() else {}
+    todo = [f for f in files if f.has_vnir and f.stem not in have]
+    for f in todo:
+        have[f.stem] = probe_stats(load_npz(f.path).frame())
+    if todo:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(have))
+    return have

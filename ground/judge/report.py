@@ -114,7 +114,61 @@ def bright_table(stage: str, arms: list[str], refs: dict[str, dict], folds: list
     return lines
 
 
-def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]], out: Path) -> dict:
+def guarded_rows(per_seed: dict[int, dict[int, dict]], refs: dict[str, dict], probes: dict) -> dict[int, dict[str, dict]]:
+    """{seed: {file: row}} in the shape ground.cv.guard reads: the gate's action and rule, the scene's probe,
+    and as cloud_fraction_ref the human label's cloud fraction where there is one, else the teacher's."""
+    out = {}
+    for seed, fr in per_seed.items():
+        rows = {}
+        for r in fr.values():
+            for stem, row in r["files"].items():
+                if "fault" in row:
+                    continue
+                ref = row["label"]["cloud_fraction_ref"] if "label" in row else refs[stem]["teacher_cf"]
+                rows[stem] = {"action": row["action"], "rule": row["rule"], "probe": probes.get(stem),
+                              "cloud_fraction_ref": ref, "bright_clear": row["bright_clear"]}
+        out[seed] = rows
+    return out
+
+
+def guard_table(arms: list[str], stage: str, refs: dict[str, dict], probes: dict, folds: list[list[str]]) -> tuple[list[str], dict]:
+    """Issue 23 item 6, nested in the CV: the discard guard's green/blue threshold chosen per held-out fold on the
+    other folds' scored rows (ground.cv.guard.choose_guard: the largest threshold that keeps every rightly dropped
+    overcast training scene dropped; reference = label, else teacher), against no guard and the shipped default.
+    Safety: clear scenes (label <= 0.05 or bright clear by the teacher) discarded; cost: overcast scenes
+    (reference >= 0.95) downlinked. Summed over seeds."""
+    from flight.config import PolicyConfig
+
+    from ..cv.guard import action_at, apply_guard_by_fold
+
+    default = PolicyConfig().discard_guard_green_blue
+    lines = ["| arm | thresholds chosen per fold (seed 0) | clear discarded: no guard / shipped default "
+             f"({default}) / fitted per fold | overcast downlinked: no guard / default / fitted |", "|---|---|---|---|"]
+    res = {}
+    for a in arms:
+        seeds = guarded_rows(collect(stage, a), refs, probes)
+        tally = {"none": [0, 0], "default": [0, 0], "fitted": [0, 0]}
+        chosen0 = None
+        for seed, rows in seeds.items():
+            if not all(s in rows for f in folds for s in f if s in refs):
+                continue
+            fitted = {s: dict(r) for s, r in rows.items()}
+            chosen = apply_guard_by_fold(fitted, folds)
+            chosen0 = chosen0 or chosen
+            for name, act in (("none", lambda s: action_at(rows[s], 0.0)), ("default", lambda s: action_at(rows[s], default)),
+                              ("fitted", lambda s: fitted[s]["action"])):
+                for s, r in rows.items():
+                    clear = r["cloud_fraction_ref"] <= 0.05 or r["bright_clear"]
+                    tally[name][0] += clear and act(s) in ("discard", "reacquire")
+                    tally[name][1] += r["cloud_fraction_ref"] >= 0.95 and act(s) == "downlink"
+        res[a] = {"thresholds_seed0": chosen0, **tally}
+        lines.append(f"| {a} | {chosen0} | {tally['none'][0]} / {tally['default'][0]} / {tally['fitted'][0]} | "
+                     f"{tally['none'][1]} / {tally['default'][1]} / {tally['fitted'][1]} |")
+    return lines, res
+
+
+def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]], out: Path,
+           probes: dict | None = None) -> dict:
     arms = {}
     for a in judge["arms"]:
         s = arm_summary(collect(stage, a), len(folds))
@@ -150,8 +204,13 @@ def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]
     lines += ["", f"Selected by the pre-declared rule ({judge['selection']}): **{chosen or 'none (no arm qualifies)'}**.", "",
               "## Bright clear scenes per fold (student cloud fraction and gate action, one entry per seed)", "",
               *bright_table(stage, list(arms), refs, folds)]
+    guard = {}
+    if probes is not None:
+        g_lines, guard = guard_table(list(arms), stage, refs, probes, folds)
+        lines += ["", "## Discard guard fitted on training folds (nested in the CV; summed over seeds)", "",
+                  guard_table.__doc__.split("\n\n")[0].replace("\n    ", " ").strip(), "", *g_lines]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    result = {"stage": stage, "arms": arms, "teacher": teacher, "selected": chosen, "folds": folds}
+    result = {"stage": stage, "arms": arms, "teacher": teacher, "selected": chosen, "folds": folds, "guard": guard}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     return result
