@@ -241,21 +241,40 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def _sample(cfg: dict, ts: dict, train_idx: np.ndarray, step: int, batch: int) -> np.ndarray:
-    """Batch indices as a function of (seed, step): identical on resume and across ranks. A fixed share
-    of every batch carries human labels (data.labelled_batch_share), another (data.bright_view_share) comes
-    from the views ts["bright"] marks (bright clear surfaces: the rare views a gate must never discard),
-    the rest is drawn from all training views."""
+def _sample(cfg: dict, ts: dict, train_idx: np.ndarray, step: int, batch: int,
+            hard: np.ndarray | None = None) -> np.ndarray:
+    """Batch indices as a function of (seed, step) (and the current hard views): identical on resume and
+    across ranks. Shares of every batch: human-labelled views (data.labelled_batch_share), views ts["bright"]
+    marks (data.bright_view_share: bright clear surfaces, the rare views a gate must never discard), the
+    current hard views (data.hard_view_share: where student and teacher disagree most, see hard_views); the
+    rest is drawn from all training views."""
     rng = np.random.default_rng([cfg["seed"], step])
+    d = cfg["data"]
     lab = train_idx[ts["labelled"][train_idx]]
-    n_lab = int(round(batch * cfg["data"].get("labelled_batch_share", 0.5))) if len(lab) else 0
-    share = float(cfg["data"].get("bright_view_share", 0.0))
-    bright = train_idx[ts["bright"][train_idx]] if share and "bright" in ts else train_idx[:0]
-    n_bright = min(batch - n_lab, int(round(batch * share))) if len(bright) else 0
-    rest = batch - n_lab - n_bright
-    return np.concatenate([rng.choice(lab, n_lab, replace=n_lab > len(lab)),
-                           rng.choice(bright, n_bright, replace=n_bright > len(bright)),
-                           rng.choice(train_idx, rest, replace=rest > len(train_idx))]).astype(np.int64)
+    n_lab = int(round(batch * d.get("labelled_batch_share", 0.5))) if len(lab) else 0
+    parts = [rng.choice(lab, n_lab, replace=n_lab > len(lab))]
+    left = batch - n_lab
+    for key, pool in (("bright_view_share", train_idx[ts["bright"][train_idx]] if "bright" in ts else train_idx[:0]),
+                      ("hard_view_share", train_idx[:0] if hard is None else np.asarray(hard, np.int64))):
+        n = min(left, int(round(batch * float(d.get(key, 0.0))))) if len(pool) else 0
+        parts.append(rng.choice(pool, n, replace=n > len(pool)))
+        left -= n
+    parts.append(rng.choice(train_idx, left, replace=left > len(train_idx)))
+    return np.concatenate(parts).astype(np.int64)
+
+
+def hard_views(model: nn.Module, cfg: dict, ts: dict, train_idx: np.ndarray, step: int) -> np.ndarray:
+    """Hard-view mining, re-drawn each round (issue 27 probe b): data.hard_view_candidates random training views
+    (seeded by the step), scored by student-teacher disagreement on the whole view (`disagreement`); the top
+    data.hard_view_keep share of them. The teacher's label is the cached one of that exact view."""
+    d = cfg["data"]
+    rng = np.random.default_rng([cfg["seed"], step, 31])
+    cand = rng.choice(train_idx, min(len(train_idx), int(d.get("hard_view_candidates", 256))), replace=False)
+    was = model.training
+    dis = disagreement(model, cfg, ts, cand)
+    model.train(was)
+    keep = max(1, int(round(len(cand) * float(d.get("hard_view_keep", 0.25)))))
+    return np.sort(cand[np.argsort(-dis, kind="stable")[:keep]])
 
 
 def usable_cores() -> int:
@@ -382,7 +401,7 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     if final.exists() and torch.load(final, weights_only=False).get("fingerprint") == fingerprint:
         log(f"[{label}] {final} is up to date with this config; reusing it")
         return final
-    step = 0
+    step, state = 0, {}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state.get("fingerprint") != fingerprint:
@@ -392,13 +411,17 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         step = state["step"]
         log(f"[{label}] resuming from step {step} ({ckpt})")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    mining_share = float(cfg["data"].get("hard_view_share", 0.0))
+    mining_every = int(cfg["data"].get("hard_view_every", 100))
+    hard = state.get("hard_views")   # a resumed run keeps the hard views it was training on
     per_rank = tr["batch"] // world
 
     def save():
         if rank == 0:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "spec": spec.to_dict(), "fingerprint": fingerprint, "threads": threads}, tmp)
+                        "step": step, "spec": spec.to_dict(), "fingerprint": fingerprint, "threads": threads,
+                        "hard_views": hard}, tmp)
             tmp.replace(ckpt)
 
     interrupted = {"flag": False}
@@ -414,7 +437,9 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     t0 = time.time()
     try:
         while step < steps:
-            idx = _sample(cfg, ts, train_idx, step, tr["batch"])[rank * per_rank:(rank + 1) * per_rank]
+            if mining_share and (hard is None or step % mining_every == 0):
+                hard = hard_views(model.student, cfg, ts, train_idx, step)
+            idx = _sample(cfg, ts, train_idx, step, tr["batch"], hard)[rank * per_rank:(rank + 1) * per_rank]
             batch = _batch(ts, idx, spec, np.random.default_rng([cfg["seed"], step, rank]),
                            optional_dropout=optional_dropout(cfg), crop=tr.get("crop"), needs=needs,
                            downsample=input_downsample(cfg))

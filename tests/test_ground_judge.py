@@ -200,3 +200,28 @@ def test_judge_smoke_run_trains_exports_and_scores_held_out_places(tmp_path, mon
     assert "hinton_kl" in res["guard"] and "fitted" in res["guard"]["hinton_kl"]
     assert "hinton_kl" in res["arms"] and res["arms"]["hinton_kl"]["seeds"] == [0]
     assert (tmp_path / "out" / "judge_smoke.md").read_text().count("| fold |") == 1
+
+
+def test_sampler_shares_labelled_bright_and_hard_views_and_repeats_per_step():
+    ts = {"labelled": np.array([True] * 10 + [False] * 90), "bright": np.array([False] * 90 + [True] * 10)}
+    cfg = {"seed": 4, "data": {"labelled_batch_share": 0.25, "bright_view_share": 0.25, "hard_view_share": 0.25}}
+    idx = np.arange(100)
+    hard = np.array([50, 51])
+    b = D._sample(cfg, ts, idx, 7, 32, hard)
+    assert len(b) == 32 and (b[:8] < 10).all() and (b[8:16] >= 90).all() and set(b[16:24]) <= {50, 51}
+    assert np.array_equal(b, D._sample(cfg, ts, idx, 7, 32, hard))     # a function of (seed, step, hard views)
+    plain = D._sample({"seed": 4, "data": {"labelled_batch_share": 0.25}}, ts, idx, 7, 32)
+    assert len(plain) == 32 and (plain[:8] < 10).all()
+
+
+def test_hard_views_are_where_student_and_teacher_disagree():
+    ts = _pool(n=8, size=64)
+    ts["t_probs"]["t"][:] = 0
+    ts["t_probs"]["t"][:4, 1] = 255          # the teacher calls views 0-3 all cloud, 4-7 all clear
+    ts["t_probs"]["t"][4:, 0] = 255
+    model = build_student(StudentSpec()).eval()
+    with torch.no_grad():                    # a student that calls everything clear
+        model.head.bias[:] = torch.tensor([10.0, -10.0, -10.0])
+    cfg = {"seed": 0, "teachers": [{"name": "t"}], "student": {},
+           "data": {"hard_view_candidates": 8, "hard_view_keep": 0.5}}
+    assert D.hard_views(model, cfg, ts, np.arange(8), 0).tolist() == [0, 1, 2, 3]
