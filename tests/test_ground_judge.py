@@ -225,3 +225,22 @@ def test_hard_views_are_where_student_and_teacher_disagree():
     cfg = {"seed": 0, "teachers": [{"name": "t"}], "student": {},
            "data": {"hard_view_candidates": 8, "hard_view_keep": 0.5}}
     assert D.hard_views(model, cfg, ts, np.arange(8), 0).tolist() == [0, 1, 2, 3]
+
+
+def test_generalization_acceptance_detects_each_criterion():
+    from ground.judge.report import generalization_failures
+
+    def m(v, sd=0.0):
+        return {"mean": v, "sd": sd}
+    good = {"seeds": [0, 1, 2], "fid_band_agreement": m(0.96), "fid_pixel_agreement": m(0.97), "fid_abs_cf_diff": m(0.03),
+            "label_action_agreement": m(0.95, 0.01), "clear_discards": [], "bright_clear_over_15pct": []}
+    res = {"folds": [[]] * 5, "teacher": {"label_action_agreement": 0.93}, "arms": {"a": good}}
+    assert generalization_failures(res, "a") == []
+    for change, word in (({"seeds": [0]}, "coverage"), ({"fid_band_agreement": m(0.9)}, "scene band"),
+                         ({"fid_pixel_agreement": m(0.9)}, "pixel"), ({"fid_abs_cf_diff": m(0.08)}, "CF_s"),
+                         ({"label_action_agreement": m(0.9)}, "label action"),
+                         ({"label_action_agreement": m(0.95, 0.05)}, "seed sd"),
+                         ({"clear_discards": ["snow"]}, "discarded"), ({"bright_clear_over_15pct": ["ice"]}, "15 %")):
+        got = generalization_failures({**res, "arms": {"a": {**good, **change}}}, "a")
+        assert len(got) == 1 and word in got[0], (change, got)
+    assert "no complete arm" in generalization_failures(res, "b")[0]

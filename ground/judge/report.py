@@ -214,3 +214,28 @@ def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]
     result = {"stage": stage, "arms": arms, "teacher": teacher, "selected": chosen, "folds": folds, "guard": guard}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def generalization_failures(result: dict, arm: str, min_seeds: int = 3, min_folds: int = 5) -> list[str]:
+    """Issues 23 and 27's acceptance for one arm of a judge result, each miss with its numbers ([] = met)."""
+    a = result.get("arms", {}).get(arm)
+    if a is None:
+        return [f"the judge result has no complete arm {arm!r}"]
+    t = result["teacher"]
+    out = []
+    if len(a["seeds"]) < min_seeds or len(result["folds"]) < min_folds:
+        out.append(f"coverage: {len(a['seeds'])} seed(s) over {len(result['folds'])} folds (needs >= {min_seeds} seeds, "
+                   f">= {min_folds} folds)")
+    checks = (("fidelity scene band agreement", a["fid_band_agreement"]["mean"], ">=", 0.95),
+              ("fidelity pixel agreement", a["fid_pixel_agreement"]["mean"], ">=", 0.95),
+              ("fidelity mean |CF_s - CF_t|", a["fid_abs_cf_diff"]["mean"], "<=", 0.05),
+              ("label action agreement", a["label_action_agreement"]["mean"], ">=", t["label_action_agreement"]),
+              ("seed sd of label action agreement", a["label_action_agreement"]["sd"], "<=", 0.03))
+    for name, v, op, bound in checks:
+        if (v < bound) if op == ">=" else (v > bound):
+            out.append(f"{name} {v:.3f} (needs {op} {bound:.3f})")
+    if a["clear_discards"]:
+        out.append(f"clear scenes discarded by the gate: {', '.join(a['clear_discards'])}")
+    if a["bright_clear_over_15pct"]:
+        out.append(f"bright clear scenes read > 15 % cloud: {', '.join(a['bright_clear_over_15pct'])}")
+    return out
