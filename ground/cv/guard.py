@@ -71,7 +71,7 @@ def guard_curve(per_contender_rows: dict[str, list[dict[str, dict]]], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import CLEAR_MAX, OVERCAST_MIN
+    from ..evaluate import CLEAR_MAX, OVERCAST_MIN
 
     lines = ["| contender | " + " | ".join(f"{t:.2f}" for t in GUARD_GRID[::2]) + " |",
              "|---|" + "---|" * len(GUARD_GRID[::2])]

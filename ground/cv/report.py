@@ -18,7 +18,7 @@ from .runs import RUNS, references
 # ----------------------------------------------------------------------------------- statistics
 def scene_metrics(rows: dict[str, dict]) -> dict:
     """Per-scene contributions -> the summary metrics (same definitions as ground.evaluate.summarise)."""
-    from .evaluate import summarise
+    from ..evaluate import summarise
 
     return summarise({s: r for s, r in rows.items() if "fault" not in r})
 

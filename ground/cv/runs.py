@@ -48,7 +48,7 @@ def calibration_tiles(ts: dict, spec, idx: np.ndarray, n: int = 128) -> np.ndarr
 def export_onnx_int8(spec, model, out_dir: Path, name: str, calib: np.ndarray) -> Path:
     """fp32 ONNX -> INT8 QDQ ONNX (the same quantizer as the shipped export) and a minimal card the gate
     loads; returns the card path."""
-    from .export import export_onnx_fp32, quantize_onnx, sha256
+    from ..export import export_onnx_fp32, quantize_onnx, sha256
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32, int8 = out_dir / f"{name}.fp32.onnx", out_dir / f"{name}.int8.onnx"
@@ -77,7 +77,7 @@ def score_fold(card: Path, stems: set[str]) -> dict:
     plus the gate's rule and degraded codes."""
     from flight import CloudGate
 
-    from .evaluate import scene_row
+    from ..evaluate import scene_row
 
     gate = CloudGate.from_model(str(card), backend="onnxruntime", threads=1, early_exit={"enabled": False})
     rows = {}
@@ -146,7 +146,7 @@ def run_one(cv: dict, base: dict, arm: str, fold: int, seed: int, folds: list[li
 def references(out: Path = RUNS / "references.json", log=print) -> dict:
     """Teachers (CSmask, as their users run them) and the Fmask-style threshold on every labelled scene:
     no training, so no folds; the same arrays as the students."""
-    from .evaluate import gate_policy_action, reference_contenders, scene_row
+    from ..evaluate import gate_policy_action, reference_contenders, scene_row
 
     if out.exists():
         return json.loads(out.read_text())
