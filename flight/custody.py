@@ -376,6 +376,10 @@ class ModelCustody(_Switching):
         path, data, kind, threads, tile, n_bands = opened[-1]
         for i in range(1, self.n_instances):            # bounded by the worker count
             b = self._open_backend(path, bytes(memoryview(data)), kind, threads, tile, n_bands)  # its own copy
+            buf = getattr(b, "model_buffer", None)       # LiteRT reads its constants from it: verified like the file
+            if buf is not None and hashlib.sha256(buf).hexdigest() != lm.sha256:
+                raise ModelIntegrityError(f"{src.label}: runtime instance {i}'s own copy of the verified bytes "
+                                          "fails its sha256 (an upset in RAM); refusing every instance")
             ok, detail = compare_reference(run_tiles(b, lm.golden_tiles()), lm.reference)
             if not ok:
                 raise ModelIntegrityError(f"{src.label}: runtime instance {i} built from the same verified bytes "
