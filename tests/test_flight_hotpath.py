@@ -166,3 +166,178 @@ def test_one_corrupted_worker_interpreter_is_refused_at_swap(backend):
     _same(d0, d1)
     assert np.array_equal(m0, m1)
     g.close()
+
+
+# ------------------------------------------------------------------------------------------ half resolution
+def half_card(tmp_path, downsample=2):
+    """The shipped model files under a copy of their card that declares input_grid: {downsample: ...}: the
+    256² model then sees 512² scene windows averaged 2x2. Not a model validated at that grid: this exercises
+    the flight path only (the ground side cards a half-resolution student)."""
+    import shutil
+
+    import yaml
+
+    from flight.model import default_card
+
+    src = default_card()
+    raw = yaml.safe_load(src.read_text())
+    for a in raw["artifacts"].values():
+        shutil.copy(src.parent / a["file"], tmp_path / a["file"])
+    raw.pop("default", None)
+    if downsample is not None:
+        raw["input_grid"] = {"downsample": downsample} if not isinstance(downsample, dict) else downsample
+    out = tmp_path / "half.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def mean2x2_reference(x: np.ndarray) -> np.ndarray:
+    """The 2x2 block means in plain numpy on the whole scene: edge-pad odd sizes, then the gate's summation
+    order ((2i,2j) + (2i+1,2j) + (2i,2j+1) + (2i+1,2j+1)) * 0.25 in float32."""
+    h, w = x.shape[:2]
+    pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (x.ndim - 2)
+    p = np.pad(x, pad, mode="edge")
+    out = p[0::2, 0::2].astype(np.float32)
+    out += p[1::2, 0::2]
+    out += p[0::2, 1::2]
+    out += p[1::2, 1::2]
+    out *= np.float32(0.25)
+    return out
+
+
+def all2x2_reference(v: np.ndarray) -> np.ndarray:
+    h, w = v.shape
+    p = np.pad(v.astype(bool), [(0, h % 2), (0, w % 2)], mode="edge")
+    return p[0::2, 0::2] & p[1::2, 0::2] & p[0::2, 1::2] & p[1::2, 1::2]
+
+
+def test_card_input_grid_is_validated(tmp_path):
+    from flight.model import load_card
+
+    assert load_card(half_card(tmp_path, None)).downsample == 1          # no input_grid: today's behaviour
+    assert load_card(half_card(tmp_path, 1)).downsample == 1
+    assert load_card(half_card(tmp_path, 2)).downsample == 2
+    for bad in (3, 0, "2", True, 2.0, {"downsample": 2, "method": "mean"}, {"factor": 2}, [2]):
+        with pytest.raises(ModelIntegrityError, match=r"input_grid.*write input_grid: \{downsample: 2\}"):
+            load_card(_card_with_grid(tmp_path, bad))
+
+
+def _card_with_grid(tmp_path, grid):
+    import yaml
+
+    p = half_card(tmp_path, None)
+    raw = yaml.safe_load(p.read_text())
+    raw["input_grid"] = grid if isinstance(grid, (dict, list)) else {"downsample": grid}
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+HALF_SAME = tuple(k for k in SAME if k != "downlink_bytes")    # scene_bytes differ: the reference is 4x smaller
+
+
+def _half_vs_reference(half_gate, full_gate, bands, names, valid=None, radiometry=None):
+    h, w = bands.shape[:2]
+    ref = np.ascontiguousarray(mean2x2_reference(bands))
+    ref_valid = None if valid is None else all2x2_reference(valid)
+    kw = {} if radiometry is None else {"radiometry": radiometry}
+    m_half, m_ref = np.empty((h, w), np.uint8), np.empty(ref.shape[:2], np.uint8)
+    dh = half_gate.process(bands, names, mask_out=m_half, valid_mask=valid, **kw)
+    dr = full_gate.process(ref, names, mask_out=m_ref, valid_mask=ref_valid, **kw)
+    assert dh.action != "fault", dh.reason
+    _same(dh, dr, HALF_SAME)
+    assert dh.core_pixels == 2 * dr.core_pixels and dh.tile_pixels == dr.tile_pixels
+    assert np.array_equal(m_half, np.repeat(np.repeat(m_ref, 2, 0), 2, 1)[:h, :w])   # nearest upsampling
+    _same(half_gate.process(bands, names, valid_mask=valid, **kw),                  # decision only (early exit)
+          full_gate.process(ref, names, valid_mask=ref_valid, **kw), HALF_SAME)
+    return m_ref
+
+
+@pytest.fixture(scope="module")
+def half_gates(tmp_path_factory):
+    card = half_card(tmp_path_factory.mktemp("half"))
+    gates = {"half1": CloudGate.from_model(card, backend="litert", workers=1),
+             "half2": CloudGate.from_model(card, backend="litert", workers=2, threads=2),
+             "full": CloudGate.from_model(backend="litert", workers=1)}
+    assert gates["half1"].card.downsample == 2 and gates["full"].card.downsample == 1
+    yield gates
+    for g in gates.values():
+        g.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("kind,h,w,seed", [("partly", 1201, 999, 1), ("overcast", 700, 513, 2), ("clear", 90, 61, 3)])
+def test_half_grid_decision_equals_the_model_on_a_numpy_averaged_scene(half_gates, workers, kind, h, w, seed):
+    """Odd sizes, NaN, no-data zeros and a valid_mask: the half-resolution decision and mask are those of
+    workers=1 at full resolution on the scene 2x2-averaged in numpy first."""
+    refl, _ = synthetic_scene(seed, max(h, w), kind)
+    refl = np.ascontiguousarray(refl[:h, :w])
+    refl[5:9, 7:11] = np.nan
+    refl[h // 2:h // 2 + 3] = 0.0
+    valid = np.ones((h, w), bool)
+    valid[: h // 5, : w // 3] = False
+    _half_vs_reference(half_gates[f"half{workers}"], half_gates["full"], refl, BANDS, valid)
+    # integer DN (radiometry) and a scene with the model's bands in another order (the per-band path)
+    dn = (np.nan_to_num(refl) * 10000).astype(np.uint16)
+    _half_vs_reference(half_gates[f"half{workers}"], half_gates["full"], dn, BANDS, valid, radiometry=(1e-4, 0.0))
+    rev = np.ascontiguousarray(refl[..., ::-1])
+    _half_vs_reference(half_gates[f"half{workers}"], half_gates["full"], rev, BANDS[::-1])
+
+
+@pytest.mark.skipif(not _real_sample(), reason="../shared/data/real (the sampled real scenes) is absent")
+def test_half_grid_on_real_scenes(half_gates):
+    from flight.scenefile import read_npz_scene
+
+    classes = set()
+    for path in _real_sample():
+        sc = read_npz_scene(path)
+        for g in ("half1", "half2"):
+            m = _half_vs_reference(half_gates[g], half_gates["full"], sc["bands"], sc["band_names"],
+                                   sc["valid_mask"], sc["radiometry"])
+            classes |= set(np.unique(m).tolist())
+    assert {0, 1} <= classes
+
+
+def test_half_grid_discard_guard_reads_the_half_grid(half_gates):
+    """A frame the policy drops goes through the discard guard on the half grid: same verdict as on the
+    numpy-averaged scene (bright snow-like pixels: green/blue low)."""
+    h, w = 601, 333
+    rng = np.random.default_rng(5)
+    snow = np.empty((h, w, 4), np.float32)
+    snow[..., 0] = rng.uniform(0.7, 0.9, (h, w))          # bright blue
+    snow[..., 1] = snow[..., 0] * 0.85                     # green/blue 0.85: snow-like
+    snow[..., 2] = snow[..., 0] * 0.8
+    snow[..., 3] = snow[..., 0] * 0.75
+    valid = np.ones((h, w), bool)
+    valid[::7, ::3] = False                                # the probe reads the half grid's all-valid flags
+    snow[valid == 0, 1] = snow[valid == 0, 0] * 1.2        # cloud-like where invalid: must not be sampled
+    ref, ref_valid = np.ascontiguousarray(mean2x2_reference(snow)), all2x2_reference(valid)
+    for g in ("half1", "half2"):
+        dh = half_gates[g].process(snow, BANDS, valid_mask=valid)
+        dr = half_gates["full"].process(ref, BANDS, valid_mask=ref_valid)
+        _same(dh, dr, HALF_SAME)
+        assert dh.rule == "ambiguous_surface", dh.reason    # the guard ran (and kept the frame)
+
+
+def test_half_grid_deadline_marks_unvisited_blocks_in_full_resolution(tmp_path):
+    class Clock:
+        def __init__(self):
+            self.t = 0.0
+
+        def monotonic(self):
+            self.t += 0.01
+            return self.t
+
+        monotonic_ns = lambda self: int(self.t * 1e9)   # noqa: E731
+        perf_counter = monotonic
+        wall = monotonic
+
+    card = half_card(tmp_path)
+    refl = np.ascontiguousarray(synthetic_scene(7, 4001, "partly")[0][:4001, :3999])
+    g = CloudGate.from_model(card, backend="litert", clock=Clock(), deadline_s=0.05, workers=1)
+    mask = np.zeros(refl.shape[:2], np.uint8)
+    d = g.process(refl, BANDS, mask_out=mask)
+    g.close()
+    assert d.tiles_processed < d.tiles_total and d.core_pixels == 480
+    unvisited = d.tiles_total - d.tiles_processed
+    assert (mask == 255).sum() >= unvisited * 400 ** 2    # unvisited cores, in scene pixels (480² minus edges)
+    assert (mask != 255).sum() >= d.tiles_processed * 400 ** 2
