@@ -169,7 +169,7 @@ def test_one_corrupted_worker_interpreter_is_refused_at_swap(backend):
 
 
 # ------------------------------------------------------------------------------------------ half resolution
-def half_card(tmp_path, downsample=2):
+def half_card(tmp_path, downsample=2, stamp=True):
     """The shipped model files under a copy of their card that declares input_grid: {downsample: ...}: the
     256² model then sees 512² scene windows averaged 2x2. Not a model validated at that grid: this exercises
     the flight path only (the ground side cards a half-resolution student)."""
@@ -188,6 +188,10 @@ def half_card(tmp_path, downsample=2):
         raw["input_grid"] = {"downsample": downsample} if not isinstance(downsample, dict) else downsample
     out = tmp_path / "half.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if stamp:                                            # the model files' own metadata carry the card's grid
+        from flight.modelmeta import stamp_card
+
+        stamp_card(out)
     return out
 
 
@@ -225,14 +229,40 @@ def test_card_input_grid_is_validated(tmp_path):
 def _card_with_grid(tmp_path, grid):
     import yaml
 
-    p = half_card(tmp_path, None)
+    p = half_card(tmp_path, None, stamp=False)
     raw = yaml.safe_load(p.read_text())
     raw["input_grid"] = grid if isinstance(grid, (dict, list)) else {"downsample": grid}
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
     return p
 
 
-HALF_SAME = tuple(k for k in SAME if k != "downlink_bytes")    # scene_bytes differ: the reference is 4x smaller
+@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+def test_card_grid_must_match_the_model_files_own_metadata(tmp_path, backend):
+    """An edited card cannot silently move a model to another grid: the exporter stamps input_grid into the
+    model file (flight.modelmeta), and a card that says otherwise is refused, in both directions."""
+    import yaml
+
+    full = tmp_path / "full"
+    full.mkdir()
+    p = half_card(full, None)                            # stamped at full resolution (no input_grid)
+    raw = yaml.safe_load(p.read_text())
+    raw["input_grid"] = {"downsample": 2}
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ModelIntegrityError, match="input_grid"):
+        CloudGate.from_model(p, backend=backend, workers=1)
+    half = tmp_path / "half"
+    half.mkdir()
+    p = half_card(half)                                  # stamped with downsample 2
+    raw = yaml.safe_load(p.read_text())
+    del raw["input_grid"]
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ModelIntegrityError, match="input_grid"):
+        CloudGate.from_model(p, backend=backend, workers=1)
+
+
+# scene_bytes differ (the reference is 4x smaller), and so does model_sha256: the half card's copies of the
+# shipped files are stamped with its input_grid (same weights: stamp_card checks the golden outputs)
+HALF_SAME = tuple(k for k in SAME if k not in ("downlink_bytes", "model_sha256"))
 
 
 def _half_vs_reference(half_gate, full_gate, bands, names, valid=None, radiometry=None):
