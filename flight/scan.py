@@ -153,13 +153,12 @@ class HalfGrid:
         self.scene, self.valid_mask = _Window(self.values), _Window(self.valid)
 
     def fill(self, scene, valid_mask, chans, y0: int, x0: int, rh: int, rw: int, has_mask: bool) -> None:
-        """Half-grid rows y0..y0+rh, cols x0..x0+rw of the scene's channels chans (a slice or a list)."""
+        """Half-grid rows y0..y0+rh, cols x0..x0+rw of the scene channels chans (model order)."""
         fy, fx = slice(2 * y0, 2 * (y0 + rh)), slice(2 * x0, 2 * (x0 + rw))
-        if isinstance(chans, slice):                     # consecutive scene channels: one pass over all
-            _mean2x2(scene[fy, fx, chans], self.values[:rh, :rw, :chans.stop - chans.start])
-        else:
-            for j, si in enumerate(chans):               # bounded by the model's band count
-                _mean2x2(scene[fy, fx, si], self.values[:rh, :rw, j])
+        # band by band: numpy's inner loop then runs along a row (rw pixels), not over one pixel's few bands
+        # (measured 1.4x faster than one pass over all bands on a 512² window)
+        for j, si in enumerate(chans):                   # bounded by the model's band count
+            _mean2x2(scene[fy, fx, si], self.values[:rh, :rw, j])
         if has_mask:
             _all2x2(valid_mask[fy, fx], self.valid[:rh, :rw])
         for w in (self.scene, self.valid_mask):
@@ -296,7 +295,7 @@ class TileScanner:
         self.est = FractionEstimator(ee.method, ee.confidence, ee.sd_floor)
         self.input = SceneInput()
         self.downsample = 1                              # the bound model's input grid (card input_grid)
-        self.half_channels = slice(0, 0)                 # half grid: the scene channels averaged, model order
+        self.half_channels: list[int] = []               # half grid: the scene channels averaged, model order
         self.workers = [TileWorker(t) for _ in range(max(1, workers))]
         self._generation = None
         self._job = None                                 # this round: (k0, count, the scene's arguments)
@@ -358,11 +357,8 @@ class TileScanner:
         """Per scene: the loaders' plan. Half grid: the scene channels the model reads are averaged into
         channels 0..k-1 of HalfGrid (model order), so the loaders see those. Returns the loaders' src_idx."""
         if self.downsample == 2:
-            present = [si for si in src_idx if si >= 0]
-            k = len(present)
-            consecutive = k > 0 and present == list(range(present[0], present[0] + k))
-            self.half_channels = slice(present[0], present[0] + k) if consecutive else present
-            it = iter(range(k))
+            self.half_channels = [si for si in src_idx if si >= 0]
+            it = iter(range(len(self.half_channels)))
             src_idx = [next(it) if si >= 0 else si for si in src_idx]
         for wk in self.workers:
             wk.loader.prepare(src_idx)

@@ -170,29 +170,12 @@ def test_one_corrupted_worker_interpreter_is_refused_at_swap(backend):
 
 # ------------------------------------------------------------------------------------------ half resolution
 def half_card(tmp_path, downsample=2, stamp=True):
-    """The shipped model files under a copy of their card that declares input_grid: {downsample: ...}: the
-    256² model then sees 512² scene windows averaged 2x2. Not a model validated at that grid: this exercises
-    the flight path only (the ground side cards a half-resolution student)."""
-    import shutil
+    """The shipped model files under a copy of their card that declares input_grid: {downsample: ...}
+    (bench.halfcard): the 256² model then sees 512² scene windows averaged 2x2. Not a model validated at
+    that grid: this exercises the flight path only (the ground side cards a half-resolution student)."""
+    from bench.halfcard import write_half_grid_card
 
-    import yaml
-
-    from flight.model import default_card
-
-    src = default_card()
-    raw = yaml.safe_load(src.read_text())
-    for a in raw["artifacts"].values():
-        shutil.copy(src.parent / a["file"], tmp_path / a["file"])
-    raw.pop("default", None)
-    if downsample is not None:
-        raw["input_grid"] = {"downsample": downsample} if not isinstance(downsample, dict) else downsample
-    out = tmp_path / "half.yaml"
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    if stamp:                                            # the model files' own metadata carry the card's grid
-        from flight.modelmeta import stamp_card
-
-        stamp_card(out)
-    return out
+    return write_half_grid_card(tmp_path, downsample, stamp)
 
 
 def mean2x2_reference(x: np.ndarray) -> np.ndarray:
