@@ -81,12 +81,14 @@ def worker_bytes(tile: int) -> int:
 
 
 def resolve_workers(cfg) -> int:
-    """config.workers as a count: 'auto' = usable_cores(), capped so that the per-tile statistics and every
-    worker's buffers fit memory_budget_mib (at least 1; the budget check then says what does not fit)."""
+    """config.workers as a count: 'auto' = usable_cores(), capped by config.threads (the runtime threads the
+    gate may use in all, so a caller that grants one thread -- a scorer in a process pool, the HIL on a board
+    profile -- never gets more) and so that the per-tile statistics and every worker's buffers fit
+    memory_budget_mib (at least 1; the budget check then says what does not fit)."""
     if cfg.workers != "auto":
         return int(cfg.workers)
     fit = (cfg.memory_budget_mib * 2**20 - cfg.max_tiles * TileScanner.PER_TILE_BYTES) // worker_bytes(cfg.tile)
-    return int(max(1, min(usable_cores(), fit, 64)))
+    return int(max(1, min(usable_cores(), cfg.threads, fit, 64)))
 
 
 class _Window:

@@ -34,7 +34,7 @@ def test_auto_is_the_shipped_default_and_resolves_to_the_usable_cores(monkeypatc
 
     assert GateConfig().workers == "auto" and config_from_dict({}).workers == "auto"
     monkeypatch.setattr(scan, "usable_cores", lambda: 3)          # a 3-core board (the HIL pins its affinity)
-    g = CloudGate.from_model(backend="litert")
+    g = CloudGate.from_model(backend="litert", threads=4)
     try:
         assert g.workers == 3 and len(g.custody.instances) == 3
         assert len({id(b) for b in g.custody.instances}) == 3
@@ -52,7 +52,9 @@ def test_usable_cores_follow_the_cpu_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5})
     assert scan.usable_cores() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(9)))
-    cfg = config_from_dict({})
+    assert scan.resolve_workers(config_from_dict({})) == 2            # the default threads: 2 in all
+    assert scan.resolve_workers(config_from_dict({"threads": 1})) == 1
+    cfg = config_from_dict({"threads": 64})
     fit = int((cfg.memory_budget_mib * 2**20 - cfg.max_tiles * scan.TileScanner.PER_TILE_BYTES) // scan.worker_bytes(256))
     assert scan.resolve_workers(cfg) == min(9, fit) and fit < 9        # 9 cores, capped by the memory budget
     assert scan.resolve_workers(config_from_dict({"workers": 1})) == 1
@@ -64,7 +66,7 @@ def auto_and_one():
 
     real = scan.usable_cores
     if real() < 2:                                       # on a 1-core host 'auto' would be one worker: force two
-        scan.usable_cores = lambda: 2
+        scan.usable_cores = lambda: 2                    # (the default threads: 2 allows two)
     try:
         many = CloudGate.from_model(backend="litert")    # workers: auto (the default)
     finally:
