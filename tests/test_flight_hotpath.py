@@ -356,3 +356,17 @@ def test_half_grid_deadline_marks_unvisited_blocks_in_full_resolution(tmp_path):
     unvisited = d.tiles_total - d.tiles_processed
     assert (mask == 255).sum() >= unvisited * 400 ** 2    # unvisited cores, in scene pixels (480² minus edges)
     assert (mask != 255).sum() >= d.tiles_processed * 400 ** 2
+
+
+def test_half_grid_on_onnxruntime_band_planar_loader(tmp_path):
+    """onnxruntime loads band by band (CHW): the same half-grid equality, with 2 workers."""
+    card = half_card(tmp_path)
+    half = CloudGate.from_model(card, backend="onnxruntime", workers=2, threads=2)
+    full = CloudGate.from_model(backend="onnxruntime", workers=1)
+    refl = np.ascontiguousarray(synthetic_scene(3, 777, "partly")[0][:777, :645])
+    refl[3:7, 3:9] = np.nan
+    valid = np.ones(refl.shape[:2], bool)
+    valid[:100, :50] = False
+    _half_vs_reference(half, full, refl, BANDS, valid)
+    half.close()
+    full.close()
