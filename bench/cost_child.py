@@ -7,7 +7,12 @@ teacher_ukis_session (the teacher at its best: the same ONNX session built once 
 normalisation, blending and argmax as CSmask; the median pass after warm-up is its marginal per-pixel rate) |
 cloudgate:litert | cloudgate:onnxruntime | cloudgate_decision:litert (no mask_out, early exit off) |
 cloudgate_workers:litert / cloudgate_decision_workers:litert (one single-threaded interpreter per thread) |
-s2cloudless | threshold | invoke_only:litert. Single-worker cloudgate kinds also report where one full pass
+cloudgate_default:litert (the shipped defaults exactly: workers auto, early exit on, decision only) |
+cloudgate_default_every_tile:litert (the same, early exit off) | cloudgate_default_mask:litert (the same with a
+full-resolution mask_out) | cloudgate_half:litert / cloudgate_half_mask:litert (workers auto, every tile, the
+shipped model under bench.halfcard's input_grid.downsample 2 card: NOT a validated half-resolution model) |
+s2cloudless | threshold | invoke_only:litert. The workers-auto kinds at --threads 1 run pinned to one core
+(auto = 1 worker). Single-worker cloudgate kinds also report where one full pass
 spends its time ("stages_ms", from cProfile over 5 extra passes, so slightly inflated)."""
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ import numpy as np
 from .procstat import proc_status_mib
 
 KINDS = ("teacher_ukis", "teacher_ukis_session", "cloudgate:litert", "cloudgate:onnxruntime", "cloudgate_decision:litert",
-         "cloudgate_workers:litert", "cloudgate_decision_workers:litert", "s2cloudless", "threshold", "invoke_only:litert")
+         "cloudgate_workers:litert", "cloudgate_decision_workers:litert", "s2cloudless", "threshold", "invoke_only:litert",
+         "cloudgate_default:litert", "cloudgate_default_every_tile:litert", "cloudgate_default_mask:litert",
+         "cloudgate_half:litert", "cloudgate_half_mask:litert")
+AUTO_KINDS = KINDS[-5:]              # workers: auto (the shipped default), pinned to --threads cores
 BANDS4 = ("blue", "green", "red", "nir")
 S2C_BANDS = ("coastal", "blue", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22")
 
@@ -91,7 +99,7 @@ def _teacher_session(threads: int):
     return run
 
 
-def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
+def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None, half_card: str | None = None):
     """(run, image) for one cost kind; run() processes the whole image once."""
     if kind == "teacher_ukis":
         from ground.evaluate import teacher_mask
@@ -100,6 +108,23 @@ def contender(kind: str, threads: int, img: np.ndarray, s2_scene: str | None):
     if kind == "teacher_ukis_session":
         run_teacher = _teacher_session(threads)
         return (lambda: run_teacher(img)), img
+    if kind in AUTO_KINDS:
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from flight import CloudGate
+
+        from .halfcard import write_half_grid_card
+
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])   # auto: one worker per core given
+        model = None
+        if kind.startswith("cloudgate_half"):          # written by the parent (stamping opens both runtimes,
+            model = half_card or write_half_grid_card(Path(tempfile.mkdtemp()))   # which would count in RSS)
+        extra = {} if kind == "cloudgate_default:litert" else {"early_exit": {"enabled": False}}
+        g = CloudGate.from_model(model, backend="litert", threads=threads, **extra)
+        m = np.empty(img.shape[:2], np.uint8) if kind.endswith("_mask:litert") else None
+        return (lambda: g.process(img, BANDS4, mask_out=m)), img
     if kind.startswith("cloudgate"):
         from flight import CloudGate
 
@@ -162,18 +187,21 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--scene", required=True, help=".npz with 'bands' (H, W, >= 4) reflectance")
     ap.add_argument("--s2-scene", default=None)
+    ap.add_argument("--half-card", default=None, help="cloudgate_half* kinds: bench.halfcard's card (else written here)")
     a = ap.parse_args(argv)
     with np.load(a.scene) as z:
         img = np.ascontiguousarray(np.tile(z["bands"][..., :4], (2, 2, 1)).astype(np.float32))   # 1024 x 1024
-    run, img = contender(a.kind, a.threads, img, a.s2_scene)
+    run, img = contender(a.kind, a.threads, img, a.s2_scene, a.half_card)
     run()
     times = []
     for _ in range(a.reps):
         t = time.perf_counter()
-        run()
+        last = run()
         times.append(time.perf_counter() - t)
     res = {"s_per_mpx": statistics.median(times) / (img.shape[0] * img.shape[1] / 1e6), "peak_rss_mib": proc_status_mib("VmHWM")}
-    if a.kind.startswith("cloudgate") and "workers" not in a.kind:   # cProfile sees one thread
+    if hasattr(last, "tiles_processed"):                 # a gate decision: how much of the scene it inferred
+        res["tiles"] = [last.tiles_processed, last.tiles_total]
+    if a.kind.startswith("cloudgate") and "workers" not in a.kind and a.kind not in AUTO_KINDS:   # cProfile: one thread
         res["stages_ms"] = stage_profile(run, 5)
     print(json.dumps(res))
     return 0

@@ -74,8 +74,10 @@ class GateConfig:
     model: str | None = None            # .tflite / .onnx / model card .yaml; None = shipped default
     backend: BackendName = "auto"       # auto (by suffix) | litert | onnxruntime
     threads: int = 2                    # runtime threads in all: each of N workers' interpreters gets threads // N (>= 1)
-    workers: int | str = 1              # tile workers, each with its own interpreter: 1, 2, ... or "auto" (the cores
-                                        # this process may use, capped by memory_budget_mib)
+    workers: int | str = "auto"         # tile workers, each with its own interpreter: "auto" (the cores this process
+                                        # may use: its CPU affinity, which the HIL pins to the board profile's cores;
+                                        # capped by threads and memory_budget_mib) or 1, 2, ...; bit-identical
+                                        # whatever the count
     tile: int = 256
     overlap: int = 16
     memory_budget_mib: float = 32.0     # gate-owned buffers (the runtime's own arena is measured in bench/)

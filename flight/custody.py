@@ -284,6 +284,12 @@ class ModelCustody(_Switching):
     def instance_threads(self) -> int:
         return max(1, self.config.threads // self.n_instances)
 
+    def _instance_bytes(self, backend, card) -> int:
+        """Gate buffers that come with one runtime instance: its input buffer, and with a half-resolution card
+        (input_grid.downsample 2) the worker's HalfGrid (tile² x channels float32 means + a bool valid mask)."""
+        half = self.tile * self.tile * (4 * max(1, card.input_channels) + 1) if card.downsample == 2 else 0
+        return backend.planes.nbytes + half
+
     # ------------------------------------------------------------------ load, install, events
     def _key_bytes(self) -> bytes:
         if self._key is None:
@@ -363,7 +369,7 @@ class ModelCustody(_Switching):
         lm = open_loaded(src, cfg.backend, factory, self.instance_threads, self.tile)
         for code, text in lm.notes:                      # model-metadata notes (flight.modelmeta)
             self._event(code, text, lm)
-        need = self.fixed_bytes + self.n_instances * lm.backend.planes.nbytes
+        need = self.fixed_bytes + self.n_instances * self._instance_bytes(lm.backend, lm.card)
         if need > cfg.memory_budget_mib * 2**20:
             raise ModelError(f"{src.label} needs {need / 2**20:.1f} MiB of gate buffers (input {lm.backend.planes.shape}"
                              f"{f' x {self.n_instances} instances' if self.n_instances > 1 else ''}) "
@@ -376,6 +382,10 @@ class ModelCustody(_Switching):
         path, data, kind, threads, tile, n_bands = opened[-1]
         for i in range(1, self.n_instances):            # bounded by the worker count
             b = self._open_backend(path, bytes(memoryview(data)), kind, threads, tile, n_bands)  # its own copy
+            buf = getattr(b, "model_buffer", None)       # LiteRT reads its constants from it: verified like the file
+            if buf is not None and hashlib.sha256(buf).hexdigest() != lm.sha256:
+                raise ModelIntegrityError(f"{src.label}: runtime instance {i}'s own copy of the verified bytes "
+                                          "fails its sha256 (an upset in RAM); refusing every instance")
             ok, detail = compare_reference(run_tiles(b, lm.golden_tiles()), lm.reference)
             if not ok:
                 raise ModelIntegrityError(f"{src.label}: runtime instance {i} built from the same verified bytes "
@@ -391,7 +401,7 @@ class ModelCustody(_Switching):
         self.optional_bands = tuple(lm.card.optional_bands)
         self.instances = list(lm.instances)
         self.backend = lm.backend
-        self.buffer_bytes = self.fixed_bytes + sum(b.planes.nbytes for b in self.instances)
+        self.buffer_bytes = self.fixed_bytes + sum(self._instance_bytes(b, lm.card) for b in self.instances)
         if len(self._references) >= 8:
             self._references.pop(next(iter(self._references)))
         self._references.setdefault((lm.sha256, lm.kind), lm.reference)

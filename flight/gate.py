@@ -29,7 +29,7 @@ from .logschema import MAX_CLEAR_RUNS, MAX_ID_CHARS, clear_tiles_record, event
 from .evidence import BrightSurfaceProbe, guard_decision
 from .policy import ACTIONS, Action, TargetHistory, TileCounts, decide
 from .ports import BackendFactory, Clock, LogSink, SystemClock
-from .scan import ScanCounts, TileScanner, resolve_workers
+from .scan import HalfScene, HalfValid, ScanCounts, TileScanner, resolve_workers
 from .sceneinput import (DARK_REFLECTANCE, DARK_SHARE, DARK_STRIDE, IMPLAUSIBLE_SHARE, PLAUSIBLE_REFLECTANCE, InputMap,
                          check_scene, input_map)
 
@@ -326,12 +326,14 @@ class CloudGate:
     def _process(self, scene, band_names, scene_id, mask_out, valid_mask, priority, target_id, radiometry, t0) -> Decision:
         cfg, sc = self.config, self._scanner
         # 1. gate: the inputs
-        h, w, src_idx = check_scene(scene, band_names, mask_out, valid_mask, self.bands, self.optional_bands, cfg.sensor)
+        fh, fw, src_idx = check_scene(scene, band_names, mask_out, valid_mask, self.bands, self.optional_bands,
+                                      cfg.sensor)
         sc.bind(self.custody)                            # the workers run the custody's runtime instances
-        sc.prepare(src_idx)                              # whole-window loading when the bands allow it
+        load_idx = sc.prepare(src_idx)                   # whole-window loading when the bands allow it
         imap = input_map(scene, radiometry, (cfg.radiometry_scale, cfg.radiometry_offset), self.backend)
         sc.input.open(scene)                             # the mmap behind the scene, if any (checked)
-        step = sc.step
+        step, ds = sc.step, sc.downsample
+        h, w = -(-fh // ds), -(-fw // ds)                # the grid the model decides on (card input_grid)
         ny, nx = -(-h // step), -(-w // step)
         n_tiles = ny * nx
         if n_tiles > cfg.max_tiles:
@@ -339,7 +341,7 @@ class CloudGate:
                                   "raise max_tiles in the gate config")
         previous = self._history.previous(target_id)
         # 2. scan the tiles (infer, count, estimate; stop early or at the deadline)
-        scan = sc.scan(scene, h, w, nx, n_tiles, src_idx, imap, mask_out, valid_mask, previous, t0)
+        scan = sc.scan(scene, h, w, nx, n_tiles, load_idx, imap, mask_out, valid_mask, previous, t0)
         n = sc.est.n
         full = n == n_tiles
         self._check_scan(scan, scene_id, imap, full)
@@ -350,7 +352,7 @@ class CloudGate:
         # 4. policy (pure)
         tiles = TileCounts(sc.t_cloud, sc.t_valid, sc.t_done, n_tiles, nx)
         pd = decide(cf, vf, priority, previous, tiles, cfg.policy)
-        pd, events = self._discard_guard(pd, scene, src_idx, imap, valid_mask)
+        pd, events = self._discard_guard(pd, scene, src_idx, imap, valid_mask, (h, w))
         self._history.record(target_id, pd.action)
         rule, reason = pd.rule, pd.reason
         if scan.deadline:
@@ -376,18 +378,25 @@ class CloudGate:
             latency_s=self._clock.monotonic() - t0, policy_version=cfg.policy.version, **self.custody.identity(),
             degraded=events, scene_id=str(scene_id), target_id=target_id, priority=int(priority), grid=(ny, nx),
             scene_bytes=scene_bytes, downlink_bytes=self._downlink_bytes(pd, scene_bytes, nx, h * w),
-            infer_s=scan.infer_s, tile_pixels=sc.tile * sc.tile, core_pixels=step,
+            infer_s=scan.infer_s, tile_pixels=sc.tile * sc.tile, core_pixels=step * ds,
             hysteresis=reason if rule == "hysteresis" else None)
 
-    def _discard_guard(self, pd, scene, src_idx, imap, valid_mask):
-        """Never discard what the model cannot tell apart (flight.evidence.guard_decision). -> (decision, events)"""
+    def _discard_guard(self, pd, scene, src_idx, imap, valid_mask, grid_hw):
+        """Never discard what the model cannot tell apart (flight.evidence.guard_decision), judged on the grid
+        the model decided on (grid_hw: the half grid's size with a half-resolution card). -> (decision, events)"""
         if pd.action not in ("discard", "reacquire"):
             return pd, []
-        bands = self.bands
+        bands, inp = self.bands, self._scanner.input
         blue, green = (src_idx[bands.index(b)] if b in bands else None for b in ("blue", "green"))
-        self._scanner.input.check_file()          # a memmap's file may have shrunk since the scan
+        inp.check_file()                          # a memmap's file may have shrunk since the scan
+        release = inp.release_pages
+        if self._scanner.downsample == 2:
+            full, (h2, w2) = scene, grid_hw
+            scene = HalfScene(full, h2, w2)
+            valid_mask = None if valid_mask is None else HalfValid(valid_mask, h2, w2)
+            release = lambda _s, y0, y1: inp.release_pages(full, 2 * y0, min(2 * y1, full.shape[0]))  # noqa: E731
         return guard_decision(pd, self._probe, scene, blue, green, imap.radiometry, valid_mask, self.config.policy,
-                              release=self._scanner.input.release_pages)
+                              release=release)
 
     @staticmethod
     def _check_scan(scan: ScanCounts, scene_id, imap: InputMap, full: bool) -> None:
@@ -420,7 +429,7 @@ class CloudGate:
         if not pd.partial:
             return scene_bytes
         clear_area = sum(int(self._scanner.t_area[r * nx + c]) for r, c, _ in pd.clear_tiles)
-        return int(round(scene_bytes * (clear_area / scene_area)))
+        return int(round(scene_bytes * (clear_area / scene_area)))   # areas on the grid the model decided on
 
     # ------------------------------------------------------------------ faults and the log
     def _fault(self, scene, scene_id, target_id, priority, code, reason, t0) -> Decision:
@@ -439,7 +448,7 @@ class CloudGate:
                         priority=int(priority) if ok_priority else 0, scene_bytes=scene_bytes,
                         latency_s=self._clock.monotonic() - t0, **self.custody.identity(),
                         policy_version=self.config.policy.version, tile_pixels=self.config.tile ** 2,
-                        core_pixels=self._scanner.step)
+                        core_pixels=self._scanner.step * self._scanner.downsample)
 
     def _record(self, d: Decision) -> None:
         if self.log is None:

@@ -152,8 +152,9 @@ FIELDS: tuple[Field, ...] = (
     Field("tiles_total", (int,), "tiles", "tiles in the scene (grid rows x cols)"),
     Field("grid", (list,), "tiles", "[rows, cols] of the tile grid"),
     Field("tile_pixels", (int,), "pixels", "model input window of one tile (tile x tile, overlap included)"),
-    Field("core_pixels", (int,), "pixels", "side of a tile core in scene pixels (tile - overlap): clear_tiles "
-                                           "row/col index the scene in steps of this many pixels"),
+    Field("core_pixels", (int,), "pixels", "side of a tile core in scene pixels (tile - overlap; twice that "
+                                           "for a model carded at half resolution, input_grid.downsample 2): "
+                                           "clear_tiles row/col index the scene in steps of this many pixels"),
     Field("clear_tiles", (list,), "[row, col, col] in tile cores; fraction 0..1",
           "the clear tiles to downlink when partial, as row runs [[row, col_first, col_last, max cloud fraction "
           "of the run's tiles]] in row-major order (tile (r, c) covers scene rows r*core_pixels.. and cols "

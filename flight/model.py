@@ -37,6 +37,8 @@ class ModelCard:
     raw: dict
     sha256_of_loaded: str = ""
     optional_bands: tuple[str, ...] = ()   # used when the scene has all of them; else 0 and the flag 0
+    downsample: int = 1                    # card input_grid.downsample: the grid the model was trained and
+                                           # validated at (2: 2x2-averaged reflectance; flight.scan)
 
     @property
     def input_channels(self) -> int:
@@ -46,6 +48,7 @@ class ModelCard:
 
 MAX_CARD_BYTES = 1 << 20          # a model card is a few KiB of YAML
 MAX_ARTIFACT_BYTES = 64 << 20     # CloudScout flew a <= 5 MB model; anything near this bound is not a model
+INPUT_GRID_DOWNSAMPLE = (1, 2)    # card input_grid.downsample the gate can run: full resolution, 2x2 averaged
 GATE_CLASSES = ("clear", "cloud", "shadow")   # the gate's mask codes 0, 1, 2 (flight.gate CLEAR/CLOUD/SHADOW)
 _HEX = set("0123456789abcdef")
 
@@ -111,6 +114,23 @@ def _check_artifacts(arts, path) -> dict:
     return arts
 
 
+def _input_grid(raw: dict, path) -> int:
+    """input_grid (optional): {downsample: 1 | 2}, the grid the model was trained and validated at; absent: 1."""
+    grid = raw.get("input_grid")
+    if grid is None:
+        return 1
+    fix = ("write input_grid: {downsample: 2} for a model trained and validated on 2x2-averaged reflectance, "
+           "{downsample: 1} (or no input_grid) for full resolution")
+    if not isinstance(grid, dict) or set(grid) != {"downsample"}:
+        raise ModelIntegrityError(f"model card {path}: field 'input_grid' must be a mapping with exactly the key "
+                                  f"downsample, got {grid!r:.80}; {fix}")
+    d = grid["downsample"]
+    if not isinstance(d, int) or isinstance(d, bool) or d not in INPUT_GRID_DOWNSAMPLE:
+        raise ModelIntegrityError(f"model card {path}: field 'input_grid.downsample' must be 1 or 2 (the gate "
+                                  f"averages 2x2 blocks or none), got {d!r:.40}; {fix}")
+    return d
+
+
 def card_from_text(text: bytes | str, path: Path) -> ModelCard:
     """A ModelCard from card YAML (a file's or a package member's); every field checked, errors name it."""
     import yaml  # init-time only
@@ -137,7 +157,7 @@ def card_from_text(text: bytes | str, path: Path) -> ModelCard:
         raise _card_error(path, "bands", "and optional_bands must be lists of band names")
     card = ModelCard(name=raw["name"], bands=tuple(bands), classes=tuple(out["classes"]), tile=tile,
                      artifacts=_check_artifacts(raw["artifacts"], path), path=path, raw=raw,
-                     optional_bands=tuple(optional))
+                     optional_bands=tuple(optional), downsample=_input_grid(raw, path))
     if not card.bands or not all(isinstance(b, str) for b in card.bands + card.optional_bands + card.classes):
         raise ModelIntegrityError(f"model card {path}: bands, optional_bands and output.classes must be lists of names")
     if len(set(card.bands)) != len(card.bands):

@@ -40,9 +40,15 @@ def card_description(card, artifact_key: str) -> dict:
     """The card fields the model file must agree with (flight.model.ModelCard), and the artifact key the card
     lists the file under (onnx_int8, onnx_fp32, tflite_int8: an fp32 model is not the INT8 one)."""
     raw = card.raw
-    return {"meta_version": META_VERSION, "artifact": artifact_key, "bands": list(card.bands), "optional_bands": list(card.optional_bands),
+    desc = {"meta_version": META_VERSION, "artifact": artifact_key, "bands": list(card.bands), "optional_bands": list(card.optional_bands),
             "input_channels": card.input_channels, "classes": list(card.classes), "tile": card.tile,
             "input_scaling": raw.get("input_scaling"), "output": raw.get("output"), "units": raw.get("units")}
+    if getattr(card, "downsample", 1) != 1:          # only when set: full-resolution artifacts stamped before
+        desc["input_grid"] = {"downsample": card.downsample}   # input_grid existed keep matching their cards
+    return desc
+
+
+FULL_GRID = {"downsample": 1}                        # what a description without input_grid means
 
 
 def encode_description(card, artifact_key: str) -> bytes:
@@ -239,9 +245,12 @@ def check_description(card, data: bytes, kind: str, artifact: str, artifact_key:
     if desc is None:
         return "missing"
     want = card_description(card, artifact_key or FLIGHT_KEYS[kind])
-    bad = [k for k in want if k != "meta_version" and desc.get(k) != want[k]]
+    bad = [k for k in want if k not in ("meta_version", "input_grid") and desc.get(k) != want[k]]
+    if desc.get("input_grid", FULL_GRID) != want.get("input_grid", FULL_GRID):   # either side may leave it out
+        bad.append("input_grid")
     if bad:
-        detail = "; ".join(f"{k}: card {want[k]!r:.120} but the model file says {desc.get(k)!r:.120}" for k in bad)
+        detail = "; ".join(f"{k}: card {want.get(k, FULL_GRID)!r:.120} but the model file says "
+                           f"{desc.get(k, FULL_GRID if k == 'input_grid' else None)!r:.120}" for k in bad)
         raise ModelIntegrityError(f"model card {Path(str(card.path)).name} does not describe {artifact} (from the "
                                   f"model file's own metadata): {detail}; refusing to load")
     return "ok"

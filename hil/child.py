@@ -162,7 +162,12 @@ def main(argv=None) -> int:
                 except ModelIntegrityError:
                     rec["model_file_refused"] = True
             if "seu_weights" in faults:                 # in the weights the runtime executes (not a copy)
-                rec["weights_flipped_at"] = flip_runtime_weights(backends.backend, 1, rng)
+                # any worker's interpreter (not only the last one opened), drawn from its own stream so the
+                # campaign's other draws stay where they were
+                running = gate.custody.instances or [backends.backend]
+                k = int(np.random.default_rng([job["seed"], i, 17]).integers(len(running)))
+                rec["weights_instance"] = k
+                rec["weights_flipped_at"] = flip_runtime_weights(running[k], 1, rng)
             clock.wall_offset_s = float(rng.choice([-86400.0, -3600.0, 3600.0, 1e6])) if "clock_jump" in faults else 0.0
             ballast, ballast_kib = None, 0
             backends.stall_s = job["deadline_s"] / 2 if "deadline_overrun" in faults else 0.0

@@ -37,7 +37,9 @@ def test_quick_bench_writes_outputs(real_dir, tmp_path):
     workers, teacher = rate["cloudgate (LiteRT INT8, end to end, one worker per thread)"], rate["teacher_ukis_session"]
     assert abs(acc["vs_teacher_at_best"] - workers / teacher) <= 0.05 + 0.001 * workers / teacher
     assert abs(acc["vs_today"] - workers / rate[gate]) <= 0.006
-    assert acc["met"].startswith("yes") == (acc["vs_teacher_at_best"] >= 300)
+    assert acc["met"].startswith("not judged") or acc["met"].startswith("yes") == (acc["vs_teacher_at_best"] >= 300)
+    from bench.__main__ import contended
+    assert acc["met"].startswith("not judged") == bool(contended(res))
     assert "Speed acceptance" in (tmp_path / (js[0].stem + ".md")).read_text()
     # a 111x-fewer-MACs student that is not even 5x faster end to end is a regression in the gate
     assert res["ratios_vs_teacher_2t"][gate] > 5

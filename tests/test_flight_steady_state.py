@@ -13,9 +13,15 @@ BANDS = ("blue", "green", "red", "nir")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
-def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend, workers):
-    gate = CloudGate.from_model(backend=backend, workers=workers, threads=2, early_exit={"enabled": False})
+@pytest.mark.parametrize("backend,grid", [("litert", "full"), ("onnxruntime", "full"), ("litert", "half")])
+def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend, grid, workers, tmp_path):
+    """grid half: a card declaring input_grid.downsample 2 (tests/test_flight_hotpath.half_card): the 2x2
+    means stream into preallocated buffers, mask_out is upsampled in place."""
+    from test_flight_hotpath import half_card
+
+    model = half_card(tmp_path) if grid == "half" else None
+    gate = CloudGate.from_model(model, backend=backend, workers=workers, threads=2, early_exit={"enabled": False})
+    assert gate.card.downsample == (2 if grid == "half" else 1)
     rng = np.random.default_rng(0)
     scene = rng.uniform(0, 0.6, (600, 700, 4)).astype(np.float32)
     mask = np.empty((600, 700), np.uint8)

@@ -41,8 +41,9 @@ def test_auto_workers_follow_the_cores_and_the_memory_budget(monkeypatch):
     import flight.scan as scan
 
     monkeypatch.setattr(scan, "usable_cores", lambda: 6)
-    assert scan.resolve_workers(config_from_dict({"workers": "auto"})) == 6
-    cfg = config_from_dict({"workers": "auto", "memory_budget_mib": 10.0})      # room for only a few workers
+    assert scan.resolve_workers(config_from_dict({"workers": "auto", "threads": 8})) == 6
+    assert scan.resolve_workers(config_from_dict({"workers": "auto", "threads": 4})) == 4   # threads in all
+    cfg = config_from_dict({"workers": "auto", "memory_budget_mib": 10.0, "threads": 8})   # room for only a few
     n = scan.resolve_workers(cfg)
     assert 1 <= n < 6 and cfg.max_tiles * scan.TileScanner.PER_TILE_BYTES + n * scan.worker_bytes(256) <= 10 * 2**20
 
