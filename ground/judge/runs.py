@@ -170,8 +170,12 @@ def run_one(judge: dict, base: dict, stage: str, arm: str, fold: int, seed: int,
     train_s = time.time() - t0
     spec, model = load_student(pt)
     t1 = time.time()
-    card = export_onnx_int8(spec, model, d / "model", f"judge-{arm}-f{fold}-s{seed}",
-                            calibration_tiles(ts, spec, train_idx))
+    calib = calibration_tiles(ts, spec, train_idx)
+    if spec.input_downsample != 1:   # calibrate on what the model sees in flight: the 2x2-averaged grid
+        f = spec.input_downsample
+        n, h, w, c = calib.shape
+        calib = np.ascontiguousarray(calib.reshape(n, h // f, f, w // f, f, c).mean((2, 4)))
+    card = export_onnx_int8(spec, model, d / "model", f"judge-{arm}-f{fold}-s{seed}", calib)
     if spec.input_downsample != 1:
         from .grid import declare_input_grid
 
