@@ -192,8 +192,8 @@ def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]
              "bright clear read > 15 % cloud | train s/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(a, k):
-        return f"{a[k]['mean']:.3f} ± {a[k]['sd']:.3f}"
+    def cell(a, k):   # one seed has no spread to show
+        return f"{a[k]['mean']:.3f} ± {a[k]['sd']:.3f}" if len(a["seeds"]) > 1 else f"{a[k]['mean']:.3f} (1 seed)"
     for n, a in arms.items():
         lines.append(f"| {'**' + n + '**' if n == chosen else n} | {','.join(map(str, a['seeds']))} | "
                      + " | ".join(cell(a, k) for k in METRICS)
