@@ -85,6 +85,38 @@ def test_bad_input_faults_or_raises(gate_litert, scene, names, err):
         gate_litert.process(scene, names, strict=True)
 
 
+UNSUPPORTED_SCENE_DTYPES = [np.bool_, np.complex64, object, "U4", "S4", "datetime64[s]", "timedelta64[s]",
+                            [("a", "f4"), ("b", "f4")]] + ([np.longdouble] if np.dtype(np.longdouble).itemsize > 8 else [])
+
+
+@pytest.mark.parametrize("dtype", UNSUPPORTED_SCENE_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_unsupported_dtype_is_a_typed_error_saying_what_to_pass(gate_litert, dtype):
+    """Issue 25 item 7: a bool scene was gated as 0/1 reflectance (discarded as cloud); every dtype that is not
+    integer DN or float reflectance is refused with SceneDtypeError (a SceneError: existing handlers catch it)."""
+    from flight.errors import SceneError
+
+    scene = np.zeros((32, 32, 4), dtype)
+    d = gate_litert.process(scene, BANDS, scene_id="bad-dtype")
+    assert d.action == "fault" and d.fault_code == SceneDtypeError.code, (d.action, d.rule, d.fault)
+    with pytest.raises(SceneDtypeError, match=r"pass integer DN .* or float16/32/64 reflectance") as e:
+        gate_litert.process(scene, BANDS, strict=True)
+    assert isinstance(e.value, SceneError)
+    if np.dtype(dtype).kind == "b":
+        assert "valid_mask" in str(e.value)           # a bool array is a mask: say where a mask goes
+
+
+def test_channels_first_scene_gets_a_transpose_hint(gate_litert):
+    """Issue 25 item 7: (C, H, W) used to get only a band-count message."""
+    chw = np.ones((4, 64, 48), np.float32) * 0.2
+    with pytest.raises(SceneShapeError, match=r"looks channels-first; pass \(H, W, C\), e.g. np.moveaxis\(x, 0, -1\)"):
+        gate_litert.process(chw, BANDS, strict=True)
+    with pytest.raises(SceneShapeError) as e:                     # a plain band-count mismatch gets no such hint
+        gate_litert.process(np.ones((64, 48, 3), np.float32), BANDS, strict=True)
+    assert "channels-first" not in str(e.value)
+    d = gate_litert.process(np.moveaxis(chw, 0, -1), BANDS)      # the hint's fix works
+    assert d.action != "fault", d.fault
+
+
 @pytest.mark.parametrize("rad", [(0.0, 0.0), (float("nan"), 0.0), (-1e-4, 0.0), (1.0, float("inf"))])
 def test_bad_radiometry_is_a_typed_fault(gate_litert, rad):
     d = gate_litert.process(np.ones((20, 20, 4), np.float32), BANDS, radiometry=rad)
