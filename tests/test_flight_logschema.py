@@ -112,6 +112,17 @@ def test_tools_exit_nonzero_on_missing_or_empty_input(tmp_path, logged):
     assert r.returncode == 0 and "cloudy-2" in r.stdout
 
 
+def test_run_on_missing_input_creates_no_log(tmp_path):
+    """Issue 25 item 7: `run` on a missing input exited 2 but left an empty decision log and its lock file
+    (and their directory) behind; nothing is created before the input is known to exist."""
+    log = tmp_path / "out" / "decisions.jsonl"
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "nothing-here.npz", tmp_path / "empty"):
+        r = _cli("run", str(missing), "--log", str(log))
+        assert r.returncode == 2 and "no scene files" in r.stderr, r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], list(tmp_path.rglob("*"))
+
+
 def test_example_config_loads_with_every_key_and_default_values():
     """Issue 12 item 8: the shipped example is a valid config that spells out every key at its default."""
     import yaml
