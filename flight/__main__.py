@@ -33,7 +33,9 @@ from .policy import ACTIONS, RULES
 
 
 def _run(a) -> int:
-    from . import CloudGate, CloudGateError, config_from_dict, load_config
+    from .config import config_from_dict, load_config
+    from .errors import CloudGateError
+    from .gate import CloudGate
     from .logsummary import safe_text
     from .scenefile import read_npz_scene
 
