@@ -157,6 +157,7 @@ def test_acceptance_metrics_are_computed_from_the_masks():
     assert bad["action_agreement"] == 0.0 and bad["clear_scenes_discarded"] == 1 and bad["pooled_cloud_iou"] == 0.0
 
 
+@pytest.mark.slow  # the CLI over every real scene
 def test_flight_cli_runs_real_stream(real_dir, tmp_path):
     import subprocess
     import sys
