@@ -89,6 +89,11 @@ def test_summary_lists_frames_by_action_and_reason(logged, tmp_path):
     faults = summarize(path, reason="missing_band")
     assert "short-3" in faults.split("frames (")[1] and "late-4" not in faults.split("frames (")[1]
     assert "late-4" in summarize(path, reason="deadline").split("frames (")[1]
+
+
+def test_summary_writes_the_timeline_png(logged, tmp_path):
+    pytest.importorskip("matplotlib", reason="the timeline PNG needs matplotlib (the [hil] extra)")
+    path, _ = logged
     png = tmp_path / "t.png"
     assert "timeline written" in summarize(path, png=str(png)) and png.stat().st_size > 5000
 

@@ -12,8 +12,12 @@ from flight import CloudGate
 BANDS = ("blue", "green", "red", "nir")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+SOAK = pytest.mark.slow  # 120 traced full passes each: one combination in the fast suite, the others with -m slow
+
+
+@pytest.mark.parametrize("backend,workers", [("litert", 1), pytest.param("litert", 2, marks=SOAK),
+                                             pytest.param("onnxruntime", 1, marks=SOAK),
+                                             pytest.param("onnxruntime", 2, marks=SOAK)])
 def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend, workers):
     gate = CloudGate.from_model(backend=backend, workers=workers, threads=2, early_exit={"enabled": False})
     rng = np.random.default_rng(0)
@@ -41,6 +45,7 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * (__import__("os").sysconf("SC_PAGE_SIZE") // 1024)
 
 
+@pytest.mark.slow  # 1,100 scenes
 def test_rss_flat_over_1000_scenes():
     gate = CloudGate.from_model(backend="litert", early_exit={"enabled": False})
     rng = np.random.default_rng(3)
