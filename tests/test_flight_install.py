@@ -49,7 +49,10 @@ def test_wheel_in_clean_venv_runs_the_bundled_default_model(tmp_path):
     py = venv / "bin" / "python"
     site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+    # --ignore-installed: where this interpreter has cloudgate installed (not editable), pip would see it through
+    # the borrowed path and skip installing the wheel
+    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+          str(wheel)])
     env = {k: v for k, v in os.environ.items() if k not in ("CLOUDGATE_MODELS", "PYTHONPATH")}
     out = json.loads(_run([str(py), "-c", _PROBE], cwd=tmp_path, env=env).stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(venv)) and out["models"].startswith(str(venv))   # not this checkout
