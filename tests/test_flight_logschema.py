@@ -202,7 +202,8 @@ def test_gate_partial_downlink_with_more_runs_than_a_record_holds(tmp_path):
     cell = np.where((np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0), 25, 150).astype(np.uint8)
     scene = np.repeat(np.repeat(cell, t, axis=0), t, axis=1)[..., None].repeat(4, axis=2)   # 2048 x 4160 x 4
     g = CloudGate.from_model(backend_factory=brightness_backend, tile=t, overlap=0, max_tiles=rows * cols,
-                             early_exit={"enabled": False}, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
+                             early_exit={"enabled": False}, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"},
+                             deadline_s=600.0)   # 8 320 tiles overran the 10 s default on a loaded host (rule: deadline)
     d = g.process(scene, BANDS, radiometry=(1 / 255, 0.0))
     g.close()
     assert d.action == "downlink" and d.partial and len(d.clear_tiles) == rows * cols // 2
