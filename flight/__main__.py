@@ -33,10 +33,28 @@ from .policy import ACTIONS, RULES
 
 
 def _run(a) -> int:
-    from . import CloudGate, CloudGateError, config_from_dict, load_config
+    from .config import config_from_dict, load_config
+    from .errors import CloudGateError
+    from .gate import CloudGate
     from .logsummary import safe_text
     from .scenefile import read_npz_scene
 
+    # the inputs first: nothing (decision log, its lock file) is created for a run that has nothing to gate
+    paths = []
+    for s in a.scenes:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("**/*.npz"))
+            if not found:
+                print(f"error: directory {p} holds no .npz scene files", file=sys.stderr)
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            print(f"error: scene {p} not found", file=sys.stderr)
+    if not paths:
+        print("error: no scene files to gate", file=sys.stderr)
+        return 2
     try:
         if a.config:
             cfg = load_config(a.config)
@@ -56,22 +74,6 @@ def _run(a) -> int:
         return 2
     print(f"# model {gate.card.name} ({gate.backend.name}, sha256 {gate.card.sha256_of_loaded[:12]}) "
           f"policy {cfg.policy.version}", flush=True)
-    paths = []
-    for s in a.scenes:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(p.glob("**/*.npz"))
-            if not found:
-                print(f"error: directory {p} holds no .npz scene files", file=sys.stderr)
-            paths += found
-        elif p.is_file():
-            paths.append(p)
-        else:
-            print(f"error: scene {p} not found", file=sys.stderr)
-    if not paths:
-        gate.close()
-        print("error: no scene files to gate", file=sys.stderr)
-        return 2
     unreadable = 0
     with gate:
         for p in paths:

@@ -9,7 +9,7 @@ CloudGateError
 │                          typically memory; retried on the next frame)
 ├── SceneError             raised by process(strict=True); a fault decision otherwise
 │   ├── SceneShapeError    not (H, W, C), or mask_out / valid_mask of the wrong shape
-│   ├── SceneDtypeError    unsupported dtype
+│   ├── SceneDtypeError    unsupported dtype (bool, complex, object, text, dates, > 64-bit); says what to pass
 │   ├── BandMismatchError  the scene lacks a band the model needs (.missing lists them)
 │   ├── AllInvalidSceneError every pixel is no-data / NaN / masked
 │   ├── ArgumentError      priority / target_id / scene_id / band_names / radiometry of the wrong type or size

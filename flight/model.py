@@ -268,21 +268,26 @@ def read_verified(artifact: Path, expected_sha256: str, card_path: Path) -> byte
     return data
 
 
+DEFAULT_MODEL = "default"      # the model name that means the shipped default (as for python -m flight model pack)
+
+
 def resolve_model(model: str | None, backend: str) -> tuple[ModelCard, Path, bytes]:
     """-> (card, artifact path, verified artifact bytes). Picks the INT8 artifact matching the backend."""
-    if model is None:
+    if model is None or str(model) == DEFAULT_MODEL:
         card_path = default_card()
         artifact = None
     else:
         p = Path(model)
         if not p.exists() and not p.is_symlink():
-            raise ModelMissingError(f"model {p} not found")
+            where = "" if p.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise ModelMissingError(f"model {p} not found{where}; pass an existing model card (.yaml), .tflite or "
+                                    f".onnx file, or no model (or '{DEFAULT_MODEL}') for the shipped default model")
         if p.suffix in (".yaml", ".yml"):
             card_path, artifact = p, None
         elif p.suffix in (".tflite", ".onnx"):
             card_path, artifact = _card_for_artifact(p), p
         else:
-            raise ModelError(f"model {p}: use a .tflite, .onnx or model card .yaml")
+            raise ModelError(f"model {p}: use a .tflite, .onnx or model card .yaml (or '{DEFAULT_MODEL}')")
     card = load_card(card_path)
     if artifact is None:
         want = backend

@@ -275,7 +275,7 @@ def stamp_card(card_path: str | Path, dry_run: bool = False) -> dict[str, tuple[
     unchanged), write each artifact atomically and update the card's sha256 / bytes entries (the card's
     text is otherwise kept line for line). Returns {artifact key: (old sha256, new sha256)}."""
     from .model import load_card, read_verified
-    from .package import write_atomic
+    from .atomicwrite import write_atomic
 
     card_path = Path(card_path)
     card = load_card(card_path)
@@ -311,11 +311,10 @@ def stamp_card(card_path: str | Path, dry_run: bool = False) -> dict[str, tuple[
 def _same_outputs(card, old: bytes, new: bytes, kind: str, path: Path) -> None:
     """The stamped model must compute exactly what the original does (golden tiles; skipped for a runtime
     not installed here, and for fp32 models no flight backend runs)."""
-    from .backends import open_backend
+    from .backends import open_backend, quiet_factory
     from .bist import run_tiles
     from .errors import ModelError
     from .golden import iter_golden_tiles
-    from .modelsource import quiet_factory
 
     if path.name.endswith(".fp32.onnx"):
         return

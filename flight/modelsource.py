@@ -133,34 +133,6 @@ class SlotSource(PackageSource):
         return pkg
 
 
-_DELEGATE_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate"
-
-
-def quiet_factory(factory):
-    """factory with LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." line dropped: the
-    process's stderr (fd 2) goes to a temporary file while the runtime opens, and every other line written
-    there is passed on afterwards (nothing else is lost). For the store and the model CLI (one thread)."""
-    import os
-    import sys
-    import tempfile
-
-    def opened(*args, **kw):
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as tf:
-            os.dup2(tf.fileno(), 2)
-            try:
-                return factory(*args, **kw)
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                tf.seek(0)
-                rest = b"".join(x for x in tf.read().splitlines(True) if not x.startswith(_DELEGATE_NOTICE))
-                if rest:
-                    os.write(2, rest)
-    return opened
-
-
 def open_loaded(source: Source, backend: str, factory, threads: int, tile: int) -> LoadedModel:
     """Read, verify, open, check and self-test a model from source. ModelError on anything wrong."""
     t0 = time.perf_counter()

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomicwrite import write_atomic
 from .errors import ModelError, ModelIntegrityError, ModelMissingError
 from .model import MAX_ARTIFACT_BYTES, ModelCard, card_from_text, read_regular_file
 
@@ -348,12 +349,11 @@ def pack(card_path: str | Path, key: bytes, out: str | Path, *, backends: tuple[
     Default: the card's own model_version, else the packing time in UTC seconds (a later pack is newer)."""
     import numpy as np
 
-    from .backends import open_backend
+    from .backends import open_backend, quiet_factory
     from .bist import DEFAULT_TOLERANCE
     from .golden import GOLDEN_KINDS, encode_tile, golden_tiles
     from .model import check_consistency, load_card, read_verified
     from .modelmeta import check_description
-    from .modelsource import quiet_factory
 
     card_path = Path(card_path)
     card = load_card(card_path)
@@ -415,51 +415,3 @@ def stamp_version(card_bytes: bytes, card: ModelCard, model_version: int | None)
                              "edit the card or drop --model-version")
         return card_bytes
     return card_bytes.rstrip(b"\n") + b"\nmodel_version: %d\n" % model_version
-
-
-def write_synced(tmp: Path, data: bytes, progress=None) -> None:
-    """Write data to tmp (created or truncated) and fsync it. On any OSError (ENOSPC, EIO...) tmp is removed
-    before the error propagates: a failed write leaves no file behind."""
-    step = progress or (lambda phase: None)
-    step("write_tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view, done = memoryview(data), 0
-            while done < len(data):
-                done += os.write(fd, view[done:done + (1 << 16)])
-                if done < len(data):
-                    step("write_tmp_partial")
-            step("fsync_tmp")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def commit_rename(tmp: Path, path: Path, progress=None) -> None:
-    """Rename tmp over path and fsync the directory (the crash-safe second half of write_atomic)."""
-    step = progress or (lambda phase: None)
-    step("rename")
-    os.replace(tmp, path)
-    step("fsync_dir")
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    step("written")
-
-
-def write_atomic(path: Path, data: bytes, progress=None) -> None:
-    """Write data to path so that a crash leaves the old file or the new one: write a temporary file in
-    the same directory, fsync it, rename it over path, fsync the directory. A failed write removes the
-    temporary file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_synced(tmp, data, progress)
-    commit_rename(tmp, path, progress)

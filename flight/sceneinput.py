@@ -22,7 +22,25 @@ from .backends import planar_view
 from .errors import (ArgumentError, BandMismatchError, ImplausibleRadiometryError, SceneDtypeError, SceneFileError,
                      SceneShapeError, ValidMaskError)
 
-SUPPORTED_KINDS = "biuf"
+SUPPORTED_KINDS = "iuf"        # signed / unsigned integer DN, float reflectance (bool is a mask, not a scene)
+
+
+def unsupported_dtype_message(dtype: np.dtype) -> str:
+    """What to pass instead of a scene of this dtype (the reason depends on what the caller likely holds)."""
+    want = ("pass integer DN (uint8/uint16/int16/...) with radiometry=(scale, offset), or float16/32/64 "
+            "reflectance")
+    if dtype.kind == "b":
+        why = "a bool array is a mask, not radiance (as a scene every pixel would be 0 or 1); pass the valid " \
+              "pixels as valid_mask= and the bands as the scene"
+    elif dtype.kind == "c":
+        why = "complex values are not radiance; pass np.abs(x) or x.real if the data is real-valued"
+    elif dtype.kind in "OUSV":
+        why = "the array holds objects, text or records, not numbers; convert it with np.asarray(x, np.float32)"
+    elif dtype.kind in "mM":
+        why = "dates and time spans are not radiance"
+    else:                                      # float128 / longdouble: wider than any runtime input
+        why = f"{dtype.itemsize * 8}-bit values are wider than the gate reads; cast with x.astype(np.float32)"
+    return f"scene dtype {dtype} unsupported: {why}; {want}"
 _MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21   # Linux >= 5.4: reclaim now, contents kept (dirty shared pages written back, private copies kept)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -126,7 +144,7 @@ def check_scene(scene, band_names, mask_out, valid_mask, bands, optional_bands, 
     if h < 1 or w < 1 or c < 1:
         raise SceneShapeError(f"scene has an empty axis: shape {scene.shape}")
     if scene.dtype.kind not in SUPPORTED_KINDS or scene.dtype.itemsize > 8:
-        raise SceneDtypeError(f"scene dtype {scene.dtype} unsupported; use float (reflectance) or integer DN")
+        raise SceneDtypeError(unsupported_dtype_message(scene.dtype))
     if isinstance(band_names, (str, bytes)):
         raise ArgumentError("band_names must be a sequence of band names, not a single string")
     if isinstance(band_names, (set, frozenset, dict)):  # no defined order: band i would be a hash accident
@@ -137,7 +155,11 @@ def check_scene(scene, band_names, mask_out, valid_mask, bands, optional_bands, 
     except Exception as e:
         raise ArgumentError(f"band_names could not be iterated: {type(e).__name__}: {e}"[:500]) from None
     if len(names) != c:
-        raise SceneShapeError(f"band_names has {len(names)} names but the scene has {c} bands (last axis)")
+        hint = ""
+        if h == len(names) != c:                   # (C, H, W): the bands are on the first axis
+            hint = ("; the scene looks channels-first; pass (H, W, C), e.g. np.moveaxis(x, 0, -1) "
+                    f"(shape {scene.shape} -> {(scene.shape[1], scene.shape[2], scene.shape[0])})")
+        raise SceneShapeError(f"band_names has {len(names)} names but the scene has {c} bands (last axis){hint}")
     canon = []
     for n in names:
         if not isinstance(n, str) or len(n) > MAX_BAND_NAME:

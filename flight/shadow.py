@@ -26,31 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-
-SHADOW_FILE = "shadow.json"
-
-
-def read_shadow(store, slot: str) -> dict | None:
-    """The shadow record of slot (None when there is none or it is unreadable)."""
-    try:
-        obj = json.loads((store.root / "slots" / slot / SHADOW_FILE).read_text())
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def shadow_verdict(record: dict | None, package_sha256: str, frames: int, min_agreement: float) -> str | None:
-    """None when the record shows package_sha256 ran >= frames shadow frames with action agreement >=
-    min_agreement; else why not (a sentence)."""
-    if record is None or record.get("package_sha256") != package_sha256:
-        return f"no shadow run of this package yet (needs {frames} frames beside the active model)"
-    if record.get("frames", 0) < frames:
-        return f"{record.get('frames', 0)} of {frames} shadow frames so far"
-    if record.get("action_agreement", 0.0) < min_agreement:
-        return (f"action agreement {record['action_agreement']:.3f} over {record['frames']} shadow frames is under "
-                f"{min_agreement:.3f} (mean |cloud fraction difference| {record.get('mean_abs_cf_diff', 0):.3f})")
-    return None
-
+from .shadowrecord import SHADOW_FILE, read_shadow, shadow_verdict
 
 class ShadowMonitor:
     """Runs the store's staged package beside the active gate. store: flight.slots.ModelStore; key_path:
@@ -115,7 +91,7 @@ class ShadowMonitor:
 
     def _open(self, slot: str):
         """The candidate's gate: the slot's package, verified with the mission key and self-tested, no log."""
-        from . import CloudGate
+        from .gate import CloudGate
 
         opts = dict(self.gate_options)
         opts.pop("log", None)
@@ -181,7 +157,7 @@ class ShadowMonitor:
             return None
 
     def _finish(self) -> None:
-        from .package import write_atomic
+        from .atomicwrite import write_atomic
 
         st, n = self._stats, self._stats["frames"]
         rec = {"package_sha256": self._sha, "slot": self._slot, "frames": n,

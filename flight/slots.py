@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError, ModelIntegrityError, ModelMissingError
-from .package import (DEFAULT_MAX_PACKAGE_BYTES, FLIGHT_ARTIFACTS, Package, commit_rename, open_package,
-                      package_version, parse_package, write_atomic, write_synced)
+from .atomicwrite import commit_rename, write_atomic, write_synced
+from .package import DEFAULT_MAX_PACKAGE_BYTES, FLIGHT_ARTIFACTS, Package, open_package, package_version, parse_package
 
 SLOTS = ("a", "b")
 PACKAGE_NAME = "package.cgpkg"
@@ -269,8 +269,8 @@ class ModelStore:
         return self.verify_file(self.package_path(slot), backends, label=f"slot {slot}")
 
     def verify_file(self, path: Path, backends: tuple[str, ...] | None = None, label: str | None = None):
-        from .backends import open_backend
-        from .modelsource import PackageSource, _litert_available, open_loaded, quiet_factory
+        from .backends import open_backend, quiet_factory
+        from .modelsource import PackageSource, _litert_available, open_loaded
 
         pkg = open_package(path, self.key, self.max_bytes)
         # every artifact the package carries is checked against its card and self-tested where this board
@@ -523,7 +523,7 @@ class ModelStore:
                          model_slot=slot, package_sha256=pkg.sha256, model_name=pkg.name)
         if self.shadow_frames and self.runnable() and not self.activated(slot, pkg.sha256):   # (a first model
             # has nothing to run beside: no shadow run)
-            from .shadow import read_shadow, shadow_verdict
+            from .shadowrecord import read_shadow, shadow_verdict
 
             why = shadow_verdict(read_shadow(self, slot), pkg.sha256, self.shadow_frames, self.shadow_min_agreement)
             if why:

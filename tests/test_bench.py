@@ -62,6 +62,7 @@ def _child(module: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # three bench child processes
 def test_bench_children_are_modules_run_with_dash_m(tmp_path):
     """Issue 12 item 10: no program embedded in a format string, nothing imports bench.__main__."""
     from hil.streams import generate_scene
@@ -107,6 +108,7 @@ def test_mask_contenders_take_the_action_the_gate_would():
     assert seen == {("downlink", True), ("downlink", False), ("discard", False)}
 
 
+@pytest.mark.slow  # the ukis-csmask teacher on a real scene, twice
 def test_teacher_at_its_best_gives_the_csmask_call_mask(real_dir):
     """The speed reference 'teacher at its best' (one session, reused) runs CSmask's own code path: its mask
     equals a whole CSmask call's on a real scene, on the first and on a later (session-reusing) pass."""

@@ -85,6 +85,38 @@ def test_bad_input_faults_or_raises(gate_litert, scene, names, err):
         gate_litert.process(scene, names, strict=True)
 
 
+UNSUPPORTED_SCENE_DTYPES = [np.bool_, np.complex64, object, "U4", "S4", "datetime64[s]", "timedelta64[s]",
+                            [("a", "f4"), ("b", "f4")]] + ([np.longdouble] if np.dtype(np.longdouble).itemsize > 8 else [])
+
+
+@pytest.mark.parametrize("dtype", UNSUPPORTED_SCENE_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_unsupported_dtype_is_a_typed_error_saying_what_to_pass(gate_litert, dtype):
+    """Issue 25 item 7: a bool scene was gated as 0/1 reflectance (discarded as cloud); every dtype that is not
+    integer DN or float reflectance is refused with SceneDtypeError (a SceneError: existing handlers catch it)."""
+    from flight.errors import SceneError
+
+    scene = np.zeros((32, 32, 4), dtype)
+    d = gate_litert.process(scene, BANDS, scene_id="bad-dtype")
+    assert d.action == "fault" and d.fault_code == SceneDtypeError.code, (d.action, d.rule, d.fault)
+    with pytest.raises(SceneDtypeError, match=r"pass integer DN .* or float16/32/64 reflectance") as e:
+        gate_litert.process(scene, BANDS, strict=True)
+    assert isinstance(e.value, SceneError)
+    if np.dtype(dtype).kind == "b":
+        assert "valid_mask" in str(e.value)           # a bool array is a mask: say where a mask goes
+
+
+def test_channels_first_scene_gets_a_transpose_hint(gate_litert):
+    """Issue 25 item 7: (C, H, W) used to get only a band-count message."""
+    chw = np.ones((4, 64, 48), np.float32) * 0.2
+    with pytest.raises(SceneShapeError, match=r"looks channels-first; pass \(H, W, C\), e.g. np.moveaxis\(x, 0, -1\)"):
+        gate_litert.process(chw, BANDS, strict=True)
+    with pytest.raises(SceneShapeError) as e:                     # a plain band-count mismatch gets no such hint
+        gate_litert.process(np.ones((64, 48, 3), np.float32), BANDS, strict=True)
+    assert "channels-first" not in str(e.value)
+    d = gate_litert.process(np.moveaxis(chw, 0, -1), BANDS)      # the hint's fix works
+    assert d.action != "fault", d.fault
+
+
 @pytest.mark.parametrize("rad", [(0.0, 0.0), (float("nan"), 0.0), (-1e-4, 0.0), (1.0, float("inf"))])
 def test_bad_radiometry_is_a_typed_fault(gate_litert, rad):
     d = gate_litert.process(np.ones((20, 20, 4), np.float32), BANDS, radiometry=rad)
@@ -147,15 +179,60 @@ def test_litert_banner_is_filtered_from_the_cli_and_other_stderr_is_kept(tmp_pat
     assert r.stderr.splitlines() == ["a real warning", "py warning", "after"], r.stderr
 
 
-def test_readme_embedding_snippet_runs_verbatim(real_dir):
-    """Issue 19: the README's embedding example is run as written (from the repository root, where its
-    ../shared path resolves), and its decision carries every field it shows."""
+LOAD_AND_PROCESS = ("import sys\nimport numpy as np\nfrom flight import CloudGate\n"
+                    "g = CloudGate.from_model(backend=sys.argv[1])\n"
+                    "s = np.full((300, 300, 4), 0.1, np.float32); s[:100] = 0.6\n"
+                    "g.process(s, ('blue', 'green', 'red', 'nir')); g.close()\n")
+
+
+@pytest.mark.parametrize("backend", [
+    "onnxruntime",
+    pytest.param("litert", marks=pytest.mark.xfail(strict=True, reason=(
+        "ai-edge-litert 2.3 prints 'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.' from C++ straight to "
+        "fd 2 when the default XNNPACK delegate is applied; its Python API has no log-severity setting, "
+        "TF_CPP_MIN_LOG_LEVEL does not reach this logger, and building the interpreter without default delegates "
+        "halves its speed. The library leaves fd 2 alone (a crash message must never be swallowed); the CLI "
+        "filters the line. Strict: when a runtime update makes this pass, drop the xfail."))),
+])
+def test_library_prints_nothing_to_stderr_on_load_and_process(backend):
+    """Issue 25 item 7: a library stays quiet unless asked."""
+    r = subprocess.run([sys.executable, "-c", LOAD_AND_PROCESS, backend], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == "" and r.stdout == ""
+
+
+def _python_block(path, after: str) -> str:
+    """The first ```python block after the heading `after` in a Markdown file of this repository."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / path).read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_readme_embedding_snippet_runs_verbatim_from_any_folder(tmp_path):
+    """Issue 25 item 7: the README's embedding example ran only from the repository root (a ../shared scene
+    path). It runs as written from an empty folder: the default model comes with the package, the snippet
+    builds its own scene, and it writes nothing there."""
+    code = _python_block("README.md", "## Embedding the gate in Python")
+    assert "../" not in code and "models/" not in code
+    r = subprocess.run([sys.executable, "-c", code + "\nprint('FIELDS', d.action, d.rule, len(d.degraded))"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    action, rule, n_degraded = r.stdout.split("FIELDS ")[1].split()
+    assert action == "downlink" and rule == "threshold" and n_degraded == "0", r.stdout
+    first = r.stdout.splitlines()[0]                                  # the line the README shows after its print
+    assert first.startswith("downlink threshold 0.39"), first
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flight_doc_embedding_example_runs_verbatim(real_dir):
+    """Issue 19: the full embedding example (docs/flight.md, moved from the README) is run as written from
+    the repository root, where its ../shared path resolves, and its decision carries every field it shows."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text()
-    start = text.index("```python\n", text.index("## flight: embedding the gate")) + len("```python\n")
-    code = text[start:text.index("```", start)]
+    code = _python_block("docs/flight.md", "## flight: embedding the gate")
     r = subprocess.run([sys.executable, "-c", code + "\nprint(d.action, d.rule, len(d.degraded))"], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

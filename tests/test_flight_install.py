@@ -49,13 +49,24 @@ def test_wheel_in_clean_venv_runs_the_bundled_default_model(tmp_path):
     py = venv / "bin" / "python"
     site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+    # --ignore-installed: where this interpreter has cloudgate installed (not editable), pip would see it through
+    # the borrowed path and skip installing the wheel
+    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+          str(wheel)])
     env = {k: v for k, v in os.environ.items() if k not in ("CLOUDGATE_MODELS", "PYTHONPATH")}
     out = json.loads(_run([str(py), "-c", _PROBE], cwd=tmp_path, env=env).stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(venv)) and out["models"].startswith(str(venv))   # not this checkout
     card = next(p for p in (ROOT / "models").glob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("default"))
     assert out["card"] == yaml.safe_load(card.read_text())["name"] and len(out["sha"]) == 64
     assert out["action"] in ("downlink", "discard")
+    # issue 25 item 7: the README's embedding snippet runs verbatim after the install, from an empty folder
+    from test_flight_contract import _python_block
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    snippet = _python_block("README.md", "## Embedding the gate in Python")
+    printed = _run([str(py), "-c", snippet], cwd=elsewhere, env=env).stdout
+    assert printed.startswith("downlink threshold 0.39") and list(elsewhere.iterdir()) == [], printed
     # CLOUDGATE_MODELS still wins over the bundled model
     alt = tmp_path / "alt"
     shutil.copytree(ROOT / "models", alt)

@@ -89,6 +89,11 @@ def test_summary_lists_frames_by_action_and_reason(logged, tmp_path):
     faults = summarize(path, reason="missing_band")
     assert "short-3" in faults.split("frames (")[1] and "late-4" not in faults.split("frames (")[1]
     assert "late-4" in summarize(path, reason="deadline").split("frames (")[1]
+
+
+def test_summary_writes_the_timeline_png(logged, tmp_path):
+    pytest.importorskip("matplotlib", reason="the timeline PNG needs matplotlib (the [hil] extra)")
+    path, _ = logged
     png = tmp_path / "t.png"
     assert "timeline written" in summarize(path, png=str(png)) and png.stat().st_size > 5000
 
@@ -110,6 +115,17 @@ def test_tools_exit_nonzero_on_missing_or_empty_input(tmp_path, logged):
     assert _cli("run", str(tmp_path / "bad.npz")).returncode == 1
     r = _cli("log", "summary", str(logged[0]), "--action", "discard")
     assert r.returncode == 0 and "cloudy-2" in r.stdout
+
+
+def test_run_on_missing_input_creates_no_log(tmp_path):
+    """Issue 25 item 7: `run` on a missing input exited 2 but left an empty decision log and its lock file
+    (and their directory) behind; nothing is created before the input is known to exist."""
+    log = tmp_path / "out" / "decisions.jsonl"
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "nothing-here.npz", tmp_path / "empty"):
+        r = _cli("run", str(missing), "--log", str(log))
+        assert r.returncode == 2 and "no scene files" in r.stderr, r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], list(tmp_path.rglob("*"))
 
 
 def test_example_config_loads_with_every_key_and_default_values():
@@ -186,7 +202,8 @@ def test_gate_partial_downlink_with_more_runs_than_a_record_holds(tmp_path):
     cell = np.where((np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0), 25, 150).astype(np.uint8)
     scene = np.repeat(np.repeat(cell, t, axis=0), t, axis=1)[..., None].repeat(4, axis=2)   # 2048 x 4160 x 4
     g = CloudGate.from_model(backend_factory=brightness_backend, tile=t, overlap=0, max_tiles=rows * cols,
-                             early_exit={"enabled": False}, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
+                             early_exit={"enabled": False}, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"},
+                             deadline_s=600.0)   # 8 320 tiles overran the 10 s default on a loaded host (rule: deadline)
     d = g.process(scene, BANDS, radiometry=(1 / 255, 0.0))
     g.close()
     assert d.action == "downlink" and d.partial and len(d.clear_tiles) == rows * cols // 2

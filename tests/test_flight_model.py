@@ -54,6 +54,27 @@ def test_missing_model_file(tmp_path):
         CloudGate.from_model(tmp_path / "nope.tflite")
 
 
+def test_missing_model_message_stands_alone(tmp_path):
+    """Issue 25 item 7: from_model("models/nope.yaml") said only "not found". The message names the folder a
+    relative path was looked up in and what to pass instead, with no chained cause repeating it."""
+    import subprocess
+    import sys
+
+    code = "from flight import CloudGate\nCloudGate.from_model('models/nope.yaml')\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("flight.errors.ModelMissingError: model models/nope.yaml not found")
+    assert str(tmp_path) in last and "pass an existing model card (.yaml), .tflite or .onnx file" in last
+    assert "'default'" in last and "During handling" not in r.stderr and "direct cause" not in r.stderr
+
+
+def test_default_names_the_shipped_model(gate_ort):
+    """'default' (as for python -m flight model pack) is the shipped default, as no model is."""
+    g = CloudGate.from_model("default", backend="onnxruntime")
+    assert g.card.path == default_card() and g.card.sha256_of_loaded == gate_ort.card.sha256_of_loaded
+    g.close()
+
+
 def test_card_path_selects_backend(model_copy):
     d, card = model_copy
     g = CloudGate.from_model(d / card.path.name, backend="onnxruntime")

@@ -12,8 +12,13 @@ from flight import CloudGate
 BANDS = ("blue", "green", "red", "nir")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("backend,grid", [("litert", "full"), ("onnxruntime", "full"), ("litert", "half")])
+SOAK = pytest.mark.slow  # 120 traced full passes each: one combination in the fast suite, the others with -m slow
+
+
+@pytest.mark.parametrize("backend,grid,workers", [
+    ("litert", "full", 1), pytest.param("litert", "full", 2, marks=SOAK),
+    pytest.param("onnxruntime", "full", 1, marks=SOAK), pytest.param("onnxruntime", "full", 2, marks=SOAK),
+    pytest.param("litert", "half", 1, marks=SOAK), pytest.param("litert", "half", 2, marks=SOAK)])
 def test_tracemalloc_growth_over_100_scenes_below_16_kib(backend, grid, workers, tmp_path):
     """grid half: a card declaring input_grid.downsample 2 (tests/test_flight_hotpath.half_card): the 2x2
     means stream into preallocated buffers, mask_out is upsampled in place."""
@@ -47,6 +52,7 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * (__import__("os").sysconf("SC_PAGE_SIZE") // 1024)
 
 
+@pytest.mark.slow  # 1,100 scenes
 def test_rss_flat_over_1000_scenes():
     gate = CloudGate.from_model(backend="litert", early_exit={"enabled": False})
     rng = np.random.default_rng(3)

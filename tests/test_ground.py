@@ -301,6 +301,7 @@ def _weights(pt):
     return torch.load(pt, weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow  # two trainings, one killed and resumed
 def test_distill_resumes_after_kill_with_identical_result(tmp_path):
     env = _env(tmp_path)
     full = _tiny_config(tmp_path, 10, "full")
@@ -326,6 +327,7 @@ def test_distill_resumes_after_kill_with_identical_result(tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), run
 
 
+@pytest.mark.slow  # a two-process DDP training
 def test_ddp_two_processes_identical_weights(tmp_path):
     env = _env(tmp_path)
     cfg = _tiny_config(tmp_path, 4, "ddp")

@@ -146,6 +146,7 @@ def test_weight_upset_with_corrupt_file_refuses_to_run(tmp_path):
         assert d.action == "fault" and d.fault_code == "model_corrupt"
 
 
+@pytest.mark.slow  # a 60-frame campaign through child processes with kills
 def test_fault_campaign_every_class_and_report(tmp_path):
     """A short campaign through the real child-process runner: every class injected, nothing lost."""
     from hil.runner import run_board
@@ -169,6 +170,7 @@ def test_fault_campaign_every_class_and_report(tmp_path):
     assert "emulated" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # the whole real stream (the README's main job)
 def test_real_stream_passes_on_nano(real_dir, tmp_path):
     from hil.runner import run_board
 
@@ -213,6 +215,7 @@ def test_cross_arch_compare_tolerance(tmp_path):
                                                           {"s": dict(d["s"], cloud_fraction=0.6)}, 1e-3))
 
 
+@pytest.mark.slow  # aarch64 CPython under QEMU
 def test_cross_arch_identical_decisions(real_dir):
     from hil import arm
 
@@ -322,6 +325,7 @@ def test_combined_board_table_and_fault_columns_named_apart():
     assert "gate fault" in src and "injected" in src and "[:60]" not in src
 
 
+@pytest.mark.slow  # three HIL runs on real scenes
 def test_known_miss_is_reported_apart_and_strict(real_dir, tmp_path):
     """A stream may mark a frame the shipped model is known to get wrong (known_miss, with its tracked reason):
     it does not fail the expected-action row while still missed, and fails the run once it comes out right."""
@@ -360,6 +364,7 @@ def test_known_miss_is_reported_apart_and_strict(real_dir, tmp_path):
             load_stream(stream("orphan", [entry]))
 
 
+@pytest.mark.slow  # 26 in-orbit updates through the HIL update campaign
 def test_update_campaign_short(tmp_path):
     """Issue 10 (HIL-09): a short update campaign through the real installer, every update fault class drawn;
     the committed report (docs/results/update_campaign.md) is the same command at 110 updates per board."""
@@ -424,6 +429,7 @@ def test_kill_points_inside_decision_log_append(tmp_path, site):
     assert len(read_log(log).problems) == len(res.problems)                      # the torn line stays one problem
 
 
+@pytest.mark.slow  # a 40-frame campaign with kills
 def test_hard_kills_land_in_the_tile_loop_and_in_append_and_lose_nothing(tmp_path):
     """Issue 9 item 15: kills used to land 60 ms after a marker, always before process() ran. Now the child
     arms a kill point; the report counts where kills landed; after every kill and restart no acknowledged
@@ -445,6 +451,7 @@ def test_hard_kills_land_in_the_tile_loop_and_in_append_and_lose_nothing(tmp_pat
     assert rep["events"]["child_crashes"] == 0 and rep["passed"], rep["requirements"]
 
 
+@pytest.mark.slow  # a 24-frame campaign under RLIMIT_AS
 def test_memory_pressure_is_real_and_counted(tmp_path):
     """Issue 9 item 16: the ballast was allocated before the peak reset and never pressed on the gate. Now it
     is placed after the reset, resident, leaving 64 KiB..budget/2 of the RLIMIT_AS address space; those frames
@@ -510,6 +517,7 @@ def test_flat_rss_is_judged_per_process_over_long_enough_steady_states():
     assert not rss_flatness(_rss_frames([(40, 0.0)] * 5))["passed"]        # nothing past warm-up: not measured
 
 
+@pytest.mark.slow  # a 360-frame run
 def test_a_real_leak_in_the_child_fails_flat_rss(tmp_path, monkeypatch):
     """Issue 19 item 2, end to end: the child keeps 16 KiB per frame alive (16 MiB / 1000 frames, a test-only
     hook); one 360-frame process cannot resolve 2 MiB / 1000 frames, but this slope is beyond the limit plus

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 import yaml
 
 from flight.model import MODELS_DIR, default_card
@@ -41,6 +42,7 @@ def test_card_is_complete():
     assert card["quantization"]["torch_vs_keras_max_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow  # full masks of every real scene on both runtimes
 def test_tflite_agrees_with_onnx_on_real_scenes(real_dir):
     from flight import CloudGate
     from flight.scenefile import read_npz_scene
