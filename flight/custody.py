@@ -287,7 +287,8 @@ class ModelCustody(_Switching):
     def _instance_bytes(self, backend, card) -> int:
         """Gate buffers that come with one runtime instance: its input buffer, and with a half-resolution card
         (input_grid.downsample 2) the worker's HalfGrid (tile² x channels float32 means + a bool valid mask)."""
-        half = self.tile * self.tile * (4 * max(1, card.input_channels) + 1) if card.downsample == 2 else 0
+        t = self.tile   # means (float32 x channels) + valid + its temp, and the (2t)² nonzero flag + its temp
+        half = t * t * (4 * max(1, card.input_channels) + 2) + 8 * t * t if card.downsample == 2 else 0
         return backend.planes.nbytes + half
 
     # ------------------------------------------------------------------ load, install, events

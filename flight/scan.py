@@ -152,6 +152,9 @@ class HalfGrid:
     def __init__(self, tile: int, bands: int):
         self.values = np.zeros((tile, tile, max(1, bands)), np.float32)
         self.valid = np.zeros((tile, tile), bool)
+        self.valid_tmp = np.zeros((tile, tile), bool)
+        self.nonzero = np.zeros((2 * tile, 2 * tile), bool)    # scene pixels with any model band != 0
+        self.nonzero_tmp = np.zeros((2 * tile, 2 * tile), bool)
         self.scene, self.valid_mask = _Window(self.values), _Window(self.valid)
 
     def fill(self, scene, valid_mask, chans, y0: int, x0: int, rh: int, rw: int, has_mask: bool) -> None:
@@ -161,8 +164,19 @@ class HalfGrid:
         # (measured 1.4x faster than one pass over all bands on a 512² window)
         for j, si in enumerate(chans):                   # bounded by the model's band count
             _mean2x2(scene[fy, fx, si], self.values[:rh, :rw, j])
+        # a block is valid only if none of its scene pixels is no-data fill (every model band exactly 0, as the
+        # full-resolution loader reads it) and, with a valid_mask, all of them are valid: a block half on a
+        # swath edge would otherwise average fill into a darker, valid pixel
+        sh, sw = min(2 * rh, scene.shape[0] - 2 * y0), min(2 * rw, scene.shape[1] - 2 * x0)
+        nz, tmp = self.nonzero[:sh, :sw], self.nonzero_tmp[:sh, :sw]
+        np.not_equal(scene[fy, fx, chans[0]], 0, out=nz)
+        for si in chans[1:]:
+            np.not_equal(scene[fy, fx, si], 0, out=tmp)
+            np.logical_or(nz, tmp, out=nz)
+        _all2x2(nz, self.valid[:rh, :rw])
         if has_mask:
-            _all2x2(valid_mask[fy, fx], self.valid[:rh, :rw])
+            _all2x2(valid_mask[fy, fx], self.valid_tmp[:rh, :rw])
+            np.logical_and(self.valid[:rh, :rw], self.valid_tmp[:rh, :rw], out=self.valid[:rh, :rw])
         for w in (self.scene, self.valid_mask):
             w.y0, w.x0 = y0, x0
 
@@ -237,7 +251,7 @@ class TileWorker:
             with np.errstate(over="ignore", invalid="ignore"):
                 hg.fill(scene, valid_mask, sc.half_channels, wy0, wx0, min(t, h - wy0), min(t, w - wx0),
                         valid_mask is not None)
-            src, vmask = hg.scene, (hg.valid_mask if valid_mask is not None else None)
+            src, vmask = hg.scene, hg.valid_mask           # always: the half grid knows which blocks hold fill
         with np.errstate(over="ignore", invalid="ignore"):   # absurd values (an upset exponent) become
             ld.load(src, wy0, wx0, h, w, src_idx, imap, vmask)   # inf: invalid pixels, no warning
         sc.t_sample[idx], sc.t_bright[idx] = ld.count_bright(src_idx, imap)

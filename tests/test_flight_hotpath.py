@@ -253,7 +253,10 @@ HALF_SAME = tuple(k for k in SAME if k not in ("downlink_bytes", "model_sha256")
 def _half_vs_reference(half_gate, full_gate, bands, names, valid=None, radiometry=None):
     h, w = bands.shape[:2]
     ref = np.ascontiguousarray(mean2x2_reference(bands))
-    ref_valid = None if valid is None else all2x2_reference(valid)
+    # a block holding a no-data fill pixel (every band exactly 0) is invalid on the half grid, as that pixel is
+    # at full resolution: the reference marks those blocks in its valid mask
+    filled = ~np.any(np.asarray(bands) != 0, axis=2)
+    ref_valid = all2x2_reference(~filled if valid is None else (valid & ~filled))
     kw = {} if radiometry is None else {"radiometry": radiometry}
     m_half, m_ref = np.empty((h, w), np.uint8), np.empty(ref.shape[:2], np.uint8)
     dh = half_gate.process(bands, names, mask_out=m_half, valid_mask=valid, **kw)
