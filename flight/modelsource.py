@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import quiet_factory  # noqa: F401  (moved to flight.backends: the old import path kept)
 from .bist import BistResult, compare_golden, run_tiles
 from .errors import ModelError, ModelIntegrityError
 from .model import ModelCard, _runtime_available, check_consistency, resolve_model

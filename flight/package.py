@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomicwrite import write_atomic
+from .atomicwrite import commit_rename, write_atomic, write_synced  # noqa: F401  (the first two moved here from this module: old import paths kept)
 from .errors import ModelError, ModelIntegrityError, ModelMissingError
 from .model import MAX_ARTIFACT_BYTES, ModelCard, card_from_text, read_regular_file
 

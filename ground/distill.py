@@ -166,7 +166,8 @@ def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout
            crop: int | None = None, needs: tuple[bool, bool] = (True, True), downsample: int = 1) -> dict:
     """Views idx as one training batch in model-input order, built crop-first: the crop window and the
     flip/rot90 are drawn per view, then only the window is read from the (memory-mapped, float16) pool and
-    turned straight into one preallocated batch buffer per array (float conversion once per batch, in torch);
+    turned straight into one preallocated batch buffer per array (float conversion once per batch, in torch,
+    where the model's bands are the pool's first channels; per view otherwise);
     teacher arrays that no loss term reads (`needs` = (probabilities, features), see needed_teacher_arrays)
     are not read at all. The same window and turn apply to the view, its labels and its cached teacher
     outputs, so the teacher labels exactly the view the student sees. x comes out channels_last (NHWC
@@ -212,13 +213,16 @@ def _batch(ts: dict, idx, spec: StudentSpec, rng, augment=True, optional_dropout
     return {"x": x.contiguous(memory_format=torch.channels_last), "labels": labels, "t_probs": t_probs, "t_feats": t_feats}
 
 
+TIE_ORDER = (1, 2, 0)   # class codes clear 0, cloud 1, shadow 2: a tied cell goes to cloud, then shadow, then clear
+
+
 def _majority_labels(labels: torch.Tensor, f: int, n_classes: int) -> torch.Tensor:
-    """(B, H, W) labels -> (B, H/f, W/f): the most frequent labelled class of each f x f cell (ties to the
-    higher class: cloud over clear), L.IGNORE where no pixel of the cell is labelled."""
-    onehot = torch.stack([(labels == c).float() for c in range(n_classes)], 1)
-    counts = nn.functional.avg_pool2d(onehot, f) * (f * f)
-    best = counts.flip(1).argmax(1)
-    out = (n_classes - 1) - best
+    """(B, H, W) labels -> (B, H/f, W/f): the most frequent labelled class of each f x f cell, ties broken in
+    TIE_ORDER (cloud first: a half-resolution label never leans clear), L.IGNORE where no pixel of the cell is
+    labelled."""
+    order = [c for c in TIE_ORDER if c < n_classes] + [c for c in range(n_classes) if c not in TIE_ORDER]
+    counts = nn.functional.avg_pool2d(torch.stack([(labels == c).float() for c in order], 1), f) * (f * f)
+    out = torch.tensor(order, dtype=torch.long)[counts.argmax(1)]   # argmax takes the first of equal counts
     return torch.where(counts.sum(1) > 0, out, torch.full_like(out, L.IGNORE))
 
 
@@ -373,6 +377,9 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     spec = StudentSpec.from_dict(cfg["student"])
+    if spec.input_downsample > 1 and any(t["type"] == "sslkd_feature" for t in terms):
+        raise ConfigError("student.input_downsample > 1 with an sslkd_feature term: the cached teacher features are "
+                          "on the full-resolution grid; drop the feature term or train at input_downsample 1")
     tr = cfg["train"]
     steps = int(steps or tr["steps"])
     lr = float(lr or tr["lr"])
@@ -385,8 +392,9 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
     model = model.to(memory_format=torch.channels_last)   # NHWC convolutions: ~1.3x per step on CPU
     needs = needed_teacher_arrays(terms)
     threads = 1 if world > 1 else training_threads(tr.get("threads", "auto"))   # DDP: one thread per rank
-    if init is None and ckpt_threads(run_dir) is not None:
-        threads = ckpt_threads(run_dir)   # a resumed run keeps its thread count: the same arithmetic throughout
+    resumed_threads = ckpt_threads(run_dir) if world == 1 else None
+    if resumed_threads is not None:
+        threads = resumed_threads   # a resumed run keeps its thread count: the same arithmetic throughout
     torch.set_num_threads(threads)
     log(f"[{label}] {threads} torch thread(s) (train.threads={tr.get('threads', 'auto')}, "
         f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} core(s))")

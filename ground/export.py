@@ -15,6 +15,7 @@ import yaml
 
 from .calibrate import apply_cloud_bias, choose_cloud_bias, probe_views, training_part_scenes
 from .distill import REPO, build_transfer_set, load_config, load_student
+from .errors import ExperimentConfigError as ConfigError
 from hil.synth import SYNTH_BANDS
 
 TILE = 256
@@ -217,6 +218,10 @@ def export_all(student_pt, config_path, out_dir: Path, baseline=None, default: b
 
     cfg = load_config(config_path)
     spec, model = load_student(student_pt)
+    if spec.input_downsample != 1:
+        raise ConfigError(f"{student_pt}: a half-resolution student (input_downsample {spec.input_downsample}) cannot be "
+                          "exported here yet: the card must declare input_grid and the INT8 calibration must see the "
+                          "averaged grid (ground/judge/runs.py does both for the judge's ONNX); export a full-resolution student")
     students = {"kd": (spec, model), **({"baseline": load_student(baseline)} if baseline else {})}
     ts = build_transfer_set(cfg)
     calibration = calibrate_students(cfg, students, ts)

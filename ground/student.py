@@ -55,6 +55,10 @@ class StudentSpec:
         stray = [b for b in spec.optional_bands if b not in spec.bands]
         if stray:
             raise ValueError(f"student spec: optional_bands {stray} must also be listed in bands {list(spec.bands)}")
+        if spec.chromaticity and (tuple(spec.bands[:4]) != ("blue", "green", "red", "nir") or spec.optional_bands):
+            raise ValueError("student spec: chromaticity divides by the mean of the first four channels, which must be "
+                             f"blue, green, red, nir with no optional bands; got bands {list(spec.bands)}, "
+                             f"optional {list(spec.optional_bands)}")
         if spec.input_downsample not in (1, 2):
             raise ValueError(f"student spec: input_downsample={spec.input_downsample!r}: choose 1 (full resolution) "
                              "or 2 (2x2-averaged, the half-resolution decision grid)")

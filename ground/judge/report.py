@@ -82,16 +82,15 @@ def arm_summary(per_seed: dict[int, dict[int, dict]], n_folds: int) -> dict | No
 
 
 def select(arms: dict[str, dict]) -> str | None:
-    """The pre-declared rule (judge.yaml `selection`): 0 clear discards; label action agreement within one
-    standard error of the best arm's; then the best fidelity (mean of scene and crop band agreement); ties by
-    the lower mean |CF_s - CF_t|."""
-    if not arms:
+    """The pre-declared rule (judge.yaml `selection`): among arms with 0 clear discards, those whose label action
+    agreement is within one standard error (the best safe arm's binomial SE) of the best safe arm's; of those
+    the best fidelity (mean of scene and crop band agreement); ties by the lower mean |CF_s - CF_t|."""
+    safe = {n: a for n, a in arms.items() if not a["clear_discards"]}
+    if not safe:
         return None
-    best = max(a["label_action_agreement"]["mean"] for a in arms.values())
-    ok = {n: a for n, a in arms.items() if not a["clear_discards"]
-          and a["label_action_agreement"]["mean"] >= best - a["label_action_se"]}
-    if not ok:
-        return None
+    best = max(safe, key=lambda n: safe[n]["label_action_agreement"]["mean"])
+    bar = safe[best]["label_action_agreement"]["mean"] - safe[best]["label_action_se"]
+    ok = {n: a for n, a in safe.items() if a["label_action_agreement"]["mean"] >= bar}
     return max(ok, key=lambda n: ((ok[n]["fid_band_agreement"]["mean"] + ok[n]["fid_crop_band_agreement"]["mean"]) / 2,
                                   -ok[n]["fid_abs_cf_diff"]["mean"]))
 
@@ -185,7 +184,7 @@ def report(judge: dict, stage: str, refs: dict[str, dict], folds: list[list[str]
              f"{len(folds)} folds by place over {len(stems)} files, {n_bright} bright clear). Every arm: {st['steps']} steps, "
              f"the same pool and per-fold training views; each held-out file scored through `CloudGate.process(mask_out=...)` "
              "(INT8 QDQ ONNX, the gate's policy and guard). Fidelity: the student against the 4-band teacher on every "
-             "held-out file (scene policy band, 16 crops of 128 px per file, cloud pixels); labels: the held-out labelled "
+             f"held-out file (scene policy band, {judge.get('crops_per_file', 16)} crops of up to 128 px per file, cloud pixels); labels: the held-out labelled "
              "files. ± = standard deviation over seeds.", "",
              "| arm | seeds | fidelity: scene band agreement | crop band agreement | \\|CF_s − CF_t\\| | pixel agreement | "
              "label action agreement | label \\|CF err\\| | label pooled IoU | clear scenes discarded (any fold, seed) | "
@@ -232,7 +231,9 @@ def generalization_failures(result: dict, arm: str, min_seeds: int = 3, min_fold
               ("label action agreement", a["label_action_agreement"]["mean"], ">=", t["label_action_agreement"]),
               ("seed sd of label action agreement", a["label_action_agreement"]["sd"], "<=", 0.03))
     for name, v, op, bound in checks:
-        if (v < bound) if op == ">=" else (v > bound):
+        if not (math.isfinite(v) and math.isfinite(bound)):   # no labelled file, every file faulted: not met
+            out.append(f"{name} not measured ({v} vs {bound})")
+        elif (v < bound) if op == ">=" else (v > bound):
             out.append(f"{name} {v:.3f} (needs {op} {bound:.3f})")
     if a["clear_discards"]:
         out.append(f"clear scenes discarded by the gate: {', '.join(a['clear_discards'])}")
