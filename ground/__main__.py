@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     b.add_argument("--rounds", type=int, default=4)
     b.add_argument("--steps", type=int, default=15, help="batch-32-equivalent steps per loop per round")
     b.add_argument("--out", default="docs/results/train_throughput", help="output path without suffix")
+    b.add_argument("--threads", default="auto", help="torch threads of the current loop: auto (from the load) or N")
     b.add_argument("--fold", type=int, default=None, help="also time one judge fold end to end against v6's CV fold")
 
     add_judge_parser(sub)
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
         if args.cmd == "bench-train":
             from .trainbench import bench_train
 
-            r = bench_train(args.config, rounds=args.rounds, steps_per_round=args.steps, out=Path(args.out))
+            threads = args.threads if args.threads == "auto" else int(args.threads)
+            r = bench_train(args.config, rounds=args.rounds, steps_per_round=args.steps, threads=threads, out=Path(args.out))
             if args.fold is not None:
                 import json
 
