@@ -54,7 +54,9 @@ def _gate(card, affine=(1.0, 0.0), rng=(-1.0, 4.0), layout="chw"):
         made["b"] = CapturingBackend(tile, n_bands, affine, rng, layout)
         return made["b"]
 
-    return CloudGate.from_model(card, backend="onnxruntime", backend_factory=factory, early_exit={"enabled": False}), made
+    # one worker: the test reads the one capturing backend it made (workers: auto would make one per core)
+    return CloudGate.from_model(card, backend="onnxruntime", backend_factory=factory, workers=1,
+                                early_exit={"enabled": False}), made
 
 
 @pytest.mark.parametrize("layout", ["chw", "hwc"])

@@ -435,7 +435,7 @@ def test_out_of_memory_is_a_typed_fault_and_the_loop_lives_on(tmp_path):
         holder["b"] = _AllocFailingBackend(brightness_backend(*a), fail_on=set())
         return holder["b"]
 
-    g = CloudGate.from_model(backend_factory=factory, early_exit={"enabled": False},
+    g = CloudGate.from_model(backend_factory=factory, early_exit={"enabled": False}, workers=1,   # one instance, armed below
                              log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"})
     holder["b"].calls, holder["b"]._fail_on = 0, {2, 5}     # armed after the load's self-test ran its tiles
     scene = np.full((64, 64, 4), 0.1, np.float32)
@@ -573,7 +573,7 @@ def test_refused_reload_of_a_verified_model_is_not_model_corrupt(tmp_path):
         return brightness_backend(*a)
 
     g = CloudGate.from_model(backend_factory=factory, log={"path": str(tmp_path / "d.jsonl"), "fsync": "never"},
-                             update={"bist_every": 1})      # a self-test before every frame
+                             update={"bist_every": 1}, workers=1)   # a self-test before every frame; one instance
     scene = np.full((64, 64, 4), 0.1, np.float32)
     assert g.process(scene, BANDS).action != "fault"
     g.backend.infer = _always_cloud(g.backend)              # the running runtime goes wrong: the next self-test

@@ -102,7 +102,7 @@ def test_weight_upset_in_ram_is_caught_by_scrub(backend):
     from flight import CloudGate
 
     ports = FaultBackendFactory()
-    gate = CloudGate.from_model(backend=backend, backend_factory=ports, update={"bist_every": 1})
+    gate = CloudGate.from_model(backend=backend, backend_factory=ports, update={"bist_every": 1}, workers=1)
     scene = generate_scene("clear", 2, 256)
     assert flip_runtime_weights(ports.backend, 1, np.random.default_rng(1))
     d = gate.process(scene["bands"], scene["band_names"])

@@ -411,9 +411,9 @@ def test_swap_model_between_scenes_and_manual_rollback(kit):
 
 
 def test_swap_refused_over_the_memory_budget(kit):
-    with CloudGate.from_model(kit["p1"], update={"key": str(kit["keyfile"])}, tile=256) as g:
+    with CloudGate.from_model(kit["p1"], update={"key": str(kit["keyfile"])}, tile=256, workers=1) as g:
         budget = g.buffer_bytes / 2**20
-    with CloudGate.from_model(kit["p1"], update={"key": str(kit["keyfile"])}, memory_budget_mib=budget) as g:
+    with CloudGate.from_model(kit["p1"], update={"key": str(kit["keyfile"])}, memory_budget_mib=budget, workers=1) as g:
         from dataclasses import replace
 
         g.config = replace(g.config, memory_budget_mib=budget * 0.99)     # the next model would not fit
