@@ -305,14 +305,6 @@ def training_threads(setting="auto", load: float | None = None, cores: int | Non
     return max(1, cores) if idle >= cores - 0.5 else 1
 
 
-def ckpt_threads(run_dir: Path) -> int | None:
-    """The torch thread count an interrupted run in run_dir trained with (None: no checkpoint)."""
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    if not ckpt.exists():
-        return None
-    return torch.load(ckpt, weights_only=False).get("threads")
-
-
 def input_downsample(cfg: dict) -> int:
     """The input grid a student trains and decides at: 1 = full resolution, 2 = 2x2-averaged (the
     half-resolution decision path); `student.input_downsample` in the experiment config."""
@@ -391,13 +383,6 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         model.student.load_state_dict(torch.load(init, weights_only=False)["state_dict"])
     model = model.to(memory_format=torch.channels_last)   # NHWC convolutions: ~1.3x per step on CPU
     needs = needed_teacher_arrays(terms)
-    threads = 1 if world > 1 else training_threads(tr.get("threads", "auto"))   # DDP: one thread per rank
-    resumed_threads = ckpt_threads(run_dir) if world == 1 else None
-    if resumed_threads is not None:
-        threads = resumed_threads   # a resumed run keeps its thread count: the same arithmetic throughout
-    torch.set_num_threads(threads)
-    log(f"[{label}] {threads} torch thread(s) (train.threads={tr.get('threads', 'auto')}, "
-        f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} core(s))")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tr.get("weight_decay", 1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=min(0.3, max(0.1, 2.5 / steps)))
@@ -418,6 +403,12 @@ def train(cfg: dict, ts: dict, run_dir: Path, terms: list[dict], label: str, log
         model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         step = state["step"]
         log(f"[{label}] resuming from step {step} ({ckpt})")
+    threads = 1 if world > 1 else training_threads(tr.get("threads", "auto"))   # DDP: one thread per rank
+    if world == 1 and state.get("threads") is not None:
+        threads = state["threads"]   # a resumed run keeps its thread count: the same arithmetic throughout
+    torch.set_num_threads(threads)
+    log(f"[{label}] {threads} torch thread(s) (train.threads={tr.get('threads', 'auto')}, "
+        f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} core(s))")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     mining_share = float(cfg["data"].get("hard_view_share", 0.0))
     mining_every = int(cfg["data"].get("hard_view_every", 100))

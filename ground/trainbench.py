@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.stages import host_cpu
 from hil.synth import SYNTH_BANDS
 
 from . import distill as D
@@ -119,7 +120,7 @@ def bench_train(config: str | Path, rounds: int = 4, steps_per_round: int = 15, 
         log(f"round {r + 1}/{rounds}: legacy {legacy.result()['mpx_per_s']} Mpx/s, current at batch 8 "
             f"{current8.result()['mpx_per_s']}, current {current.result()['mpx_per_s']} Mpx/s")
     res = {"config": str(config), "pool": ts["key"], "loss_terms": [t.get("name", t["type"]) for t in cfg["losses"]],
-           "cpu": _cpu_name(), "cores": D.usable_cores(), "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "cpu": host_cpu(), "cores": D.usable_cores(), "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
            "loops": [legacy.result(), current8.result(), current.result()]}
     res["speedup"] = round(res["loops"][2]["mpx_per_s"] / res["loops"][0]["mpx_per_s"], 2)
     res["speedup_same_batch"] = round(res["loops"][1]["mpx_per_s"] / res["loops"][0]["mpx_per_s"], 2)
@@ -140,16 +141,6 @@ def bench_train(config: str | Path, rounds: int = 4, steps_per_round: int = 15, 
                   f"{cfg['train']['batch']} and the thread count, which `train.threads: auto` picks from the load)."]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return res
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 LEGACY_REV = "13754f4"   # main before the crop-first loop and the judge (session 7's starting point)

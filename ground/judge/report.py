@@ -98,6 +98,7 @@ def select(arms: dict[str, dict]) -> str | None:
 def bright_table(stage: str, arms: list[str], refs: dict[str, dict], folds: list[list[str]]) -> list[str]:
     lines = ["| fold | bright clear file (teacher CF, median VNIR) | " + " | ".join(arms) + " |",
              "|---|---|" + "---|" * len(arms)]
+    runs = {a: collect(stage, a) for a in arms}   # each arm's results read once
     for k, f in enumerate(folds):
         bright = [s for s in f if refs.get(s, {}).get("bright_clear")]
         if not bright:
@@ -105,7 +106,7 @@ def bright_table(stage: str, arms: list[str], refs: dict[str, dict], folds: list
         for s in bright:
             cells = []
             for a in arms:
-                per_seed = collect(stage, a)
+                per_seed = runs[a]
                 vals = [per_seed[seed][k]["files"].get(s) for seed in sorted(per_seed) if k in per_seed[seed]]
                 cells.append(" / ".join("fault" if v is None or "fault" in v else f"{v['cloud_fraction']:.2f} {v['action']}"
                                         for v in vals) or "-")
